@@ -1,0 +1,47 @@
+"""`python -m hsa_train [overrides]`: one training run (or a sweep with -m), configured by Hydra from conf/."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from hsa_train.config import ConfigError, validate
+from hsa_train.data.loader import DataError
+
+
+def _fail(kind: str, exc: BaseException) -> None:
+    print(f"hsa_train: {kind}: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://hsa_train.conf", config_name="config")
+def run(cfg: DictConfig) -> float | None:
+    from pathlib import Path
+
+    try:
+        run_cfg = validate(cfg)
+    except ConfigError as exc:
+        _fail("config error", exc)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    from hsa_train.training.loop import train  # heavy imports only after the config is known to be good
+
+    try:
+        metrics = train(run_cfg, resolved, run_dir)
+    except DataError as exc:
+        _fail("data error", exc)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail("error", exc)
+    return metrics.get("eval_loss")
+
+
+def main() -> None:
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The schema of a run's config, and its early validation.
+
+The YAML files in `conf/` hold every value and its documentation; this module holds only the types and the rules.
+`validate` runs before anything heavy is loaded: an unknown key, a wrong type or a bad value stops the run with one
+line that names the key and says what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hsa_train.model.attention import BACKENDS
+from hsa_train.model.bias import HEAD_SCALINGS
+from hsa_train.model.loading import DTYPES
+from hsa_train.types import SemanticTypes
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line."""
+
+
+def bundled_path(relative: str) -> str:
+    """Absolute path of a file shipped in `data/` (the `${bundled:...}` resolver)."""
+    return str(Path(str(resources.files("hsa_train.bundled"))) / relative)
+
+
+OmegaConf.register_new_resolver("bundled", bundled_path, replace=True)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = MISSING
+    tokenizer: Optional[str] = MISSING
+    trust_remote_code: bool = MISSING
+    dtype: str = MISSING
+    arch: Optional[dict[str, Any]] = MISSING
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = MISSING
+    eval_files: list[str] = MISSING
+    eval_ratio: float = MISSING
+    on_error: str = MISSING
+    max_length: Optional[int] = MISSING
+    train_on: str = MISSING
+    pad_to_multiple_of: Optional[int] = MISSING
+
+
+@dataclass
+class HSAConfig:
+    enabled: bool = MISSING
+    backend: str = MISSING
+    types: list[str] = MISSING
+    default_type: str = MISSING
+    lambdas: dict[str, float] = MISSING
+    head_scaling: str = MISSING
+    learnable: bool = MISSING
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = MISSING
+    epochs: Optional[float] = MISSING
+    micro_batch_size: int = MISSING
+    grad_accum: int = MISSING
+    lr: float = MISSING
+    min_lr_ratio: float = MISSING
+    warmup_steps: int = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    max_grad_norm: Optional[float] = MISSING
+    precision: str = MISSING
+    device: str = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    eval_batch_size: int = MISSING
+    save_model: bool = MISSING
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    name: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    tags: list[str] = MISSING
+    progress: str = MISSING
+
+
+@dataclass
+class RunConfig:
+    seed: int = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hsa: HSAConfig = field(default_factory=HSAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not allowed; use one of: {', '.join(map(str, choices))}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """The typed, checked run config (raises ConfigError). `hydra` keys are ignored."""
+    plain = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}) if "hydra" in cfg else cfg
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, plain)
+        OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"config keys without a value: {', '.join(missing)}; set them in conf/ or on the command line")
+        run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config error: {_one_line(exc)}") from None
+
+    m, d, h, t, lg = run.model, run.data, run.hsa, run.train, run.logging
+    _choice("model.dtype", m.dtype, tuple(DTYPES))
+    if not m.name_or_path:
+        _check(bool(m.arch) and "type" in m.arch, "model.arch.type must be set when model.name_or_path is null")
+
+    _check(len(d.train_files) > 0, "data.train_files is empty; give at least one .json/.jsonl file")
+    _check(0.0 <= d.eval_ratio < 1.0, f"data.eval_ratio={d.eval_ratio} must be in [0, 1)")
+    _choice("data.on_error", d.on_error, ("raise", "skip"))
+    _choice("data.train_on", d.train_on, ("assistant", "all"))
+    _check(d.max_length is None or d.max_length > 0, f"data.max_length={d.max_length} must be > 0 or null")
+    _check(d.pad_to_multiple_of is None or d.pad_to_multiple_of > 0, "data.pad_to_multiple_of must be > 0 or null")
+
+    _choice("hsa.backend", h.backend, BACKENDS + ("auto",))
+    _choice("hsa.head_scaling", h.head_scaling, HEAD_SCALINGS)
+    try:
+        SemanticTypes.from_names(h.types, h.default_type).lambda_vector(h.lambdas)
+    except ValueError as exc:
+        raise ConfigError(f"hsa: {exc}") from None
+
+    _check(t.max_steps is not None or t.epochs is not None, "set train.max_steps or train.epochs")
+    _check(t.max_steps is None or t.max_steps > 0, f"train.max_steps={t.max_steps} must be > 0 (or null to use epochs)")
+    _check(t.epochs is None or t.epochs > 0, f"train.epochs={t.epochs} must be > 0 or null")
+    _check(t.micro_batch_size > 0, f"train.micro_batch_size={t.micro_batch_size} must be > 0")
+    _check(t.grad_accum > 0, f"train.grad_accum={t.grad_accum} must be > 0")
+    _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be a positive number")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas={t.betas} must be two numbers in [0, 1)")
+    _check(t.eps > 0, f"train.eps={t.eps} must be > 0")
+    _check(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0 or null")
+    _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    _check(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        f"train.device={t.device!r} is not allowed; use auto, cpu, cuda or cuda:N",
+    )
+    _check(t.log_every > 0, f"train.log_every={t.log_every} must be > 0")
+    _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")
+    _check(t.eval_batch_size > 0, f"train.eval_batch_size={t.eval_batch_size} must be > 0")
+
+    _choice("logging.progress", lg.progress, ("auto", "rich", "plain", "none"))
+    return run

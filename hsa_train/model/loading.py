@@ -1,0 +1,60 @@
+"""Builds the model and tokenizer a run asks for: a real checkpoint (hub id or local folder), or a small model
+initialised from an architecture description with the tokenizer shipped in the package. No per-model code: any
+architecture transformers' Auto classes know goes through the same path."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bundled_tokenizer_dir() -> Path:
+    return Path(str(resources.files("hsa_train.assets") / "tokenizer"))
+
+
+def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False):
+    """The tokenizer at `name_or_path`, or the shipped one; given a pad token if it has none."""
+    source = name_or_path or str(bundled_tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {source} has neither a pad nor an eos token; give it a pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(
+    name_or_path: str | None,
+    arch: Mapping[str, Any] | None,
+    tokenizer,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+):
+    """From a checkpoint when `name_or_path` is set, else a fresh model of `arch` (a transformers config: `type`
+    names the architecture, the rest are its config fields), sized to the tokenizer's vocabulary."""
+    torch_dtype = DTYPES[dtype]
+    if name_or_path:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        )
+    if not arch or "type" not in arch:
+        raise ValueError("model.arch.type is required when model.name_or_path is null (e.g. qwen2)")
+    fields = {k: v for k, v in arch.items() if k != "type"}
+    fields.setdefault("vocab_size", len(tokenizer))
+    if fields["vocab_size"] < len(tokenizer):
+        raise ValueError(f"model.arch.vocab_size={fields['vocab_size']} < tokenizer size {len(tokenizer)}")
+    fields.setdefault("pad_token_id", tokenizer.pad_token_id)
+    fields.setdefault("eos_token_id", tokenizer.eos_token_id)
+    fields.setdefault("bos_token_id", tokenizer.bos_token_id)
+    try:
+        config = AutoConfig.for_model(arch["type"], **fields)
+    except ValueError as exc:
+        raise ValueError(f"model.arch.type={arch['type']!r}: {exc}") from None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+    return model

@@ -1,0 +1,1 @@
+"""The training recipe (loop.py) and the pieces it uses: optimizer/schedule, loss, evaluation, console/wandb."""

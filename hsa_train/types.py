@@ -1,0 +1,78 @@
+"""Semantic types: the names a message may carry in `semantic_type`, and their ids (SPEC §1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+DEFAULT_TYPES: tuple[str, ...] = ("GLOBAL_CONDITION", "KEY_EVENT", "PROCESS_NOISE")
+DEFAULT_TYPE: str = "PROCESS_NOISE"
+DEFAULT_LAMBDAS: dict[str, float] = {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.01, "PROCESS_NOISE": 0.1}
+
+
+@dataclass(frozen=True)
+class SemanticTypes:
+    """An ordered set of type names; a type's id is its index. Shared by the tokenizer, collator and model."""
+
+    names: tuple[str, ...] = DEFAULT_TYPES
+    default: str = DEFAULT_TYPE
+
+    def __post_init__(self) -> None:
+        names = tuple(self.names)
+        object.__setattr__(self, "names", names)
+        if not names:
+            raise ValueError("semantic types: the list of types is empty; give at least one type name")
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"semantic types: {name!r} is not a valid type name; use a non-empty string")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"semantic types: duplicated type names {dup}; each type must appear once")
+        if self.default not in names:
+            raise ValueError(
+                f"semantic types: default_type {self.default!r} is not one of the types {list(names)}; "
+                "add it to the types or choose one of them"
+            )
+
+    @property
+    def default_id(self) -> int:
+        return self.names.index(self.default)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def id_of(self, name: str | None) -> int:
+        """The id of `name`; None (a message without a type) maps to the default type."""
+        if name is None:
+            return self.default_id
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"unknown semantic_type {name!r} (known: {', '.join(self.names)})") from None
+
+    def lambda_vector(self, lambdas: Mapping[str, float]) -> list[float]:
+        """λ in id order, checking that every type has exactly one finite, non-negative slope."""
+        missing = [n for n in self.names if n not in lambdas]
+        extra = [k for k in lambdas if k not in self.names]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"no λ for {missing}")
+            if extra:
+                parts.append(f"λ for unknown types {extra}")
+            raise ValueError(f"HSA lambdas: {'; '.join(parts)}; give one λ per type of {list(self.names)}")
+        out = []
+        for name in self.names:
+            value = lambdas[name]
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"HSA lambdas: λ[{name}]={value!r} is not a number") from None
+            if not value >= 0.0 or value == float("inf"):
+                raise ValueError(f"HSA lambdas: λ[{name}]={value} must be finite and >= 0 (0 means no decay)")
+            out.append(value)
+        return out
+
+    @classmethod
+    def from_names(cls, names: Iterable[str] | None = None, default: str | None = None) -> "SemanticTypes":
+        return cls(tuple(names) if names is not None else DEFAULT_TYPES, default if default is not None else DEFAULT_TYPE)
