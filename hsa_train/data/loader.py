@@ -113,7 +113,12 @@ def check_messages(obj: Any, types: SemanticTypes) -> list[dict[str, Any]]:
     if not isinstance(obj, dict):
         raise ValueError(f"malformed record: expected a JSON object with 'messages', got {type(obj).__name__}")
     if "messages" not in obj:
-        raise ValueError(f"malformed record: no 'messages' key (keys: {sorted(obj)[:6]})")
+        hint = ""
+        if "conversations" in obj:
+            hint = "; it looks like ShareGPT ('conversations'), but records must be {\"messages\": [...]}"
+        elif "instruction" in obj:
+            hint = "; it looks like alpaca ('instruction'), but records must be {\"messages\": [...]}"
+        raise ValueError(f"malformed record: no 'messages' key (keys: {sorted(obj)[:6]}){hint}")
     messages = obj["messages"]
     if not isinstance(messages, list):
         raise ValueError(f"malformed record: 'messages' must be a list, got {type(messages).__name__}")

@@ -149,7 +149,8 @@ def enable_hsa(
 
 
 def sync_hsa_config(model: nn.Module) -> None:
-    """Writes the current λ (learned ones included) back into `model.config.hsa` before saving."""
-    if getattr(model.config, "hsa", None) and isinstance(getattr(model, "hsa", None), HSALambdas):
+    """Writes learned λ back into `model.config.hsa` before saving (fixed λ are already there, exactly)."""
+    hsa = getattr(model, "hsa", None)
+    if getattr(model.config, "hsa", None) and isinstance(hsa, HSALambdas) and hsa.learnable:
         values = model.hsa.values().detach().cpu().tolist()
         model.config.hsa = {**model.config.hsa, "lambdas": dict(zip(model.config.hsa["types"], values))}

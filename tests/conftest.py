@@ -1,0 +1,48 @@
+"""Shared fixtures: the shipped tokenizer, tiny random models, and the third-party data folder."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hsa_train.model.loading import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_DATA = ROOT.parent / "shared" / "peer-data" / "llamafactory"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+def tiny_model(vocab_size: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0,
+               model_type: str = "qwen2"):
+    """A stock transformers model (sdpa attention), small enough to compare element by element."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture
+def model_factory():
+    return tiny_model
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
+
+
+@pytest.fixture(scope="session")
+def peer_data() -> Path:
+    if not PEER_DATA.is_dir():
+        pytest.skip(f"third-party data not found at {PEER_DATA}")
+    return PEER_DATA

@@ -1,0 +1,82 @@
+"""Both attention backends against a per-element evaluation of the SPEC §3 formula, written out with loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hsa_train.model.attention import hsa_eager_attention, hsa_mask, hsa_sdpa_attention
+from hsa_train.model.context import HSAForwardContext
+
+LAMBDAS = [0.0, 0.07, 0.5]
+
+
+class FakeAttention(torch.nn.Module):
+    """Stands in for a model's attention module: the functions only read `training`."""
+
+
+def brute_force(q, k, v, semantic_ids, padding, lambdas, head_scaling):
+    """out[b, i, h] = Σ_j softmax_j(q·k/√d - λ[s_j]·m_h·(i-j)) v[j], over j ≤ i that are not padding."""
+    B, H, Q, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.zeros(B, Q, H, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            m_h = 2.0 ** (-8.0 * h / H) if head_scaling == "alibi" else 1.0
+            for i in range(Q):
+                scores, values = [], []
+                for j in range(Q):
+                    if j > i or not padding[b][j]:
+                        continue
+                    dot = sum(float(q[b, h, i, d]) * float(k[b, h // (H // Hkv), j, d]) for d in range(D))
+                    lam = lambdas[int(semantic_ids[b][j])] * m_h
+                    scores.append(dot / math.sqrt(D) - lam * (i - j))
+                    values.append(v[b, h // (H // Hkv), j].double())
+                if not scores:
+                    continue
+                top = max(scores)
+                weights = [math.exp(s - top) for s in scores]
+                total = sum(weights)
+                out[b, i, h] = sum(w / total * val for w, val in zip(weights, values))
+    return out
+
+
+@pytest.mark.parametrize("head_scaling", ["none", "alibi"])
+@pytest.mark.parametrize("attention", [hsa_eager_attention, hsa_sdpa_attention], ids=["eager", "sdpa"])
+def test_backends_match_the_formula(attention, head_scaling):
+    torch.manual_seed(0)
+    B, H, Hkv, L, D = 2, 4, 2, 7, 8
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    semantic_ids = torch.tensor([[0, 2, 1, 2, 2, 1, 0], [2, 2, 0, 1, 2, 2, 2]])
+    padding = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])  # second row left-padded
+    mask = hsa_mask(batch_size=B, q_length=L, kv_length=L, attention_mask=padding.bool())
+    ctx = HSAForwardContext(semantic_ids, torch.tensor(LAMBDAS), head_scaling)
+    out, _ = attention(FakeAttention().eval(), q, k, v, mask, scaling=D ** -0.5, hsa_context=ctx)
+    ref = brute_force(q, k, v, semantic_ids, padding, LAMBDAS, head_scaling)
+    real = padding.bool()  # rows of padding queries are unconstrained
+    torch.testing.assert_close(out.double()[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_bias_is_built_once_per_forward_and_shared_by_heads():
+    ctx = HSAForwardContext(torch.zeros(1, 5, dtype=torch.long), torch.tensor(LAMBDAS), "none")
+    mask = hsa_mask(batch_size=1, q_length=5, kv_length=5)
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    first = ctx.attention_bias(mask, q, k)
+    assert ctx.attention_bias(mask, q, k) is first
+    assert first.shape == (1, 1, 5, 5)
+    alibi = HSAForwardContext(torch.zeros(1, 5, dtype=torch.long), torch.tensor(LAMBDAS), "alibi")
+    assert alibi.attention_bias(mask, q, k).shape == (1, 4, 5, 5)
+
+
+def test_fixed_lambdas_build_no_graph_learnable_ones_do():
+    mask = hsa_mask(batch_size=1, q_length=4, kv_length=4)
+    q, k = torch.randn(1, 2, 4, 8, requires_grad=True), torch.randn(1, 2, 4, 8)
+    fixed = HSAForwardContext(torch.ones(1, 4, dtype=torch.long), torch.tensor(LAMBDAS), "none")
+    assert not fixed.attention_bias(mask, q, k).requires_grad
+    lam = torch.tensor(LAMBDAS, requires_grad=True)
+    learn = HSAForwardContext(torch.ones(1, 4, dtype=torch.long), lam, "none")
+    learn.attention_bias(mask, q, k).sum().backward()
+    # d/dλ[1] of Σ -λ[1]·(i-j) over the causal pairs of 4 tokens = -(1+2+3 + 1+2 + 1) = -10
+    assert lam.grad.tolist() == [0.0, -10.0, 0.0]

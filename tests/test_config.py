@@ -1,0 +1,43 @@
+"""The shipped configs compose and validate; bad keys and values fail early with one line naming the key."""
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from hsa_train.config import ConfigError, bundled_path, validate
+
+
+def composed(*overrides):
+    with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_defaults_validate_and_point_at_bundled_data():
+    run = validate(composed())
+    assert run.hsa.lambdas == {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.01, "PROCESS_NOISE": 0.1}
+    assert run.hsa.types == ["GLOBAL_CONDITION", "KEY_EVENT", "PROCESS_NOISE"]
+    assert run.data.train_files == [bundled_path("demo/trajectories.jsonl")]
+    assert run.model.name_or_path is None and run.model.arch["type"] == "qwen2"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.lr=-1", "train.lr=-1.0 must be a positive number"),
+    ("train.lr=abc", "train.lr"),
+    ("hsa.backend=flash", "hsa.backend='flash' is not allowed"),
+    ("hsa.lambdas.PROCESS_NOISE=-0.5", "λ[PROCESS_NOISE]=-0.5 must be finite and >= 0"),
+    ("+hsa.lambdas.URGENT=0.5", "λ for unknown types ['URGENT']"),
+    ("+train.learning_rate=0.1", "learning_rate"),
+    ("data.on_error=ignore", "data.on_error='ignore' is not allowed"),
+    ("train.precision=fp8", "train.precision='fp8'"),
+    ("hsa.default_type=URGENT", "default_type 'URGENT' is not one of the types"),
+    ("train.max_steps=null", "set train.max_steps or train.epochs"),
+])
+def test_bad_values_fail_with_one_line(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(composed(override))
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_new_type_with_its_lambda_is_accepted():
+    run = validate(composed("hsa.types=[GLOBAL_CONDITION,KEY_EVENT,PROCESS_NOISE,TOOL]", "+hsa.lambdas.TOOL=0.05"))
+    assert run.hsa.lambdas["TOOL"] == 0.05
