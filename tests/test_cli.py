@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from hsa_train import enable_hsa
@@ -104,3 +105,24 @@ def test_bad_data_file_exits_with_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"hsa_train: data error: {path}:3: unknown semantic_type")
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_plain_attention_and_learnable_lambda_runs(tmp_path):
+    lines = Path(bundled_path("demo/trajectories.jsonl")).read_text().splitlines()[:16]
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    common = [*SMALL, f"data.train_files=[{data}]", "data.eval_ratio=0.25", "train.max_steps=3"]
+    plain = run_cli(*common, "hsa.enabled=false", f"hydra.run.dir={tmp_path / 'plain'}", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["hsa"] is None
+    config = json.loads((tmp_path / "plain" / "model" / "config.json").read_text())
+    assert "hsa" not in config
+
+    learn = run_cli(*common, "hsa.learnable=true", "train.lr=0.05", f"hydra.run.dir={tmp_path / 'learn'}", cwd=tmp_path)
+    assert learn.returncode == 0, learn.stderr[-3000:]
+    saved = json.loads((tmp_path / "learn" / "model" / "config.json").read_text())["hsa"]
+    assert saved["learnable"] is True
+    assert saved["lambdas"] != {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.01, "PROCESS_NOISE": 0.1}  # they moved
+    assert all(v >= 0 for v in saved["lambdas"].values())
+    with safe_open(str(tmp_path / "learn" / "model" / "model.safetensors"), "pt") as weights:
+        assert not [k for k in weights.keys() if k.startswith("hsa.")]  # λ live in the config only

@@ -58,3 +58,14 @@ def build_model(
         raise ValueError(f"model.arch.type={arch['type']!r}: {exc}") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
     return model
+
+
+def save_pretrained(model, tokenizer, path: str | Path) -> None:
+    """`save_pretrained` of model and tokenizer, with HSA's λ in the config only: the `hsa.*` tensors (learnable
+    λ) stay out of the weights, so the folder loads into the stock architecture without unexpected keys."""
+    from hsa_train.model.hsa import sync_hsa_config
+
+    sync_hsa_config(model)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("hsa.")}
+    model.save_pretrained(str(path), state_dict=state)
+    tokenizer.save_pretrained(str(path))

@@ -46,10 +46,10 @@ class Console:
     def step(self, step: int, metrics: dict[str, float], log: bool) -> None:
         """Called after every optimizer step; `log` marks the steps that print a line."""
         if self._progress is not None:
-            fields = {}
-            if log:
-                fields = dict(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tps=f"{metrics['tokens_per_s']:,.0f}")
-            self._progress.update(self._task, completed=step, **fields)
+            self._progress.update(
+                self._task, completed=step, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                tps=f"{metrics['tokens_per_s']:,.0f}",
+            )
         elif self.mode == "plain" and log:
             elapsed = time.perf_counter() - self.start
             eta = elapsed / step * (self.total - step)

@@ -21,8 +21,8 @@ import yaml
 from hsa_train.config import RunConfig
 from hsa_train.data import SemanticCollator, SemanticTokenizer
 from hsa_train.data.dataset import BatchStream, encode_files, split_eval
-from hsa_train.model import enable_hsa, sync_hsa_config
-from hsa_train.model.loading import build_model, load_tokenizer
+from hsa_train.model import enable_hsa
+from hsa_train.model.loading import build_model, load_tokenizer, save_pretrained
 from hsa_train.training.console import Console, Tracker
 from hsa_train.training.evaluate import evaluate
 from hsa_train.training.loss import label_count, shifted, token_losses
@@ -54,6 +54,38 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto" and bf16_ok:
         return torch.bfloat16
     return None
+
+
+def make_forward(model, device: torch.device, autocast_dtype: torch.dtype | None, use_hsa: bool):
+    """batch -> logits, on `device`, under autocast when asked; semantic_ids go in only when HSA is on."""
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if use_hsa:
+            inputs["semantic_ids"] = batch["semantic_ids"]
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with ctx:
+            return model(**inputs, use_cache=False).logits
+
+    return forward
+
+
+def accumulate_gradients(forward, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step, each loss divided by the label tokens of *all* of
+    them, so the step's gradient is the mean over its label tokens however the samples are split.
+    Returns (the step's mean loss, the number of non-padding input tokens)."""
+    n_labels = sum(label_count(b) for b in micro_batches)
+    if n_labels == 0:
+        raise ValueError("the batch has no label tokens")
+    loss_sum, n_tokens = 0.0, 0
+    for batch in micro_batches:
+        logits, labels = shifted(forward(batch), batch)
+        loss = token_losses(logits, labels.to(logits.device)).sum() / n_labels
+        loss.backward()
+        loss_sum += loss.item()
+        n_tokens += int(batch["attention_mask"].sum())
+    return loss_sum, n_tokens
 
 
 def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
@@ -89,14 +121,7 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     optimizer = build_optimizer(model, run.train.lr, run.train.weight_decay, run.train.betas, run.train.eps)
     scheduler = build_scheduler(optimizer, run.train.warmup_steps, max_steps, run.train.min_lr_ratio)
 
-    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if hsa_cfg.enabled:
-            inputs["semantic_ids"] = batch["semantic_ids"]
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with ctx:
-            return model(**inputs, use_cache=False).logits
+    forward = make_forward(model, device, autocast_dtype, hsa_cfg.enabled)
 
     def run_eval() -> dict | None:
         if not eval_samples:
@@ -130,18 +155,12 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
         for step in range(1, max_steps + 1):
             t_step = time.perf_counter()
             micro = [stream.next() for _ in range(run.train.grad_accum)]
-            n_labels = sum(label_count(b) for b, _ in micro)
-            if n_labels == 0:
-                raise RuntimeError(f"step {step}: the batch has no label tokens (samples {[w for _, ws in micro for w in ws]})")
-            loss_sum = 0.0
-            for batch, _ in micro:
-                logits = forward(batch)
-                logits, labels = shifted(logits, batch)
-                loss = token_losses(logits, labels.to(device)).sum() / n_labels
-                loss.backward()
-                loss_sum += loss.item()
-                tokens_seen += int(batch["attention_mask"].sum())
-                window_tokens += int(batch["attention_mask"].sum())
+            try:
+                loss_sum, n_tokens = accumulate_gradients(forward, [batch for batch, _ in micro])
+            except ValueError as exc:
+                raise RuntimeError(f"step {step}: {exc} (samples {[w for _, ws in micro for w in ws]})") from None
+            tokens_seen += n_tokens
+            window_tokens += n_tokens
             if run.train.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), run.train.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the lr this step used
@@ -181,10 +200,7 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
 
     model_dir = run_dir / "model"
     if run.train.save_model:
-        if hsa_cfg.enabled:
-            sync_hsa_config(model)
-        model.save_pretrained(str(model_dir))
-        tokenizer.save_pretrained(str(model_dir))
+        save_pretrained(model, tokenizer, model_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
 
     tail = losses[-run.train.log_every:]

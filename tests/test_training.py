@@ -1,0 +1,79 @@
+"""Pieces of the training recipe checked against independent computations."""
+
+import math
+
+import pytest
+import torch
+
+from hsa_train import enable_hsa
+from hsa_train.data import SemanticCollator, SemanticTokenizer
+from hsa_train.training.loop import accumulate_gradients, make_forward
+from hsa_train.training.optim import build_optimizer, lr_multiplier
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Task: find the key.", "semantic_type": "GLOBAL_CONDITION"},
+     {"role": "assistant", "content": "Action: go to the hallway."}],
+    [{"role": "user", "content": "You see a door."},
+     {"role": "assistant", "content": "Action: open the door and look around carefully.", "semantic_type": "KEY_EVENT"}],
+    [{"role": "user", "content": "Battery at 12%."}, {"role": "assistant", "content": "Action: wait."}],
+    [{"role": "system", "content": "Be brief.", "semantic_type": "GLOBAL_CONDITION"},
+     {"role": "user", "content": "Where is the apple?"},
+     {"role": "assistant", "content": "In the fridge, on the second shelf.", "semantic_type": "KEY_EVENT"}],
+]
+
+
+def test_accumulation_is_independent_of_the_split(tokenizer, model_factory, clone):
+    """One step over 4 samples: the same loss and gradients as 1x4, 2x2 or 4x1 micro-batches."""
+    feats = [SemanticTokenizer(tokenizer).encode(c) for c in CONVERSATIONS]
+    collate = SemanticCollator(tokenizer.pad_token_id)
+    base = enable_hsa(model_factory(vocab_size=len(tokenizer)), lambdas={"PROCESS_NOISE": 0.2})
+    results = []
+    for split in ([4], [2, 2], [1, 1, 1, 1]):
+        model = clone(base)
+        batches, start = [], 0
+        for size in split:
+            batches.append(collate(feats[start:start + size]))
+            start += size
+        loss, n_tokens = accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), batches)
+        results.append((loss, n_tokens, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    # reference: mean cross-entropy over every label token of the 4 samples, computed sample by sample
+    model = clone(base)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for f in feats:
+            ids, sem, labels = (torch.tensor(f[k])[None] for k in ("input_ids", "semantic_ids", "labels"))
+            logits = model(input_ids=ids, semantic_ids=sem).logits[0, :-1]
+            keep = labels[0, 1:] != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], labels[0, 1:][keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert results[0][1] == sum(len(f["input_ids"]) for f in feats)
+    for loss, n_tokens, grads in results:
+        assert loss == pytest.approx(total / count, rel=1e-5)
+        assert n_tokens == results[0][1]
+        for g, g0 in zip(grads, results[0][2]):
+            torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-4)
+
+
+def test_no_label_tokens_is_an_error(tokenizer, model_factory):
+    feat = SemanticTokenizer(tokenizer).encode(CONVERSATIONS[0])
+    feat["labels"] = [-100] * len(feat["labels"])
+    model = enable_hsa(model_factory(vocab_size=len(tokenizer)))
+    with pytest.raises(ValueError, match="no label tokens"):
+        accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), [SemanticCollator(0)([feat])])
+
+
+def test_schedule_warmup_then_cosine():
+    assert lr_multiplier(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert lr_multiplier(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_vectors_and_lambdas(model_factory):
+    model = enable_hsa(model_factory(), learnable=True)
+    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.hsa.raw) not in decayed
+    assert all(p.ndim >= 2 for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
