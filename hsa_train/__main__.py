@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -12,8 +13,12 @@ from hsa_train.config import ConfigError, validate
 from hsa_train.data.loader import DataError
 
 
-def _fail(kind: str, exc: BaseException) -> None:
-    print(f"hsa_train: {kind}: {exc}", file=sys.stderr, flush=True)
+def _fail(kind: str, exc: BaseException, hint: str = "") -> None:
+    """One line on stderr and exit 2; HYDRA_FULL_ERROR=1 re-raises for the full traceback."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise exc
+    message = " ".join(str(exc).split())  # one line, whatever the exception held
+    print(f"hsa_train: {kind}: {message}{hint}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -35,7 +40,7 @@ def run(cfg: DictConfig) -> float | None:
     except DataError as exc:
         _fail("data error", exc)
     except (FileNotFoundError, ValueError) as exc:
-        _fail("error", exc)
+        _fail("error", exc, " (HYDRA_FULL_ERROR=1 shows the traceback)")
     return metrics.get("eval_loss")
 
 

@@ -77,3 +77,28 @@ def test_no_weight_decay_on_vectors_and_lambdas(model_factory):
     assert id(model.hsa.raw) not in decayed
     assert all(p.ndim >= 2 for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_a_run_is_deterministic(tmp_path, monkeypatch):
+    """Same seed, same config: identical losses and eval, run in-process twice."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from hsa_train.config import bundled_path, validate
+    from hsa_train.training.loop import train
+
+    lines = open(bundled_path("demo/trajectories.jsonl")).read().splitlines()[:12]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    overrides = [f"data.train_files=[{data}]", "data.eval_ratio=0.25", "train.max_steps=3", "train.micro_batch_size=3",
+                 "model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=1",
+                 "logging.progress=none", "train.save_model=false", "hsa.head_scaling=alibi"]
+    with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    first = train(validate(cfg), resolved, tmp_path / "a")
+    second = train(validate(cfg), resolved, tmp_path / "b")
+    for key in ("train_loss_first", "train_loss_final", "eval_loss", "eval_loss_per_type", "tokens_seen"):
+        assert first[key] == second[key], key
+    assert first["samples_train"] == 9 and first["samples_eval"] == 3
+    assert not (tmp_path / "a" / "model").exists() and (tmp_path / "a" / "metrics.json").is_file()

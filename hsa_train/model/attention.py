@@ -50,21 +50,25 @@ def hsa_mask(
     )
 
 
-def _context(kwargs: dict) -> HSAForwardContext:
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _bias_and_full_heads(query, key, value, attention_mask, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This forward's bias (from the context the model's pre-hook put in kwargs), and key / value repeated to
+    the query's head count (grouped-query attention)."""
     ctx = kwargs.get("hsa_context")
     if not isinstance(ctx, HSAForwardContext):
         raise RuntimeError(
             "HSA attention was called without its forward context: call the model enable_hsa() returned, "
             "passing semantic_ids=..., not one of its submodules"
         )
-    return ctx
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+    bias = ctx.attention_bias(attention_mask, query, key)
+    n_rep = query.shape[1] // key.shape[1]
+    return bias, _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
 
 
 def hsa_eager_attention(
@@ -79,9 +83,7 @@ def hsa_eager_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: logits = q·kᵀ·scale (+ softcap) + bias, softmax in float32."""
-    bias = _context(kwargs).attention_bias(attention_mask, query, key)
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    bias, key, value = _bias_and_full_heads(query, key, value, attention_mask, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     logits = torch.matmul(query, key.transpose(2, 3)) * scale
     if softcap is not None:
@@ -107,9 +109,7 @@ def hsa_sdpa_attention(
     """The bias (built once per forward, shared by heads when they share slopes) as SDPA's float mask."""
     if softcap is not None:
         raise ValueError("hsa backend 'sdpa' does not support attention logit softcapping; use hsa.backend=eager")
-    bias = _context(kwargs).attention_bias(attention_mask, query, key)
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    bias, key, value = _bias_and_full_heads(query, key, value, attention_mask, kwargs)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 

@@ -40,7 +40,7 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available here; use train.device=cpu or auto")
+        raise ValueError(f"train.device={name} but CUDA is not available here; use train.device=cpu or auto")
     return device
 
 
@@ -49,7 +49,7 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "bf16":
         if device.type == "cuda" and not bf16_ok:
-            raise RuntimeError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16")
+            raise ValueError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; use fp32")
         return torch.bfloat16
     if precision == "auto" and bf16_ok:
         return torch.bfloat16
