@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any
+
+log = logging.getLogger("hsa_train")
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -15,7 +18,8 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class Console:
-    """Progress for `total` optimizer steps. mode: rich | plain | none | auto (rich when stdout is a terminal)."""
+    """Progress for `total` optimizer steps. mode: rich | plain | none | auto (rich when stdout is a terminal).
+    Every line also goes to the `hsa_train` logger, which Hydra writes to `<run dir>/hsa_train.log`."""
 
     def __init__(self, mode: str, total: int):
         if mode == "auto":
@@ -38,25 +42,31 @@ class Console:
             self._progress.start()
 
     def print(self, text: str) -> None:
+        log.info(text)
         if self._progress is not None:
             self._progress.console.print(text, markup=False, highlight=False)
         elif self.mode != "none":
             print(text, flush=True)
 
-    def step(self, step: int, metrics: dict[str, float], log: bool) -> None:
-        """Called after every optimizer step; `log` marks the steps that print a line."""
+    def step(self, step: int, metrics: dict[str, float], log_line: bool) -> None:
+        """Called after every optimizer step; `log_line` marks the steps that print (and log) a line."""
         if self._progress is not None:
             self._progress.update(
                 self._task, completed=step, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                 tps=f"{metrics['tokens_per_s']:,.0f}",
             )
-        elif self.mode == "plain" and log:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / step * (self.total - step)
-            self.print(
-                f"step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-                f"{metrics['tokens_per_s']:,.0f} tok/s | elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}"
-            )
+        if not log_line:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / step * (self.total - step)
+        line = (
+            f"step {step}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+            f"{metrics['tokens_per_s']:,.0f} tok/s | elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}"
+        )
+        if self.mode == "plain":
+            self.print(line)
+        else:
+            log.info(line)  # the bar shows it; the log file keeps it
 
     def close(self) -> None:
         if self._progress is not None:
