@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hsa_train.config import ConfigError, validate
 from hsa_train.data.loader import DataError
+from hsa_train.overrides import unknown_key_message
 
 
 def _fail(kind: str, exc: BaseException, hint: str = "") -> None:
@@ -45,6 +46,10 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    problem = unknown_key_message(sys.argv[1:])
+    if problem:
+        print(f"hsa_train: config error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     run()
 
 

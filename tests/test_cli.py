@@ -88,10 +88,13 @@ def test_bad_value_exits_with_one_line(tmp_path):
     assert _stderr_lines(proc) == ["hsa_train: config error: train.lr=-1.0 must be a positive number"]
 
 
-def test_unknown_key_exits_nonzero_naming_it(tmp_path):
-    proc = run_cli("train.max_stepz=3", cwd=tmp_path)
+def test_unknown_key_exits_with_one_line_and_a_suggestion(tmp_path):
+    proc = run_cli("train.max_stepz=3", "hsa.lambdas.PROCESS_NOISE=0.2", cwd=tmp_path)
     assert proc.returncode != 0
-    assert "train.max_stepz" in _stderr_lines(proc)[0]
+    (line,) = _stderr_lines(proc)
+    assert line.startswith("hsa_train: config error: unknown config key 'train.max_stepz' in 'train.max_stepz=3'; "
+                           "did you mean train.max_steps")
+    assert line.endswith("(to add a new key, write +train.max_stepz=3)")
 
 
 def test_bad_data_file_exits_with_one_line(tmp_path):
