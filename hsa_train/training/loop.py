@@ -88,6 +88,16 @@ def accumulate_gradients(forward, micro_batches: list[dict[str, torch.Tensor]]) 
     return loss_sum, n_tokens
 
 
+def loss_summary(losses: list[float], window: int) -> dict[str, float]:
+    tail = losses[-window:]
+    return {"train_loss_first": losses[0], "train_loss_final": losses[-1], "train_loss_final_avg": sum(tail) / len(tail)}
+
+
+def eval_summary(result: dict | None) -> dict:
+    keys = {"eval_loss": "loss", "eval_loss_per_type": "loss_per_type", "eval_tokens_per_type": "tokens_per_type"}
+    return {name: (result[key] if result else None) for name, key in keys.items()}
+
+
 def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     t_start = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()
@@ -150,7 +160,7 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     tokens_seen = 0
     window_tokens, window_start = 0, time.perf_counter()
     train_time = 0.0
-    exit_code = 1
+    exit_code = 1  # for wandb: any exception below marks the run failed
     try:
         for step in range(1, max_steps + 1):
             t_step = time.perf_counter()
@@ -183,55 +193,50 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
                 if result is not None:
                     console.print(f"eval @ step {step}: loss {result['loss']:.4f}")
                     tracker.log({"eval/loss": result["loss"]}, step)
+                window_tokens, window_start = 0, time.perf_counter()  # eval time is not training time
+        console.close()
+
+        # --- evaluation, saving, metrics --------------------------------------------------------------------------
+        eval_result = run_eval()
+        if eval_result is not None:
+            per_type = ", ".join(
+                f"{k} {v:.4f} ({eval_result['tokens_per_type'][k]} tok)" for k, v in eval_result["loss_per_type"].items() if v is not None
+            )
+            console.print(f"eval: loss {eval_result['loss']:.4f} over {eval_result['tokens']} tokens | per type: {per_type}")
+            tracker.log({"eval/loss": eval_result["loss"], **{f"eval/loss_{k}": v for k, v in eval_result["loss_per_type"].items() if v is not None}}, max_steps)
+
+        model_dir = run_dir / "model"
+        if run.train.save_model:
+            save_pretrained(model, tokenizer, model_dir)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
+
+        metrics = {
+            "steps": max_steps,
+            "samples_train": len(train_samples),
+            "samples_eval": len(eval_samples),
+            "skipped_records": len(report.skipped) + (len(eval_report.skipped) if eval_report else 0),
+            "params": n_params,
+            "tokens_seen": tokens_seen,
+            "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+            **loss_summary(losses, run.train.log_every),
+            **eval_summary(eval_result),
+            "train_time_s": train_time,
+            "wall_time_s": time.perf_counter() - t_start,
+            "device": str(device),
+            "precision": "bf16" if autocast_dtype else "fp32",
+            "hsa": dict(hsa_cfg.lambdas) if hsa_cfg.enabled else None,
+            "run_dir": str(run_dir),
+            "model_dir": str(model_dir) if run.train.save_model else None,
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        console.print(
+            f"done: {max_steps} steps in {metrics['train_time_s']:.1f}s, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+            f"{metrics['tokens_per_s']:,.0f} tok/s"
+        )
+        console.print(f"run directory: {run_dir}")
         exit_code = 0
     finally:
         console.close()
-        if exit_code:
-            tracker.finish(exit_code)
-
-    # --- evaluation, saving, metrics ------------------------------------------------------------------------------
-    eval_result = run_eval()
-    if eval_result is not None:
-        per_type = ", ".join(
-            f"{k} {v:.4f} ({eval_result['tokens_per_type'][k]} tok)" for k, v in eval_result["loss_per_type"].items() if v is not None
-        )
-        console.print(f"eval: loss {eval_result['loss']:.4f} over {eval_result['tokens']} tokens | per type: {per_type}")
-        tracker.log({"eval/loss": eval_result["loss"], **{f"eval/loss_{k}": v for k, v in eval_result["loss_per_type"].items() if v is not None}}, max_steps)
-
-    model_dir = run_dir / "model"
-    if run.train.save_model:
-        save_pretrained(model, tokenizer, model_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
-
-    tail = losses[-run.train.log_every:]
-    metrics = {
-        "steps": max_steps,
-        "samples_train": len(train_samples),
-        "samples_eval": len(eval_samples),
-        "skipped_records": len(report.skipped) + (len(eval_report.skipped) if eval_report else 0),
-        "params": n_params,
-        "tokens_seen": tokens_seen,
-        "tokens_per_s": tokens_seen / max(train_time, 1e-9),
-        "train_loss_first": losses[0],
-        "train_loss_final": losses[-1],
-        "train_loss_final_avg": sum(tail) / len(tail),
-        "eval_loss": eval_result["loss"] if eval_result else None,
-        "eval_loss_per_type": eval_result["loss_per_type"] if eval_result else None,
-        "eval_tokens_per_type": eval_result["tokens_per_type"] if eval_result else None,
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - t_start,
-        "device": str(device),
-        "precision": "bf16" if autocast_dtype else "fp32",
-        "hsa": dict(hsa_cfg.lambdas) if hsa_cfg.enabled else None,
-        "run_dir": str(run_dir),
-        "model_dir": str(model_dir) if run.train.save_model else None,
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.finish(0)
-    console.print(
-        f"done: {max_steps} steps in {metrics['train_time_s']:.1f}s, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-        f"{metrics['tokens_per_s']:,.0f} tok/s"
-    )
-    console.print(f"run directory: {run_dir}")
+        tracker.finish(exit_code)
     return metrics
