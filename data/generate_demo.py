@@ -20,30 +20,217 @@ OBJECTS = ["apple", "mug", "book", "key", "remote", "towel", "phone", "plant", "
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 FURNITURE = ["table", "shelf", "counter", "chair", "desk", "bench", "floor", "windowsill"]
 RECEPTACLES = ["fridge", "drawer", "box", "basket", "cabinet", "sink", "bin", "closet"]
-NOISE = ["a door", "a rug", "a window", "a painting", "a clock", "a plant pot", "a coat", "some boxes", "a fan",
-         "a radiator", "a mirror", "a trash can", "a pair of shoes", "a cable", "a poster"]
-ADJECTIVES = ["dusty", "shiny", "broken", "wooden", "metal", "plastic", "heavy", "small", "large", "old", "new", "wet",
-              "dry", "warm", "cold", "soft", "hard", "striped", "spotted", "folded", "open", "closed", "empty", "full",
-              "tall", "short", "round", "square", "bright", "dark", "quiet", "noisy", "clean", "dirty", "sticky",
-              "fragile", "rusty", "glass", "paper", "leather", "woollen", "ceramic", "velvet", "painted", "faded"]
-THINGS = ["carpet", "curtain", "cushion", "blanket", "pillow", "vase", "frame", "candle", "basket", "bucket", "broom",
-          "ladder", "toolbox", "hammer", "screwdriver", "bicycle", "helmet", "umbrella", "jacket", "scarf", "glove",
-          "backpack", "suitcase", "laptop", "keyboard", "monitor", "printer", "speaker", "router", "charger", "kettle",
-          "toaster", "blender", "microwave", "oven", "stove", "pan", "pot", "plate", "bowl", "fork", "spoon", "knife",
-          "cup", "jar", "tin", "carton", "newspaper", "magazine", "notebook", "pencil", "marker", "envelope", "parcel",
-          "calendar", "thermostat", "doorbell", "light switch", "power socket", "extension cord", "vacuum cleaner",
-          "washing machine", "dryer", "iron", "hanger", "shoe rack", "coat hook", "bookcase", "sofa", "armchair",
-          "stool", "wardrobe", "dresser", "nightstand", "mattress", "bathtub", "shower", "toilet", "faucet", "soap",
-          "toothbrush", "shampoo", "sponge", "bin bag", "watering can", "flower pot", "hose", "rake", "shovel", "fence",
-          "gate", "mailbox", "doormat", "staircase", "banister", "ceiling fan", "smoke detector", "alarm clock", "globe",
-          "chessboard", "puzzle", "guitar", "piano", "drum", "violin", "teddy bear", "toy car", "kite", "skateboard"]
-STATES = ["on the floor", "against the wall", "near the door", "under the window", "in the corner", "on a shelf",
-          "behind the sofa", "next to the lamp", "by the stairs", "on top of a box", "half hidden", "partly covered",
-          "leaning on a chair", "in the middle of the room", "close to you", "far from you", "out of reach"]
-SOUNDS = ["You hear a dog barking outside.", "The lights flicker briefly.", "A door closes somewhere.",
-          "The floor creaks.", "It is raining outside.", "A phone rings in another room.", "The heating turns on.",
-          "Music plays quietly.", "Someone is talking on the radio.", "The fridge hums.", "Wind rattles the window.",
-          "A clock ticks loudly.", "Water drips from a tap.", "Birds sing in the garden.", "A car passes by."]
+NOISE = [
+    "a door",
+    "a rug",
+    "a window",
+    "a painting",
+    "a clock",
+    "a plant pot",
+    "a coat",
+    "some boxes",
+    "a fan",
+    "a radiator",
+    "a mirror",
+    "a trash can",
+    "a pair of shoes",
+    "a cable",
+    "a poster",
+]
+ADJECTIVES = [
+    "dusty",
+    "shiny",
+    "broken",
+    "wooden",
+    "metal",
+    "plastic",
+    "heavy",
+    "small",
+    "large",
+    "old",
+    "new",
+    "wet",
+    "dry",
+    "warm",
+    "cold",
+    "soft",
+    "hard",
+    "striped",
+    "spotted",
+    "folded",
+    "open",
+    "closed",
+    "empty",
+    "full",
+    "tall",
+    "short",
+    "round",
+    "square",
+    "bright",
+    "dark",
+    "quiet",
+    "noisy",
+    "clean",
+    "dirty",
+    "sticky",
+    "fragile",
+    "rusty",
+    "glass",
+    "paper",
+    "leather",
+    "woollen",
+    "ceramic",
+    "velvet",
+    "painted",
+    "faded",
+]
+THINGS = [
+    "carpet",
+    "curtain",
+    "cushion",
+    "blanket",
+    "pillow",
+    "vase",
+    "frame",
+    "candle",
+    "basket",
+    "bucket",
+    "broom",
+    "ladder",
+    "toolbox",
+    "hammer",
+    "screwdriver",
+    "bicycle",
+    "helmet",
+    "umbrella",
+    "jacket",
+    "scarf",
+    "glove",
+    "backpack",
+    "suitcase",
+    "laptop",
+    "keyboard",
+    "monitor",
+    "printer",
+    "speaker",
+    "router",
+    "charger",
+    "kettle",
+    "toaster",
+    "blender",
+    "microwave",
+    "oven",
+    "stove",
+    "pan",
+    "pot",
+    "plate",
+    "bowl",
+    "fork",
+    "spoon",
+    "knife",
+    "cup",
+    "jar",
+    "tin",
+    "carton",
+    "newspaper",
+    "magazine",
+    "notebook",
+    "pencil",
+    "marker",
+    "envelope",
+    "parcel",
+    "calendar",
+    "thermostat",
+    "doorbell",
+    "light switch",
+    "power socket",
+    "extension cord",
+    "vacuum cleaner",
+    "washing machine",
+    "dryer",
+    "iron",
+    "hanger",
+    "shoe rack",
+    "coat hook",
+    "bookcase",
+    "sofa",
+    "armchair",
+    "stool",
+    "wardrobe",
+    "dresser",
+    "nightstand",
+    "mattress",
+    "bathtub",
+    "shower",
+    "toilet",
+    "faucet",
+    "soap",
+    "toothbrush",
+    "shampoo",
+    "sponge",
+    "bin bag",
+    "watering can",
+    "flower pot",
+    "hose",
+    "rake",
+    "shovel",
+    "fence",
+    "gate",
+    "mailbox",
+    "doormat",
+    "staircase",
+    "banister",
+    "ceiling fan",
+    "smoke detector",
+    "alarm clock",
+    "globe",
+    "chessboard",
+    "puzzle",
+    "guitar",
+    "piano",
+    "drum",
+    "violin",
+    "teddy bear",
+    "toy car",
+    "kite",
+    "skateboard",
+]
+STATES = [
+    "on the floor",
+    "against the wall",
+    "near the door",
+    "under the window",
+    "in the corner",
+    "on a shelf",
+    "behind the sofa",
+    "next to the lamp",
+    "by the stairs",
+    "on top of a box",
+    "half hidden",
+    "partly covered",
+    "leaning on a chair",
+    "in the middle of the room",
+    "close to you",
+    "far from you",
+    "out of reach",
+]
+SOUNDS = [
+    "You hear a dog barking outside.",
+    "The lights flicker briefly.",
+    "A door closes somewhere.",
+    "The floor creaks.",
+    "It is raining outside.",
+    "A phone rings in another room.",
+    "The heating turns on.",
+    "Music plays quietly.",
+    "Someone is talking on the radio.",
+    "The fridge hums.",
+    "Wind rattles the window.",
+    "A clock ticks loudly.",
+    "Water drips from a tap.",
+    "Birds sing in the garden.",
+    "A car passes by.",
+]
 SYSTEM = "You are a household robot. Reply with exactly one action per turn, and answer questions briefly."
 
 CHATML_TEMPLATE = (
@@ -64,8 +251,10 @@ def msg(role: str, content: str, stype: str | None) -> dict:
 
 def observation(rng: random.Random, room: str, extra: str | None = None) -> str:
     seen = rng.sample(NOISE, rng.randint(1, 3))
-    text = (f"You are in the {room} at x={rng.randint(-999, 999)}, y={rng.randint(-999, 999)}, heading "
-            f"{rng.randint(0, 359)} degrees. You see {', '.join(seen)}. Battery at {rng.randint(20, 99)}%.")
+    text = (
+        f"You are in the {room} at x={rng.randint(-999, 999)}, y={rng.randint(-999, 999)}, heading "
+        f"{rng.randint(0, 359)} degrees. You see {', '.join(seen)}. Battery at {rng.randint(20, 99)}%."
+    )
     for _ in range(rng.randint(0, 2)):
         text += f" A {rng.choice(ADJECTIVES)} {rng.choice(THINGS)} is {rng.choice(STATES)}."
     if rng.random() < 0.3:
@@ -89,8 +278,9 @@ def trajectory(rng: random.Random, min_steps: int, max_steps: int) -> dict:
         untyped = rng.random() < 0.3  # some observations carry no type: they get the default (PROCESS_NOISE)
         if step == found_at:
             room = src
-            messages.append(msg("user", observation(rng, room, f"Event: the {color} {obj} is on the {furniture}."),
-                                "KEY_EVENT"))
+            messages.append(
+                msg("user", observation(rng, room, f"Event: the {color} {obj} is on the {furniture}."), "KEY_EVENT")
+            )
             messages.append(msg("assistant", f"Action: pick up the {color} {obj}.", "KEY_EVENT"))
             messages.append(msg("user", f"Event: you are holding the {color} {obj}.", "KEY_EVENT"))
             messages.append(msg("assistant", f"Action: go to the {dst}.", "PROCESS_NOISE"))
@@ -109,14 +299,24 @@ def trajectory(rng: random.Random, min_steps: int, max_steps: int) -> dict:
             elif step > placed_at:
                 action = rng.choice(["wait", "look around", "check battery"])
             else:
-                action = rng.choice([f"go to the {rng.choice([r for r in ROOMS if r != room])}", "look around",
-                                     f"open {rng.choice(NOISE)}"])
+                action = rng.choice(
+                    [
+                        f"go to the {rng.choice([r for r in ROOMS if r != room])}",
+                        "look around",
+                        f"open {rng.choice(NOISE)}",
+                    ]
+                )
             messages.append(msg("assistant", f"Action: {action}.", "PROCESS_NOISE"))
             if action.startswith("go to the "):
-                room = action[len("go to the "):]
+                room = action[len("go to the ") :]
     messages.append(msg("user", f"Question: where is the {color} {obj} now, and where did you find it?", None))
-    messages.append(msg("assistant", f"The {color} {obj} is in the {receptacle} in the {dst}. "
-                                     f"I found it on the {furniture} in the {src}.", "KEY_EVENT"))
+    messages.append(
+        msg(
+            "assistant",
+            f"The {color} {obj} is in the {receptacle} in the {dst}. I found it on the {furniture} in the {src}.",
+            "KEY_EVENT",
+        )
+    )
     return {"messages": messages}
 
 
@@ -183,7 +383,8 @@ def main() -> None:
     records = [trajectory(rng, args.min_steps, args.max_steps) for _ in range(args.train)]
     write_jsonl(args.out / "trajectories.jsonl", records)
     train_tokenizer(records, args.tokenizer_out, args.vocab_size)
-    print(f"wrote {len(records)} trajectories to {args.out} and a {args.vocab_size}-token tokenizer to {args.tokenizer_out}")
+    print(f"wrote {len(records)} trajectories to {args.out}")
+    print(f"wrote a {args.vocab_size}-token tokenizer to {args.tokenizer_out}")
 
 
 if __name__ == "__main__":

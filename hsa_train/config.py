@@ -132,7 +132,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         OmegaConf.resolve(merged)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(f"config keys without a value: {', '.join(missing)}; set them in conf/ or on the command line")
+            raise ConfigError(
+                f"config keys without a value: {', '.join(missing)}; set them in conf/ or on the command line"
+            )
         run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config error: {_one_line(exc)}") from None
@@ -165,7 +167,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas={t.betas} must be two numbers in [0, 1)")
+    _check(
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas={t.betas} must be two numbers in [0, 1)"
+    )
     _check(t.eps > 0, f"train.eps={t.eps} must be > 0")
     _check(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0 or null")
     _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))

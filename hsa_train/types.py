@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 DEFAULT_TYPES: tuple[str, ...] = ("GLOBAL_CONDITION", "KEY_EVENT", "PROCESS_NOISE")
 DEFAULT_TYPE: str = "PROCESS_NOISE"
@@ -74,5 +74,7 @@ class SemanticTypes:
         return out
 
     @classmethod
-    def from_names(cls, names: Iterable[str] | None = None, default: str | None = None) -> "SemanticTypes":
-        return cls(tuple(names) if names is not None else DEFAULT_TYPES, default if default is not None else DEFAULT_TYPE)
+    def from_names(cls, names: Iterable[str] | None = None, default: str | None = None) -> SemanticTypes:
+        return cls(
+            tuple(names) if names is not None else DEFAULT_TYPES, default if default is not None else DEFAULT_TYPE
+        )

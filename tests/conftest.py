@@ -20,13 +20,20 @@ def tokenizer():
     return load_tokenizer(None)
 
 
-def tiny_model(vocab_size: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0,
-               model_type: str = "qwen2"):
+def tiny_model(
+    vocab_size: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2, seed: int = 0, model_type: str = "qwen2"
+):
     """A stock transformers model (sdpa attention), small enough to compare element by element."""
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
-        model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
     )
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 

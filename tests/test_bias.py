@@ -53,7 +53,7 @@ def test_backends_match_the_formula(attention, head_scaling):
     padding = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])  # second row left-padded
     mask = hsa_mask(batch_size=B, q_length=L, kv_length=L, attention_mask=padding.bool())
     ctx = HSAForwardContext(semantic_ids, torch.tensor(LAMBDAS), head_scaling)
-    out, _ = attention(FakeAttention().eval(), q, k, v, mask, scaling=D ** -0.5, hsa_context=ctx)
+    out, _ = attention(FakeAttention().eval(), q, k, v, mask, scaling=D**-0.5, hsa_context=ctx)
     ref = brute_force(q, k, v, semantic_ids, padding, LAMBDAS, head_scaling)
     real = padding.bool()  # rows of padding queries are unconstrained
     torch.testing.assert_close(out.double()[real], ref[real], atol=1e-5, rtol=1e-5)

@@ -17,15 +17,21 @@ from hsa_train import enable_hsa
 from hsa_train.config import bundled_path
 
 SMALL = [
-    "model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
-    "train.micro_batch_size=4", "train.log_every=2", "train.warmup_steps=2", "logging.progress=plain",
+    "model.arch.hidden_size=64",
+    "model.arch.intermediate_size=128",
+    "model.arch.num_hidden_layers=2",
+    "train.micro_batch_size=4",
+    "train.log_every=2",
+    "train.warmup_steps=2",
+    "logging.progress=plain",
 ]
 
 
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "hsa_train", *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "hsa_train", *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +73,16 @@ def test_finetunes_a_local_checkpoint(default_run, tmp_path):
     lines = Path(bundled_path("demo/trajectories.jsonl")).read_text().splitlines()[:24]
     data = tmp_path / "small.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    proc = run_cli(f"model.name_or_path={run_dir / 'model'}", f"data.train_files=[{data}]", "data.eval_ratio=0.25",
-                   "train.max_steps=2", "train.micro_batch_size=4", "hsa.lambdas.PROCESS_NOISE=0.2",
-                   f"hydra.run.dir={tmp_path / 'ft'}", cwd=tmp_path)
+    proc = run_cli(
+        f"model.name_or_path={run_dir / 'model'}",
+        f"data.train_files=[{data}]",
+        "data.eval_ratio=0.25",
+        "train.max_steps=2",
+        "train.micro_batch_size=4",
+        "hsa.lambdas.PROCESS_NOISE=0.2",
+        f"hydra.run.dir={tmp_path / 'ft'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert metrics["samples_train"] == 18 and metrics["samples_eval"] == 6
@@ -92,8 +105,10 @@ def test_unknown_key_exits_with_one_line_and_a_suggestion(tmp_path):
     proc = run_cli("train.max_stepz=3", "hsa.lambdas.PROCESS_NOISE=0.2", cwd=tmp_path)
     assert proc.returncode != 0
     (line,) = _stderr_lines(proc)
-    assert line.startswith("hsa_train: config error: unknown config key 'train.max_stepz' in 'train.max_stepz=3'; "
-                           "did you mean train.max_steps")
+    assert line.startswith(
+        "hsa_train: config error: unknown config key 'train.max_stepz' in 'train.max_stepz=3'; "
+        "did you mean train.max_steps"
+    )
     assert line.endswith("(to add a new key, write +train.max_stepz=3)")
 
 

@@ -19,18 +19,21 @@ def test_defaults_validate_and_point_at_bundled_data():
     assert run.model.name_or_path is None and run.model.arch["type"] == "qwen2"
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("train.lr=-1", "train.lr=-1.0 must be a positive number"),
-    ("train.lr=abc", "train.lr"),
-    ("hsa.backend=flash", "hsa.backend='flash' is not allowed"),
-    ("hsa.lambdas.PROCESS_NOISE=-0.5", "λ[PROCESS_NOISE]=-0.5 must be finite and >= 0"),
-    ("+hsa.lambdas.URGENT=0.5", "λ for unknown types ['URGENT']"),
-    ("+train.learning_rate=0.1", "learning_rate"),
-    ("data.on_error=ignore", "data.on_error='ignore' is not allowed"),
-    ("train.precision=fp8", "train.precision='fp8'"),
-    ("hsa.default_type=URGENT", "default_type 'URGENT' is not one of the types"),
-    ("train.max_steps=null", "set train.max_steps or train.epochs"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lr=-1", "train.lr=-1.0 must be a positive number"),
+        ("train.lr=abc", "train.lr"),
+        ("hsa.backend=flash", "hsa.backend='flash' is not allowed"),
+        ("hsa.lambdas.PROCESS_NOISE=-0.5", "λ[PROCESS_NOISE]=-0.5 must be finite and >= 0"),
+        ("+hsa.lambdas.URGENT=0.5", "λ for unknown types ['URGENT']"),
+        ("+train.learning_rate=0.1", "learning_rate"),
+        ("data.on_error=ignore", "data.on_error='ignore' is not allowed"),
+        ("train.precision=fp8", "train.precision='fp8'"),
+        ("hsa.default_type=URGENT", "default_type 'URGENT' is not one of the types"),
+        ("train.max_steps=null", "set train.max_steps or train.epochs"),
+    ],
+)
 def test_bad_values_fail_with_one_line(override, fragment):
     with pytest.raises(ConfigError) as info:
         validate(composed(override))

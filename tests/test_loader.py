@@ -10,8 +10,12 @@ from hsa_train.data.loader import load_records
 from hsa_train.types import SemanticTypes
 
 TYPES = SemanticTypes()
-GOOD = {"messages": [{"role": "user", "content": "Task: x", "semantic_type": "GLOBAL_CONDITION"},
-                     {"role": "assistant", "content": "ok"}]}
+GOOD = {
+    "messages": [
+        {"role": "user", "content": "Task: x", "semantic_type": "GLOBAL_CONDITION"},
+        {"role": "assistant", "content": "ok"},
+    ]
+}
 
 
 def write_jsonl(path, rows):
@@ -62,7 +66,7 @@ def test_skip_counts_every_bad_record(tmp_path, tokenizer):
 
 def test_json_array_syntax_error_reports_its_line(tmp_path):
     path = tmp_path / "broken.json"
-    path.write_text("[\n" + json.dumps(GOOD) + ",\n{\"messages\": [}\n]")
+    path.write_text("[\n" + json.dumps(GOOD) + ',\n{"messages": [}\n]')
     with pytest.raises(DataError, match=r"broken.json:3: malformed JSON"):
         load_records([path], TYPES, on_error="skip")
 
@@ -91,11 +95,14 @@ def test_peer_messages_file_loads_with_default_types(peer_data, tokenizer):
     assert all(set(s.features["semantic_ids"]) == {TYPES.default_id} for s in samples)
 
 
-@pytest.mark.parametrize("name, line, problem", [
-    ("glaive_toolcall_en_demo.json", 2, "malformed record: no 'messages' key .* looks like ShareGPT"),
-    ("identity.json", 2, "malformed record: no 'messages' key .* looks like alpaca"),
-    ("v1_sft_demo.jsonl", 1, "non-string content"),               # content as a list of parts
-])
+@pytest.mark.parametrize(
+    "name, line, problem",
+    [
+        ("glaive_toolcall_en_demo.json", 2, "malformed record: no 'messages' key .* looks like ShareGPT"),
+        ("identity.json", 2, "malformed record: no 'messages' key .* looks like alpaca"),
+        ("v1_sft_demo.jsonl", 1, "non-string content"),  # content as a list of parts
+    ],
+)
 def test_peer_files_in_other_formats_fail_clearly(peer_data, tokenizer, name, line, problem):
     with pytest.raises(DataError, match=rf"{name}:{line}: {problem}"):
         encode_files([peer_data / name], SemanticTokenizer(tokenizer))

@@ -76,8 +76,9 @@ def test_packed_documents_do_not_see_each_other(model_factory):
     packed_ids, packed_sem = torch.cat([a, b])[None], torch.cat([sa, sb])[None]
     position_ids = torch.cat([torch.arange(6), torch.arange(5)])[None]
     with torch.no_grad():
-        packed = model(input_ids=packed_ids, semantic_ids=packed_sem, position_ids=position_ids,
-                           use_cache=False).logits[0]  # transformers detects packing only without a cache
+        packed = model(
+            input_ids=packed_ids, semantic_ids=packed_sem, position_ids=position_ids, use_cache=False
+        ).logits[0]  # transformers detects packing only without a cache
         alone_a = model(input_ids=a[None], semantic_ids=sa[None]).logits[0]
         alone_b = model(input_ids=b[None], semantic_ids=sb[None]).logits[0]
     torch.testing.assert_close(packed[:6], alone_a, atol=1e-5, rtol=1e-5)
@@ -140,8 +141,12 @@ def test_settings_are_validated(model_factory):
 
 
 def test_custom_types(model_factory):
-    model = enable_hsa(model_factory(), lambdas={"TASK": 0.0, "TOOL": 0.02, "NOISE": 0.2},
-                       types=["TASK", "TOOL", "NOISE"], default_type="NOISE")
+    model = enable_hsa(
+        model_factory(),
+        lambdas={"TASK": 0.0, "TOOL": 0.02, "NOISE": 0.2},
+        types=["TASK", "TOOL", "NOISE"],
+        default_type="NOISE",
+    )
     assert model.config.hsa["types"] == ["TASK", "TOOL", "NOISE"]
     ids, sem = sample(6, 1)
     model(input_ids=ids[None], semantic_ids=sem[None])

@@ -21,7 +21,10 @@ def test_wheel_ships_configs_data_and_tokenizer(tmp_path):
     isolation = ["--no-build-isolation"] if _local_setuptools_is_enough() else []
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("hsa_train-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -29,5 +32,8 @@ def test_wheel_ships_configs_data_and_tokenizer(tmp_path):
         assert f"hsa_train/conf/{group}.yaml" in names
     assert "hsa_train/conf/config.yaml" in names
     assert "hsa_train/bundled/demo/trajectories.jsonl" in names
-    assert {"hsa_train/assets/tokenizer/tokenizer.json", "hsa_train/assets/tokenizer/tokenizer_config.json",
-            "hsa_train/assets/tokenizer/chat_template.jinja"} <= names
+    assert {
+        "hsa_train/assets/tokenizer/tokenizer.json",
+        "hsa_train/assets/tokenizer/tokenizer_config.json",
+        "hsa_train/assets/tokenizer/chat_template.jinja",
+    } <= names

@@ -11,14 +11,24 @@ from hsa_train.training.loop import accumulate_gradients, make_forward
 from hsa_train.training.optim import build_optimizer, lr_multiplier
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "Task: find the key.", "semantic_type": "GLOBAL_CONDITION"},
-     {"role": "assistant", "content": "Action: go to the hallway."}],
-    [{"role": "user", "content": "You see a door."},
-     {"role": "assistant", "content": "Action: open the door and look around carefully.", "semantic_type": "KEY_EVENT"}],
+    [
+        {"role": "user", "content": "Task: find the key.", "semantic_type": "GLOBAL_CONDITION"},
+        {"role": "assistant", "content": "Action: go to the hallway."},
+    ],
+    [
+        {"role": "user", "content": "You see a door."},
+        {
+            "role": "assistant",
+            "content": "Action: open the door and look around carefully.",
+            "semantic_type": "KEY_EVENT",
+        },
+    ],
     [{"role": "user", "content": "Battery at 12%."}, {"role": "assistant", "content": "Action: wait."}],
-    [{"role": "system", "content": "Be brief.", "semantic_type": "GLOBAL_CONDITION"},
-     {"role": "user", "content": "Where is the apple?"},
-     {"role": "assistant", "content": "In the fridge, on the second shelf.", "semantic_type": "KEY_EVENT"}],
+    [
+        {"role": "system", "content": "Be brief.", "semantic_type": "GLOBAL_CONDITION"},
+        {"role": "user", "content": "Where is the apple?"},
+        {"role": "assistant", "content": "In the fridge, on the second shelf.", "semantic_type": "KEY_EVENT"},
+    ],
 ]
 
 
@@ -32,7 +42,7 @@ def test_accumulation_is_independent_of_the_split(tokenizer, model_factory, clon
         model = clone(base)
         batches, start = [], 0
         for size in split:
-            batches.append(collate(feats[start:start + size]))
+            batches.append(collate(feats[start : start + size]))
             start += size
         loss, n_tokens = accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), batches)
         results.append((loss, n_tokens, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
@@ -90,9 +100,18 @@ def test_a_run_is_deterministic(tmp_path, monkeypatch):
     lines = open(bundled_path("demo/trajectories.jsonl")).read().splitlines()[:12]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    overrides = [f"data.train_files=[{data}]", "data.eval_ratio=0.25", "train.max_steps=3", "train.micro_batch_size=3",
-                 "model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=1",
-                 "logging.progress=none", "train.save_model=false", "hsa.head_scaling=alibi"]
+    overrides = [
+        f"data.train_files=[{data}]",
+        "data.eval_ratio=0.25",
+        "train.max_steps=3",
+        "train.micro_batch_size=3",
+        "model.arch.hidden_size=32",
+        "model.arch.intermediate_size=64",
+        "model.arch.num_hidden_layers=1",
+        "logging.progress=none",
+        "train.save_model=false",
+        "hsa.head_scaling=alibi",
+    ]
     with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from hsa_train.data.tokenizer import IGNORE_INDEX
-from hsa_train.types import DEFAULT_TYPES, DEFAULT_TYPE
+from hsa_train.types import DEFAULT_TYPE, DEFAULT_TYPES
 
 TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "semantic_ids")
 

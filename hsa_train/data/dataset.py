@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -40,8 +40,11 @@ def split_eval(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sam
         return samples, []
     n_eval = max(1, round(len(samples) * ratio))
     if n_eval >= len(samples):
-        raise DataError(samples[0].where.rsplit(":", 1)[0], 1,
-                        f"data.eval_ratio={ratio} leaves no training records out of {len(samples)}")
+        raise DataError(
+            samples[0].where.rsplit(":", 1)[0],
+            1,
+            f"data.eval_ratio={ratio} leaves no training records out of {len(samples)}",
+        )
     held = set(random.Random(seed).sample(range(len(samples)), n_eval))
     train = [s for i, s in enumerate(samples) if i not in held]
     evals = [s for i, s in enumerate(samples) if i in held]
@@ -52,7 +55,9 @@ class BatchStream:
     """Micro-batches over the samples, reshuffled every epoch from `seed + epoch`. Nothing is dropped: the last
     batch of an epoch may be smaller. The position (epoch, index) is explicit so a run can report or resume it."""
 
-    def __init__(self, samples: list[Sample], batch_size: int, collator: SemanticCollator, seed: int, shuffle: bool = True):
+    def __init__(
+        self, samples: list[Sample], batch_size: int, collator: SemanticCollator, seed: int, shuffle: bool = True
+    ):
         if not samples:
             raise ValueError("no samples to batch")
         self.samples, self.batch_size, self.collator = samples, batch_size, collator

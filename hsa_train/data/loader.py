@@ -7,9 +7,10 @@ long) can be reported as `file:line: problem`, and nothing is dropped without be
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from hsa_train.types import SemanticTypes
 
@@ -195,5 +196,7 @@ def load_records(
             records.append(record)
     report.kept = len(records)
     if not records:
-        raise ValueError(f"no usable records in {', '.join(map(str, paths))}" + (f" ({report.summary()})" if report.skipped else ""))
+        raise ValueError(
+            f"no usable records in {', '.join(map(str, paths))}" + (f" ({report.summary()})" if report.skipped else "")
+        )
     return records, report

@@ -8,7 +8,8 @@ end-of-turn markers, a default system prompt) are typed like the message they be
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from hsa_train.types import SemanticTypes
 

@@ -19,7 +19,9 @@ class HSAForwardContext:
         self.head_scaling = head_scaling
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def attention_bias(self, attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def attention_bias(
+        self, attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
+    ) -> torch.Tensor:
         """The additive mask for this layer's (query, key): (B, H or 1, Q, K) in the query's dtype."""
         q_len, k_len, num_heads = query.shape[2], key.shape[2], query.shape[1]
         slopes_heads = num_heads if self.head_scaling != "none" else 1

@@ -8,8 +8,9 @@ settings live in `model.config.hsa`, so `save_pretrained` / `from_pretrained` + 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,9 @@ def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     semantic_ids = torch.as_tensor(semantic_ids)
     if semantic_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"semantic_ids must be integer type ids, got dtype {semantic_ids.dtype}")
-    if semantic_ids.ndim != 2 or (ref is not None and (semantic_ids.shape[0] != ref.shape[0] or semantic_ids.shape[1] < ref.shape[1])):
+    if semantic_ids.ndim != 2 or (
+        ref is not None and (semantic_ids.shape[0] != ref.shape[0] or semantic_ids.shape[1] < ref.shape[1])
+    ):
         shape = tuple(ref.shape[:2]) if ref is not None else "?"
         raise ValueError(f"semantic_ids has shape {tuple(semantic_ids.shape)}; expected (batch, seq_len) = {shape}")
     hsa: HSALambdas = model.hsa

@@ -52,7 +52,10 @@ class Console:
         """Called after every optimizer step; `log_line` marks the steps that print (and log) a line."""
         if self._progress is not None:
             self._progress.update(
-                self._task, completed=step, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                self._task,
+                completed=step,
+                loss=f"{metrics['loss']:.4f}",
+                lr=f"{metrics['lr']:.2e}",
                 tps=f"{metrics['tokens_per_s']:,.0f}",
             )
         if not log_line:

@@ -90,7 +90,11 @@ def accumulate_gradients(forward, micro_batches: list[dict[str, torch.Tensor]]) 
 
 def loss_summary(losses: list[float], window: int) -> dict[str, float]:
     tail = losses[-window:]
-    return {"train_loss_first": losses[0], "train_loss_final": losses[-1], "train_loss_final_avg": sum(tail) / len(tail)}
+    return {
+        "train_loss_first": losses[0],
+        "train_loss_final": losses[-1],
+        "train_loss_final_avg": sum(tail) / len(tail),
+    }
 
 
 def eval_summary(result: dict | None) -> dict:
@@ -119,13 +123,22 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
         eval_report = None
     collator = SemanticCollator(tokenizer.pad_token_id, st.types.default_id, run.data.pad_to_multiple_of)
     stream = BatchStream(train_samples, run.train.micro_batch_size, collator, seed=run.seed)
-    max_steps = run.train.max_steps or max(1, math.ceil(run.train.epochs * stream.batches_per_epoch / run.train.grad_accum))
+    max_steps = run.train.max_steps or max(
+        1, math.ceil(run.train.epochs * stream.batches_per_epoch / run.train.grad_accum)
+    )
 
     # --- model --------------------------------------------------------------------------------------------------
     model = build_model(run.model.name_or_path, run.model.arch, tokenizer, run.model.dtype, run.model.trust_remote_code)
     if hsa_cfg.enabled:
-        enable_hsa(model, dict(hsa_cfg.lambdas), hsa_cfg.backend, types=type_names, default_type=hsa_cfg.default_type,
-                   head_scaling=hsa_cfg.head_scaling, learnable=hsa_cfg.learnable)
+        enable_hsa(
+            model,
+            dict(hsa_cfg.lambdas),
+            hsa_cfg.backend,
+            types=type_names,
+            default_type=hsa_cfg.default_type,
+            head_scaling=hsa_cfg.head_scaling,
+            learnable=hsa_cfg.learnable,
+        )
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, run.train.lr, run.train.weight_decay, run.train.betas, run.train.eps)
@@ -149,7 +162,8 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
         f"HSA {'backend=' + hsa_cfg.backend + ' λ=' + str(dict(hsa_cfg.lambdas)) if hsa_cfg.enabled else 'off'}"
     )
     console.print(
-        f"data: train {report.summary()}" + (f", eval {eval_report.summary()}" if eval_report else "")
+        f"data: train {report.summary()}"
+        + (f", eval {eval_report.summary()}" if eval_report else "")
         + f" -> {len(train_samples)} train / {len(eval_samples)} eval samples; {max_steps} steps of "
         f"{run.train.micro_batch_size}x{run.train.grad_accum} samples"
     )
@@ -185,8 +199,15 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
             metrics = {"loss": loss_sum, "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
             console.step(step, metrics, log_now)
             if log_now:
-                tracker.log({"train/loss": loss_sum, "train/lr": metrics["lr"], "train/tokens_per_s": metrics["tokens_per_s"],
-                             "train/tokens_seen": tokens_seen}, step)
+                tracker.log(
+                    {
+                        "train/loss": loss_sum,
+                        "train/lr": metrics["lr"],
+                        "train/tokens_per_s": metrics["tokens_per_s"],
+                        "train/tokens_seen": tokens_seen,
+                    },
+                    step,
+                )
                 window_tokens, window_start = 0, time.perf_counter()
             if run.train.eval_every and step % run.train.eval_every == 0 and step != max_steps:
                 result = run_eval()
@@ -200,10 +221,20 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
         eval_result = run_eval()
         if eval_result is not None:
             per_type = ", ".join(
-                f"{k} {v:.4f} ({eval_result['tokens_per_type'][k]} tok)" for k, v in eval_result["loss_per_type"].items() if v is not None
+                f"{k} {v:.4f} ({eval_result['tokens_per_type'][k]} tok)"
+                for k, v in eval_result["loss_per_type"].items()
+                if v is not None
             )
-            console.print(f"eval: loss {eval_result['loss']:.4f} over {eval_result['tokens']} tokens | per type: {per_type}")
-            tracker.log({"eval/loss": eval_result["loss"], **{f"eval/loss_{k}": v for k, v in eval_result["loss_per_type"].items() if v is not None}}, max_steps)
+            console.print(
+                f"eval: loss {eval_result['loss']:.4f} over {eval_result['tokens']} tokens | per type: {per_type}"
+            )
+            tracker.log(
+                {
+                    "eval/loss": eval_result["loss"],
+                    **{f"eval/loss_{k}": v for k, v in eval_result["loss_per_type"].items() if v is not None},
+                },
+                max_steps,
+            )
 
         model_dir = run_dir / "model"
         if run.train.save_model:

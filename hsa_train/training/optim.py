@@ -10,7 +10,7 @@ from torch import nn
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         # Biases, norms and HSA's λ are vectors: decaying them towards 0 only hurts.
