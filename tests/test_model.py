@@ -150,3 +150,17 @@ def test_custom_types(model_factory):
     assert model.config.hsa["types"] == ["TASK", "TOOL", "NOISE"]
     ids, sem = sample(6, 1)
     model(input_ids=ids[None], semantic_ids=sem[None])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_bf16_left_padding_stays_finite_and_close_to_fp32(model_factory, clone, backend):
+    """Fully masked rows (left-padding queries) must not turn into NaN that later layers would spread."""
+    fp32 = enable_hsa(model_factory(), lambdas=LAMBDAS, backend=backend)
+    bf16 = clone(fp32).to(torch.bfloat16)
+    input_ids, semantic_ids, attention_mask = batch_of([sample(12, 1), sample(5, 2)], "left")
+    with torch.no_grad():
+        ref = fp32(input_ids=input_ids, attention_mask=attention_mask, semantic_ids=semantic_ids).logits
+        out = bf16(input_ids=input_ids, attention_mask=attention_mask, semantic_ids=semantic_ids).logits
+    real = attention_mask.bool()
+    assert out[real].isfinite().all()
+    torch.testing.assert_close(out[real].float(), ref[real], atol=5e-2, rtol=5e-2)

@@ -49,10 +49,13 @@ def hsa_bias(
     kpos = torch.arange(k_len, device=device, dtype=torch.float32)
     distance = (qpos[:, None] - kpos[None, :]).clamp_min_(0.0)  # (Q, K); negative ones are masked anyway
     lam = key_decay(semantic_ids, lambdas, slopes)  # (B, H|1, K)
-    bias = -(lam[:, :, None, :] * distance)  # (B, H|1, Q, K), float32
-    bias = bias.to(dtype)
+    bias = lam[:, :, None, :] * distance  # (B, H|1, Q, K) in float32: the one full-size temporary
+    bias.neg_()
     if additive_mask is not None:
-        return bias + additive_mask.to(dtype)
+        return (bias + additive_mask).to(dtype)
     if allowed is None:
         allowed = (qpos[:, None] >= kpos[None, :])[None, None]
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    # The target dtype's own minimum (exact in float32): a large finite negative, never -inf, so fully masked rows
+    # (left-padding queries) softmax to finite values instead of NaN.
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias.to(dtype)
