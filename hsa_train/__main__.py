@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,8 +26,7 @@ def _fail(kind: str, exc: BaseException, hint: str = "") -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://hsa_train.conf", config_name="config")
 def run(cfg: DictConfig) -> float | None:
-    from pathlib import Path
-
+    """One job; returns the eval loss (what a sweeper minimises)."""
     try:
         run_cfg = validate(cfg)
     except ConfigError as exc:
@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
-    from hsa_train.training.loop import train  # heavy imports only after the config is known to be good
+    from hsa_train.training.loop import train
 
     try:
         metrics = train(run_cfg, resolved, run_dir)

@@ -111,6 +111,7 @@ def test_a_run_is_deterministic(tmp_path, monkeypatch):
         "logging.progress=none",
         "train.save_model=false",
         "hsa.head_scaling=alibi",
+        "train.eval_every=2",
     ]
     with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -6,6 +6,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hsa_train.data.collator import SemanticCollator
@@ -15,9 +16,10 @@ from hsa_train.data.tokenizer import SemanticTokenizer
 
 @dataclass
 class Sample:
-    """One encoded conversation and where it came from (for error messages that name the culprit)."""
+    """One encoded conversation and where it came from (for error messages that name the culprit). Fields are
+    int32 arrays: a Python list spends 8-byte pointers plus int objects on every token."""
 
-    features: dict[str, list[int]]
+    features: dict[str, np.ndarray]
     where: str
 
 
@@ -25,10 +27,11 @@ def encode_files(
     paths: Sequence[str], st: SemanticTokenizer, on_error: str = "raise"
 ) -> tuple[list[Sample], LoadReport]:
     """Loads and tokenizes every record; a record that cannot be tokenized is a bad record like any other."""
-    encoded: dict[int, dict[str, list[int]]] = {}
+    encoded: dict[int, dict[str, np.ndarray]] = {}
 
     def check(record: Record) -> None:
-        encoded[id(record)] = st.encode(record.messages)
+        features = st.encode(record.messages)
+        encoded[id(record)] = {name: np.asarray(values, dtype=np.int32) for name, values in features.items()}
 
     records, report = load_records(list(paths), st.types, on_error=on_error, check=check)
     return [Sample(encoded[id(r)], r.where) for r in records], report

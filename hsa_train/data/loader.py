@@ -48,7 +48,8 @@ class LoadReport:
             return f"{self.kept} records"
         reasons: dict[str, int] = {}
         for err in self.skipped:
-            reasons[err.problem.split(":")[0]] = reasons.get(err.problem.split(":")[0], 0) + 1
+            reason = err.problem.split(":")[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
         detail = "; ".join(f"{n}x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
         return f"{self.kept} records, {len(self.skipped)} skipped ({detail}); first: {self.skipped[0]}"
 
