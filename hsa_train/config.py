@@ -38,6 +38,7 @@ OmegaConf.register_new_resolver("bundled", bundled_path, replace=True)
 class ModelConfig:
     name_or_path: Optional[str] = MISSING
     tokenizer: Optional[str] = MISSING
+    chat_template: Optional[str] = MISSING
     trust_remote_code: bool = MISSING
     dtype: str = MISSING
     arch: Optional[dict[str, Any]] = MISSING

@@ -164,3 +164,23 @@ def test_bf16_left_padding_stays_finite_and_close_to_fp32(model_factory, clone, 
     real = attention_mask.bool()
     assert out[real].isfinite().all()
     torch.testing.assert_close(out[real].float(), ref[real], atol=5e-2, rtol=5e-2)
+
+
+def test_chat_template_override(tmp_path):
+    from hsa_train.data import SemanticTokenizer
+
+    bare = load_tokenizer(None)
+    bare.chat_template = None
+    bare.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match="no chat_template"):
+        SemanticTokenizer(load_tokenizer(str(tmp_path / "tok")))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chatml = SemanticTokenizer(load_tokenizer(str(tmp_path / "tok"), chat_template="chatml"))
+    assert chatml.render(messages) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+    custom = tmp_path / "plain.jinja"
+    custom.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    plain = SemanticTokenizer(load_tokenizer(str(tmp_path / "tok"), chat_template=str(custom)))
+    assert plain.render(messages) == "user: hi\nassistant: hello\n"
+    assert plain.encode(messages)["labels"].count(-100) < len(plain.encode(messages)["labels"])
+    with pytest.raises(FileNotFoundError, match="model.chat_template"):
+        load_tokenizer(None, chat_template=str(tmp_path / "missing.jinja"))

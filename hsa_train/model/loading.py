@@ -19,10 +19,20 @@ def bundled_tokenizer_dir() -> Path:
     return Path(str(resources.files("hsa_train.assets") / "tokenizer"))
 
 
-def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False):
-    """The tokenizer at `name_or_path`, or the shipped one; given a pad token if it has none."""
+def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer at `name_or_path`, or the shipped one; given a pad token if it has none.
+
+    `chat_template` replaces the tokenizer's template: "chatml" (the shipped ChatML template), or a path to a Jinja
+    file. Base models often have none, and training needs one to know where messages begin and end."""
     source = name_or_path or str(bundled_tokenizer_dir())
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if chat_template == "chatml":
+        tokenizer.chat_template = (bundled_tokenizer_dir() / "chat_template.jinja").read_text(encoding="utf-8")
+    elif chat_template:
+        path = Path(chat_template)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.chat_template={chat_template}: no such file; use 'chatml' or a .jinja path")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {source} has neither a pad nor an eos token; give it a pad_token")
@@ -42,7 +52,7 @@ def build_model(
     torch_dtype = DTYPES[dtype]
     if name_or_path:
         return AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+            name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
     if not arch or "type" not in arch:
         raise ValueError("model.arch.type is required when model.name_or_path is null (e.g. qwen2)")
@@ -57,8 +67,7 @@ def build_model(
         config = AutoConfig.for_model(arch["type"], **fields)
     except ValueError as exc:
         raise ValueError(f"model.arch.type={arch['type']!r}: {exc}") from None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
-    return model
+    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
 
 
 def save_pretrained(model, tokenizer, path: str | Path) -> None:

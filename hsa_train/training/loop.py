@@ -113,7 +113,9 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     type_names = list(hsa_cfg.types)
 
     # --- data: fails on a bad record before the model is built -------------------------------------------------
-    tokenizer = load_tokenizer(run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code, run.model.chat_template
+    )
     st = SemanticTokenizer(tokenizer, hsa_cfg.types, hsa_cfg.default_type, run.data.train_on, run.data.max_length)
     train_samples, report = encode_files(run.data.train_files, st, run.data.on_error)
     if run.data.eval_files:
