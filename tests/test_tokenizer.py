@@ -207,3 +207,19 @@ def test_prefix_unstable_template_is_refused(tokenizer):
     )
     with pytest.raises(ValueError, match="not prefix-stable"):
         SemanticTokenizer(tok).encode(CONVERSATIONS["multi_turn"])
+
+
+def test_fast_render_is_used_and_falls_back_on_any_difference(tokenizer):
+    messages = CONVERSATIONS["multi_turn"]
+    fast = SemanticTokenizer(tokenizer)
+    reference = fast.encode(messages)
+    assert fast._fast_ok  # the shipped template renders the same through both paths
+
+    class Different:
+        def render(self, **kwargs):
+            return "not what apply_chat_template renders"
+
+    broken = SemanticTokenizer(tokenizer)
+    broken._compiled = (tokenizer.chat_template, Different())
+    assert broken.encode(messages) == reference
+    assert not broken._fast_ok
