@@ -93,12 +93,12 @@ class SemanticTokenizer:
 
     def segments(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[int], list[tuple[int, int] | None]]:
         """The full render, each message's segment start, and each assistant message's trained span."""
-        render = self._fast_render()
-        if render is not None and render(messages) != self.render(messages):
-            self._fast_ok = False
-        if not self._fast_ok:
-            render = self.render
+        render = self._fast_render() or self.render
         renders = [render(messages[:j]) for j in range(len(messages) + 1)]
+        if render is not self.render and renders[-1] != self.render(messages):
+            self._fast_ok = False  # for good: this template renders differently outside apply_chat_template
+            render = self.render
+            renders = [render(messages[:j]) for j in range(len(messages) + 1)]
         for j in range(1, len(renders)):
             if not renders[j].startswith(renders[j - 1]):
                 raise ValueError(
