@@ -1,4 +1,5 @@
-"""`python -m hsa_train [overrides]`: one training run (or a sweep with -m), configured by Hydra from conf/."""
+"""`python -m hsa_train [overrides]`: one training run (or a sweep with -m), configured by Hydra from conf/.
+Under `torchrun` every rank runs this; they agree on one run directory before Hydra creates it."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from hsa_train.data.loader import DataError
 from hsa_train.overrides import unknown_key_message
 
 
-def _fail(kind: str, exc: BaseException, hint: str = "") -> None:
-    """One line on stderr and exit 2; HYDRA_FULL_ERROR=1 re-raises for the full traceback."""
+def _fail(kind: str, exc: BaseException, hint: str = "", code: int = 2) -> None:
+    """One line on stderr and exit `code`; HYDRA_FULL_ERROR=1 re-raises for the full traceback."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise exc
     message = " ".join(str(exc).split())  # one line, whatever the exception held
     print(f"hsa_train: {kind}: {message}{hint}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://hsa_train.conf", config_name="config")
@@ -34,10 +35,14 @@ def run(cfg: DictConfig) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
-    from hsa_train.training.loop import train
+    from hsa_train.training.loop import NonFiniteError, Stopped, train
 
     try:
         metrics = train(run_cfg, resolved, run_dir)
+    except Stopped as exc:  # preemption: checkpoint written; 128 + signal, as a killed process reports
+        _fail("stopped", exc, code=128 + exc.signum)
+    except NonFiniteError as exc:
+        _fail("non-finite", exc, code=3)
     except DataError as exc:
         _fail("data error", exc)
     except (FileNotFoundError, ValueError) as exc:
@@ -45,11 +50,42 @@ def run(cfg: DictConfig) -> float | None:
     return metrics.get("eval_loss")
 
 
+def _shared_run_dir_overrides(argv: list[str]) -> list[str]:
+    """Under torchrun each rank's Hydra would stamp its own run directory (the clocks differ by a second now and
+    then). Rank 0 picks it and tells the others through a short-lived gloo group; ranks > 0 also leave Hydra's
+    own files (.hydra/, the log) to rank 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return []
+    extra = []
+    if not any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in argv):
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(minutes=10))
+        stamp = [datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")]
+        dist.broadcast_object_list(stamp, src=0)
+        dist.destroy_process_group()
+        extra.append(f"hydra.run.dir=outputs/{stamp[0]}")
+    if int(os.environ.get("RANK", "0")) > 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return extra
+
+
 def main() -> None:
-    problem = unknown_key_message(sys.argv[1:])
+    argv = sys.argv[1:]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(a in ("-m", "--multirun") for a in argv):
+        print(
+            "hsa_train: config error: a sweep (-m) under torchrun would make every rank run the whole sweep; "
+            "sweep with Hydra outside and let each job launch torchrun (see README, 'Many GPUs')",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    problem = unknown_key_message(argv)
     if problem:
         print(f"hsa_train: config error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)
+    sys.argv += _shared_run_dir_overrides(argv)
     run()
 
 

@@ -35,6 +35,15 @@ OmegaConf.register_new_resolver("bundled", bundled_path, replace=True)
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = MISSING
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target_modules: Any = MISSING  # "all-linear" or a list of module names
+
+
+@dataclass
 class ModelConfig:
     name_or_path: Optional[str] = MISSING
     tokenizer: Optional[str] = MISSING
@@ -42,6 +51,7 @@ class ModelConfig:
     trust_remote_code: bool = MISSING
     dtype: str = MISSING
     arch: Optional[dict[str, Any]] = MISSING
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -85,6 +95,19 @@ class TrainConfig:
     eval_every: int = MISSING
     eval_batch_size: int = MISSING
     save_model: bool = MISSING
+    distributed: str = MISSING
+    save_every: int = MISSING
+    keep_last: Optional[int] = MISSING
+    checkpoint_dir: Optional[str] = MISSING
+    resume: Optional[str] = MISSING
+    skip_nonfinite: bool = MISSING
+    gradient_checkpointing: bool = MISSING
+    compile: bool = MISSING
+
+
+@dataclass
+class ExportConfig:
+    merge: bool = MISSING
 
 
 @dataclass
@@ -106,6 +129,7 @@ class RunConfig:
     hsa: HSAConfig = field(default_factory=HSAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -144,6 +168,16 @@ def validate(cfg: DictConfig) -> RunConfig:
     _choice("model.dtype", m.dtype, tuple(DTYPES))
     if not m.name_or_path:
         _check(bool(m.arch) and "type" in m.arch, "model.arch.type must be set when model.name_or_path is null")
+    if m.lora.enabled:
+        _check(bool(m.name_or_path), "model.lora.enabled=true needs a pretrained base: set model.name_or_path")
+        _check(m.lora.r > 0 and m.lora.alpha > 0, f"model.lora: r={m.lora.r} and alpha={m.lora.alpha} must be > 0")
+        _check(0.0 <= m.lora.dropout < 1.0, f"model.lora.dropout={m.lora.dropout} must be in [0, 1)")
+        tm = m.lora.target_modules
+        _check(tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm)),
+               f"model.lora.target_modules={tm!r}: use all-linear or a list of module names")  # fmt: skip
+    _check(
+        not run.export.merge or m.lora.enabled, "export.merge=true merges a LoRA adapter: set model.lora.enabled=true"
+    )
 
     _check(len(d.train_files) > 0, "data.train_files is empty; give at least one .json/.jsonl file")
     _check(0.0 <= d.eval_ratio < 1.0, f"data.eval_ratio={d.eval_ratio} must be in [0, 1)")
@@ -182,5 +216,12 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")
     _check(t.eval_batch_size > 0, f"train.eval_batch_size={t.eval_batch_size} must be > 0")
 
+    _choice("train.distributed", t.distributed, ("auto", "none", "ddp", "fsdp"))
+    _check(t.save_every >= 0, f"train.save_every={t.save_every} must be >= 0 (0 = no periodic checkpoints)")
+    _check(t.keep_last is None or t.keep_last > 0, f"train.keep_last={t.keep_last} must be > 0 or null (keep all)")
+    _check(
+        t.resume is None or t.resume == "auto" or Path(t.resume).is_dir(),
+        f"train.resume={t.resume!r}: use auto, null, or the path of a checkpoint folder (step_NNNNNNN)",
+    )
     _choice("logging.progress", lg.progress, ("auto", "rich", "plain", "none"))
     return run

@@ -8,6 +8,7 @@ import torch
 from hsa_train import enable_hsa
 from hsa_train.data import SemanticCollator, SemanticTokenizer
 from hsa_train.training.loop import accumulate_gradients, make_forward
+from hsa_train.training.loss import label_count
 from hsa_train.training.optim import build_optimizer, lr_multiplier
 
 CONVERSATIONS = [
@@ -44,7 +45,8 @@ def test_accumulation_is_independent_of_the_split(tokenizer, model_factory, clon
         for size in split:
             batches.append(collate(feats[start : start + size]))
             start += size
-        loss, n_tokens = accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), batches)
+        n_labels = sum(label_count(b) for b in batches)
+        loss, n_tokens = accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), batches, n_labels)
         results.append((loss, n_tokens, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     # reference: mean cross-entropy over every label token of the 4 samples, computed sample by sample
     model = clone(base)
@@ -69,7 +71,7 @@ def test_no_label_tokens_is_an_error(tokenizer, model_factory):
     feat["labels"] = [-100] * len(feat["labels"])
     model = enable_hsa(model_factory(vocab_size=len(tokenizer)))
     with pytest.raises(ValueError, match="no label tokens"):
-        accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), [SemanticCollator(0)([feat])])
+        accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), [SemanticCollator(0)([feat])], 0)
 
 
 def test_schedule_warmup_then_cosine():

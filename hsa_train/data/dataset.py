@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,41 +54,52 @@ def split_eval(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sam
     return train, evals
 
 
-class BatchStream:
-    """Micro-batches over the samples, reshuffled every epoch from `seed + epoch`. Nothing is dropped: the last
-    batch of an epoch may be smaller. The position (epoch, index) is explicit so a run can report or resume it."""
+class SampleStream:
+    """An endless seeded order over N samples: epoch e visits them in `randperm(N, seed + e)`. Batches are cut from
+    this one stream, so nothing is dropped at an epoch's end, and the position (epoch, index) is all a resumed run
+    needs to continue with exactly the samples the uninterrupted run would have seen."""
 
-    def __init__(
-        self, samples: list[Sample], batch_size: int, collator: SemanticCollator, seed: int, shuffle: bool = True
-    ):
-        if not samples:
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        if n <= 0:
             raise ValueError("no samples to batch")
-        self.samples, self.batch_size, self.collator = samples, batch_size, collator
-        self.seed, self.shuffle = seed, shuffle
+        self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch, self.index = 0, 0
         self._order = self._make_order()
 
     def _make_order(self) -> list[int]:
         if not self.shuffle:
-            return list(range(len(self.samples)))
+            return list(range(self.n))
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.samples), generator=g).tolist()
+        return torch.randperm(self.n, generator=g).tolist()
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._make_order()
+            step = min(k - len(out), self.n - self.index)
+            out.extend(self._order[self.index : self.index + step])
+            self.index += step
+        return out
 
-    def next(self) -> tuple[dict[str, torch.Tensor], list[str]]:
-        if self.index >= len(self._order):
-            self.epoch += 1
-            self.index = 0
-            self._order = self._make_order()
-        picked = [self.samples[i] for i in self._order[self.index : self.index + self.batch_size]]
-        self.index += len(picked)
-        return self.collator([s.features for s in picked]), [s.where for s in picked]
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
 
-    def one_pass(self) -> Iterator[tuple[dict[str, torch.Tensor], list[str]]]:
-        """Every sample once, in order (for evaluation)."""
-        for start in range(0, len(self.samples), self.batch_size):
-            picked = self.samples[start : start + self.batch_size]
-            yield self.collator([s.features for s in picked]), [s.where for s in picked]
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._make_order()
+
+
+def rank_micro_batches(indices: list[int], micro: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's micro-batches of one global batch: micro-batch m of the step goes to rank m % world. Any split
+    gives the same step, since the loss is normalised over the label tokens of the whole global batch."""
+    chunks = [indices[i : i + micro] for i in range(0, len(indices), micro)]
+    return chunks[rank::world]
+
+
+def eval_batches(samples: list[Sample], batch_size: int, collator: SemanticCollator, rank: int = 0, world: int = 1):
+    """Every eval sample exactly once across ranks (rank r takes samples r, r+world, ...), in batches."""
+    mine = samples[rank::world]
+    for start in range(0, len(mine), batch_size):
+        yield collator([s.features for s in mine[start : start + batch_size]])

@@ -7,17 +7,30 @@ layer and hands the same tensor to the others, so the bias costs one build per f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hsa_train.model.bias import head_slopes, hsa_bias
 
 
 class HSAForwardContext:
-    def __init__(self, semantic_ids: torch.Tensor, lambdas: torch.Tensor, head_scaling: str):
+    """`lambdas` is λ per type, or a function returning it: read at the first attention call, inside the forward,
+    where FSDP has gathered the parameters (a pre-hook runs before FSDP's own unsharding)."""
+
+    def __init__(
+        self, semantic_ids: torch.Tensor, lambdas: torch.Tensor | Callable[[], torch.Tensor], head_scaling: str
+    ):
         self.semantic_ids = semantic_ids
-        self.lambdas = lambdas
+        self._lambdas = lambdas
         self.head_scaling = head_scaling
         self._cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def lambdas(self) -> torch.Tensor:
+        if callable(self._lambdas):
+            self._lambdas = self._lambdas()
+        return self._lambdas
 
     def attention_bias(
         self, attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor

@@ -100,7 +100,7 @@ def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
             f"semantic_ids holds ids outside [0, {n_types}): the model knows {n_types} types "
             f"({', '.join(model.config.hsa['types'])})"
         )
-    kwargs["hsa_context"] = HSAForwardContext(semantic_ids.long(), hsa.values(), model.config.hsa["head_scaling"])
+    kwargs["hsa_context"] = HSAForwardContext(semantic_ids.long(), hsa.values, model.config.hsa["head_scaling"])
     return args, kwargs
 
 
@@ -151,9 +151,12 @@ def enable_hsa(
     return model
 
 
-def sync_hsa_config(model: nn.Module) -> None:
-    """Writes learned λ back into `model.config.hsa` before saving (fixed λ are already there, exactly)."""
+def sync_hsa_config(model: nn.Module, values: torch.Tensor | None = None) -> None:
+    """Writes learned λ back into `model.config.hsa` before saving (fixed λ are already there, exactly).
+    `values` are the raw λ when the caller holds them gathered (FSDP); else they are read from the model."""
     hsa = getattr(model, "hsa", None)
-    if getattr(model.config, "hsa", None) and isinstance(hsa, HSALambdas) and hsa.learnable:
-        values = model.hsa.values().detach().cpu().tolist()
-        model.config.hsa = {**model.config.hsa, "lambdas": dict(zip(model.config.hsa["types"], values))}
+    if not (getattr(model.config, "hsa", None) and isinstance(hsa, HSALambdas) and hsa.learnable):
+        return
+    raw = values if values is not None else hsa.raw
+    learned = raw.detach().clamp_min(0.0).cpu().tolist()
+    model.config.hsa = {**model.config.hsa, "lambdas": dict(zip(model.config.hsa["types"], learned))}

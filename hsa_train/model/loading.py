@@ -70,12 +70,23 @@ def build_model(
     return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
 
 
-def save_pretrained(model, tokenizer, path: str | Path) -> None:
+def without_hsa_tensors(state: dict) -> dict:
+    """The state dict minus HSA's λ tensors, which live in the config."""
+    return {k: v for k, v in state.items() if ".hsa." not in f".{k}"}
+
+
+def raw_lambdas(state: dict):
+    """HSA's learnable λ tensor in a state dict, or None."""
+    return next((v for k, v in state.items() if k.endswith("hsa.raw")), None)
+
+
+def save_pretrained(model, tokenizer, path: str | Path, state: dict | None = None) -> None:
     """`save_pretrained` of model and tokenizer, with HSA's λ in the config only: the `hsa.*` tensors (learnable
-    λ) stay out of the weights, so the folder loads into the stock architecture without unexpected keys."""
+    λ) stay out of the weights, so the folder loads into the stock architecture without unexpected keys.
+    `state` is the full state dict when the caller gathered it (FSDP); else the model's own."""
     from hsa_train.model.hsa import sync_hsa_config
 
-    sync_hsa_config(model)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("hsa.")}
-    model.save_pretrained(str(path), state_dict=state)
+    state = state if state is not None else model.state_dict()
+    sync_hsa_config(model, raw_lambdas(state))
+    model.save_pretrained(str(path), state_dict=without_hsa_tensors(state))
     tokenizer.save_pretrained(str(path))

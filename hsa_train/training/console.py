@@ -21,7 +21,10 @@ class Console:
     """Progress for `total` optimizer steps. mode: rich | plain | none | auto (rich when stdout is a terminal).
     Every line also goes to the `hsa_train` logger, which Hydra writes to `<run dir>/hsa_train.log`."""
 
-    def __init__(self, mode: str, total: int):
+    def __init__(self, mode: str, total: int, enabled: bool = True):
+        self.enabled = enabled  # False on ranks other than 0: they print and log nothing
+        if not enabled:
+            mode = "none"
         if mode == "auto":
             mode = "rich" if sys.stdout.isatty() else "plain"
         self.mode, self.total = mode, total
@@ -42,6 +45,8 @@ class Console:
             self._progress.start()
 
     def print(self, text: str) -> None:
+        if not self.enabled:
+            return
         log.info(text)
         if self._progress is not None:
             self._progress.console.print(text, markup=False, highlight=False)
@@ -58,7 +63,7 @@ class Console:
                 lr=f"{metrics['lr']:.2e}",
                 tps=f"{metrics['tokens_per_s']:,.0f}",
             )
-        if not log_line:
+        if not log_line or not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / step * (self.total - step)

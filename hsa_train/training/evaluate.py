@@ -12,29 +12,32 @@ from hsa_train.training.loss import shifted, token_losses
 
 
 @torch.no_grad()
-def evaluate(
+def loss_sums(
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     batches: Iterable[dict[str, torch.Tensor]],
-    type_names: list[str],
-) -> dict:
-    """`forward(batch)` returns logits. Returns {"loss", "tokens", "loss_per_type", "tokens_per_type"}."""
-    n_types = len(type_names)
+    n_types: int,
+) -> tuple[list[float], list[float]]:
+    """Summed loss and label-token count per type over `batches` (`forward(batch)` returns logits). Sums, not
+    means, so ranks can add theirs up."""
     loss_sum = torch.zeros(n_types, dtype=torch.float64)
     count = torch.zeros(n_types, dtype=torch.float64)
     for batch in batches:
-        logits = forward(batch)
-        logits, labels = shifted(logits, batch)
+        logits, labels = shifted(forward(batch), batch)
         losses = token_losses(logits, labels.to(logits.device)).double().cpu()
         labels = labels.cpu()
         types = batch["semantic_ids"][:, 1:].cpu()
         keep = labels != IGNORE_INDEX
         loss_sum += torch.bincount(types[keep], weights=losses[keep], minlength=n_types)
         count += torch.bincount(types[keep], minlength=n_types).double()
-    total = float(count.sum())
-    per_type = {name: (float(loss_sum[i] / count[i]) if count[i] > 0 else None) for i, name in enumerate(type_names)}
+    return loss_sum.tolist(), count.tolist()
+
+
+def summarize(loss_sum: list[float], count: list[float], type_names: list[str]) -> dict:
+    """{"loss", "tokens", "loss_per_type", "tokens_per_type"} from per-type sums (None for a type with no tokens)."""
+    total = sum(count)
     return {
-        "loss": float(loss_sum.sum() / total) if total else math.nan,
+        "loss": sum(loss_sum) / total if total else math.nan,
         "tokens": int(total),
-        "loss_per_type": per_type,
-        "tokens_per_type": {name: int(count[i]) for i, name in enumerate(type_names)},
+        "loss_per_type": {n: (loss_sum[i] / count[i] if count[i] else None) for i, n in enumerate(type_names)},
+        "tokens_per_type": {n: int(count[i]) for i, n in enumerate(type_names)},
     }

@@ -1,7 +1,9 @@
 """The training recipe: one readable loop in plain PyTorch.
 
-data (loader → SemanticTokenizer → collator) → model with HSA → AdamW + warmup/cosine, gradient accumulation
-normalised by label tokens, clipping, bf16 autocast where supported → held-out eval → save + metrics.json.
+data (loader → SemanticTokenizer → collator) → model with HSA (+ LoRA) → DDP / FSDP2 → AdamW + warmup/cosine,
+gradient accumulation normalised by the label tokens of the whole global batch, clipping, non-finite guard,
+bf16 autocast where supported → checkpoints (periodic, at the end, on SIGTERM / SIGINT) → eval → export +
+metrics.json. Only rank 0 prints and writes files other than its checkpoint shards.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,13 +23,31 @@ import yaml
 
 from hsa_train.config import RunConfig
 from hsa_train.data import SemanticCollator, SemanticTokenizer
-from hsa_train.data.dataset import BatchStream, encode_files, split_eval
+from hsa_train.data.dataset import SampleStream, encode_files, eval_batches, rank_micro_batches, split_eval
 from hsa_train.model import enable_hsa
-from hsa_train.model.loading import build_model, load_tokenizer, save_pretrained
+from hsa_train.model.export import export_model
+from hsa_train.model.loading import build_model, load_tokenizer
+from hsa_train.model.lora import apply_lora
+from hsa_train.training import checkpoint
+from hsa_train.training import distributed as D
 from hsa_train.training.console import Console, Tracker
-from hsa_train.training.evaluate import evaluate
+from hsa_train.training.evaluate import loss_sums, summarize
 from hsa_train.training.loss import label_count, shifted, token_losses
 from hsa_train.training.optim import build_optimizer, build_scheduler
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or gradient; nothing was updated or saved."""
+
+
+class Stopped(Exception):
+    """SIGTERM / SIGINT: a checkpoint was written and the run stops."""
+
+    def __init__(self, signum: int, step: int, path: Path | None):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        where = f"checkpoint {path}" if path else "no checkpoint (train.save_every and the run dir are off)"
+        super().__init__(f"stopped by {name} after step {step}; {where}; continue with train.resume=auto")
 
 
 def seed_everything(seed: int) -> None:
@@ -71,18 +92,22 @@ def make_forward(model, device: torch.device, autocast_dtype: torch.dtype | None
     return forward
 
 
-def accumulate_gradients(forward, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step, each loss divided by the label tokens of *all* of
-    them, so the step's gradient is the mean over its label tokens however the samples are split.
-    Returns (the step's mean loss, the number of non-padding input tokens)."""
-    n_labels = sum(label_count(b) for b in micro_batches)
+def accumulate_gradients(
+    forward, micro_batches: list[dict[str, torch.Tensor]], n_labels: int, scale: float = 1.0, sync=None
+) -> tuple[float, int]:
+    """Backward over this rank's micro-batches of one step, each loss divided by `n_labels`, the label tokens of
+    the *whole* global batch (all ranks, all micro-batches), so the step's gradient is the mean over its label
+    tokens however the samples are split. `scale` undoes the averaging DDP / FSDP apply over ranks; `sync(last)`
+    gives the context that skips gradient synchronisation before the last micro-batch.
+    Returns (this rank's share of the step's mean loss, its non-padding input tokens)."""
     if n_labels == 0:
         raise ValueError("the batch has no label tokens")
     loss_sum, n_tokens = 0.0, 0
-    for batch in micro_batches:
-        logits, labels = shifted(forward(batch), batch)
-        loss = token_losses(logits, labels.to(logits.device)).sum() / n_labels
-        loss.backward()
+    for k, batch in enumerate(micro_batches):
+        with sync(k == len(micro_batches) - 1) if sync else nullcontext():
+            logits, labels = shifted(forward(batch), batch)
+            loss = token_losses(logits, labels.to(logits.device)).sum() / n_labels
+            (loss * scale).backward()
         loss_sum += loss.item()
         n_tokens += int(batch["attention_mask"].sum())
     return loss_sum, n_tokens
@@ -102,15 +127,41 @@ def eval_summary(result: dict | None) -> dict:
     return {name: (result[key] if result else None) for name, key in keys.items()}
 
 
+class StopFlag:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (the previous handlers come back after)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     t_start = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(run.seed)
-    device = pick_device(run.train.device)
-    autocast_dtype = pick_autocast(run.train.precision, device)
-    hsa_cfg = run.hsa
+    cfg, hsa_cfg = run.train, run.hsa
     type_names = list(hsa_cfg.types)
+    device = pick_device(cfg.device)
+    info = D.init(cfg.distributed, device)
+    device = D.rank_device(device, info)
+    autocast_dtype = pick_autocast(cfg.precision, device)
+    seed_everything(run.seed)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     # --- data: fails on a bad record before the model is built -------------------------------------------------
     tokenizer = load_tokenizer(
@@ -118,16 +169,15 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     )
     st = SemanticTokenizer(tokenizer, hsa_cfg.types, hsa_cfg.default_type, run.data.train_on, run.data.max_length)
     train_samples, report = encode_files(run.data.train_files, st, run.data.on_error)
+    eval_report = None
     if run.data.eval_files:
         eval_samples, eval_report = encode_files(run.data.eval_files, st, run.data.on_error)
     else:
         train_samples, eval_samples = split_eval(train_samples, run.data.eval_ratio, run.seed)
-        eval_report = None
     collator = SemanticCollator(tokenizer.pad_token_id, st.types.default_id, run.data.pad_to_multiple_of)
-    stream = BatchStream(train_samples, run.train.micro_batch_size, collator, seed=run.seed)
-    max_steps = run.train.max_steps or max(
-        1, math.ceil(run.train.epochs * stream.batches_per_epoch / run.train.grad_accum)
-    )
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * info.world
+    stream = SampleStream(len(train_samples), seed=run.seed)
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_samples) / global_batch))
 
     # --- model --------------------------------------------------------------------------------------------------
     model = build_model(run.model.name_or_path, run.model.arch, tokenizer, run.model.dtype, run.model.trust_remote_code)
@@ -141,85 +191,142 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
             head_scaling=hsa_cfg.head_scaling,
             learnable=hsa_cfg.learnable,
         )
+    lora = run.model.lora.enabled
+    if lora:
+        model = apply_lora(model, run.model.lora, train_lambdas=hsa_cfg.enabled and hsa_cfg.learnable)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, run.train.lr, run.train.weight_decay, run.train.betas, run.train.eps)
-    scheduler = build_scheduler(optimizer, run.train.warmup_steps, max_steps, run.train.min_lr_ratio)
-
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = D.wrap(model, info, device, mixed_bf16=autocast_dtype is not None and device.type == "cuda")
+    if cfg.compile:
+        model.compile()
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
     forward = make_forward(model, device, autocast_dtype, hsa_cfg.enabled)
+    sync = (lambda last: D.set_gradient_sync(model, info, last)) if info.mode != "none" else None
+
+    # --- resume -------------------------------------------------------------------------------------------------
+    ckpt_root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else run_dir / "checkpoints"
+    start_step, losses, tokens_seen, skipped_steps, resumed_from = 0, [], 0, 0, None
+    if cfg.resume:
+        folder = checkpoint.latest(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
+        if folder is None:
+            pass  # auto and nothing saved yet: a fresh start
+        else:
+            state = checkpoint.load(folder, model, optimizer, info, frozen_base=lora)
+            scheduler.load_state_dict(state["scheduler"])
+            stream.load_state_dict(state["stream"])
+            start_step, losses = state["step"], state["losses"]
+            tokens_seen, skipped_steps = state["tokens_seen"], state["skipped_steps"]
+            resumed_from = str(folder)
+
+    def save_checkpoint(step: int) -> Path:
+        trainer_state = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "stream": stream.state_dict(),
+            "losses": losses,
+            "tokens_seen": tokens_seen,
+            "skipped_steps": skipped_steps,
+        }
+        return checkpoint.save(ckpt_root, step, model, optimizer, trainer_state, info, cfg.keep_last, lora)
 
     def run_eval() -> dict | None:
         if not eval_samples:
             return None
         model.eval()
-        eval_stream = BatchStream(eval_samples, run.train.eval_batch_size, collator, seed=run.seed, shuffle=False)
-        result = evaluate(forward, (batch for batch, _ in eval_stream.one_pass()), type_names)
+        batches = eval_batches(eval_samples, cfg.eval_batch_size, collator, info.rank, info.world)
+        sums, counts = loss_sums(forward, batches, len(type_names))
+        totals = D.all_reduce_sum(sums + counts, device, info)
         model.train()
-        return result
+        return summarize(totals[: len(type_names)], totals[len(type_names) :], type_names)
 
-    console = Console(run.logging.progress, max_steps)
-    tracker = Tracker(run.logging.wandb, run.logging, resolved_config, str(run_dir))
+    console = Console(run.logging.progress, max_steps, enabled=info.is_main)
+    tracker = Tracker(run.logging.wandb and info.is_main, run.logging, resolved_config, str(run_dir))
     console.print(
-        f"hsa_train: {n_params / 1e6:.2f}M params on {device} ({'bf16 autocast' if autocast_dtype else 'fp32'}), "
-        f"HSA {'backend=' + hsa_cfg.backend + ' λ=' + str(dict(hsa_cfg.lambdas)) if hsa_cfg.enabled else 'off'}"
+        f"hsa_train: {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trained{', LoRA' if lora else ''}) "
+        f"on {device} x{info.world} ({info.mode}), {'bf16 autocast' if autocast_dtype else 'fp32'}, HSA "
+        + (f"backend={hsa_cfg.backend} λ={dict(hsa_cfg.lambdas)}" if hsa_cfg.enabled else "off")
     )
     console.print(
         f"data: train {report.summary()}"
         + (f", eval {eval_report.summary()}" if eval_report else "")
         + f" -> {len(train_samples)} train / {len(eval_samples)} eval samples; {max_steps} steps of "
-        f"{run.train.micro_batch_size}x{run.train.grad_accum} samples"
+        f"{global_batch} samples ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {info.world} ranks)"
     )
+    if resumed_from:
+        console.print(f"resumed from {resumed_from} at step {start_step}")
 
     # --- the loop -----------------------------------------------------------------------------------------------
     model.train()
-    losses: list[float] = []
-    tokens_seen = 0
-    window_tokens, window_start = 0, time.perf_counter()
-    train_time = 0.0
-    exit_code = 1  # for wandb: any exception below marks the run failed
+    window_tokens, window_start, train_time = 0, time.perf_counter(), 0.0
+    exit_code, step = 1, start_step  # exit_code for wandb: any exception below marks the run failed
     try:
-        for step in range(1, max_steps + 1):
-            t_step = time.perf_counter()
-            micro = [stream.next() for _ in range(run.train.grad_accum)]
-            try:
-                loss_sum, n_tokens = accumulate_gradients(forward, [batch for batch, _ in micro])
-            except ValueError as exc:
-                raise RuntimeError(f"step {step}: {exc} (samples {[w for _, ws in micro for w in ws]})") from None
-            tokens_seen += n_tokens
-            window_tokens += n_tokens
-            if run.train.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), run.train.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the lr this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss_sum)
-            train_time += time.perf_counter() - t_step
-
-            log_now = step % run.train.log_every == 0 or step == max_steps or step == 1
-            elapsed = time.perf_counter() - window_start
-            metrics = {"loss": loss_sum, "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-            console.step(step, metrics, log_now)
-            if log_now:
-                tracker.log(
-                    {
-                        "train/loss": loss_sum,
-                        "train/lr": metrics["lr"],
-                        "train/tokens_per_s": metrics["tokens_per_s"],
-                        "train/tokens_seen": tokens_seen,
-                    },
-                    step,
+        with StopFlag() as stop:
+            for step in range(start_step + 1, max_steps + 1):
+                t_step = time.perf_counter()
+                picked = rank_micro_batches(stream.take(global_batch), cfg.micro_batch_size, info.world, info.rank)
+                micro = [collator([train_samples[i].features for i in chunk]) for chunk in picked]
+                n_labels, stop_now = D.all_reduce_sum(
+                    [sum(label_count(b) for b in micro), float(stop.signum)], device, info
                 )
-                window_tokens, window_start = 0, time.perf_counter()
-            if run.train.eval_every and step % run.train.eval_every == 0 and step != max_steps:
-                result = run_eval()
-                if result is not None:
-                    console.print(f"eval @ step {step}: loss {result['loss']:.4f}")
-                    tracker.log({"eval/loss": result["loss"]}, step)
-                window_tokens, window_start = 0, time.perf_counter()  # eval time is not training time
-        console.close()
+                local_loss, n_tokens = accumulate_gradients(forward, micro, int(n_labels), info.world, sync)
+                loss, n_tokens = D.all_reduce_sum([local_loss, n_tokens], device, info)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                lr = scheduler.get_last_lr()[0]  # the lr this step uses
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    wheres = [train_samples[i].where for chunk in picked for i in chunk]
+                    if not cfg.skip_nonfinite:
+                        raise NonFiniteError(
+                            f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+                            f"(loss={loss}, grad_norm={grad_norm}) on samples {gather_wheres(wheres, info)}; "
+                            "stopped without updating or saving the model (train.skip_nonfinite=true skips such steps)"
+                        )
+                    skipped_steps += 1
+                    console.print(f"step {step}: non-finite loss or gradient, update skipped ({skipped_steps} so far)")
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss)
+                tokens_seen += int(n_tokens)
+                window_tokens += int(n_tokens)
+                train_time += time.perf_counter() - t_step
 
-        # --- evaluation, saving, metrics --------------------------------------------------------------------------
+                log_now = step % cfg.log_every == 0 or step == max_steps or step == start_step + 1
+                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                console.step(step, {"loss": loss, "lr": lr, "tokens_per_s": tps}, log_now)
+                if log_now:
+                    tracker.log(
+                        {
+                            "train/loss": loss,
+                            "train/lr": lr,
+                            "train/tokens_per_s": tps,
+                            "train/grad_norm": grad_norm,
+                            "train/tokens_seen": tokens_seen,
+                        },
+                        step,
+                    )
+                    window_tokens, window_start = 0, time.perf_counter()
+                if stop_now:  # some rank was signalled: all of them checkpoint and stop together
+                    raise Stopped(stop.signum or signal.SIGTERM, step, save_checkpoint(step))
+                if cfg.save_every and step % cfg.save_every == 0 and step != max_steps:
+                    console.print(f"checkpoint: {save_checkpoint(step)}")
+                    window_start = time.perf_counter()
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != max_steps:
+                    result = run_eval()
+                    if result is not None:
+                        console.print(f"eval @ step {step}: loss {result['loss']:.4f}")
+                        tracker.log({"eval/loss": result["loss"]}, step)
+                    window_tokens, window_start = 0, time.perf_counter()  # eval time is not training time
+        console.close()
+        if cfg.save_every and start_step < max_steps:  # checkpointing is on: the end state too
+            console.print(f"checkpoint: {save_checkpoint(max_steps)}")
+
+        # --- evaluation, export, metrics ----------------------------------------------------------------------
         eval_result = run_eval()
         if eval_result is not None:
             per_type = ", ".join(
@@ -239,19 +346,26 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
             )
 
         model_dir = run_dir / "model"
-        if run.train.save_model:
-            save_pretrained(model, tokenizer, model_dir)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
-
+        exported = (
+            export_model(model, tokenizer, model_dir, info, lora=lora, merge=run.export.merge) if cfg.save_model else {}
+        )
+        if info.is_main:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         metrics = {
             "steps": max_steps,
+            "world_size": info.world,
+            "distributed": info.mode,
+            "resumed_from": resumed_from,
             "samples_train": len(train_samples),
             "samples_eval": len(eval_samples),
             "skipped_records": len(report.skipped) + (len(eval_report.skipped) if eval_report else 0),
+            "skipped_steps": skipped_steps,
             "params": n_params,
+            "params_trained": n_trainable,
             "tokens_seen": tokens_seen,
-            "tokens_per_s": tokens_seen / max(train_time, 1e-9),
-            **loss_summary(losses, run.train.log_every),
+            "tokens_per_s": tokens_seen / max(train_time, 1e-9) if train_time else None,
+            **(loss_summary(losses, cfg.log_every) if losses else {}),
+            "train_losses": losses,
             **eval_summary(eval_result),
             "train_time_s": train_time,
             "wall_time_s": time.perf_counter() - t_start,
@@ -259,17 +373,31 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
             "precision": "bf16" if autocast_dtype else "fp32",
             "hsa": dict(hsa_cfg.lambdas) if hsa_cfg.enabled else None,
             "run_dir": str(run_dir),
-            "model_dir": str(model_dir) if run.train.save_model else None,
+            **exported,
         }
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if info.is_main:
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        console.print(
-            f"done: {max_steps} steps in {metrics['train_time_s']:.1f}s, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-            f"{metrics['tokens_per_s']:,.0f} tok/s"
-        )
+        if losses:
+            console.print(
+                f"done: {max_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+                f"{metrics['tokens_per_s'] or 0:,.0f} tok/s"
+            )
         console.print(f"run directory: {run_dir}")
         exit_code = 0
+        return metrics
     finally:
         console.close()
         tracker.finish(exit_code)
-    return metrics
+        D.shutdown()
+
+
+def gather_wheres(wheres: list[str], info: D.DistInfo) -> list[str]:
+    """Every rank's sample locations (only on the failure path, where all ranks arrive together)."""
+    if info.world == 1:
+        return wheres
+    import torch.distributed as dist
+
+    everyone: list[list[str] | None] = [None] * info.world
+    dist.all_gather_object(everyone, wheres)
+    return [w for part in everyone for w in (part or [])]

@@ -1,0 +1,27 @@
+"""LoRA adapters through peft, on top of an HSA model (HSA first, so its λ live in the base model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def apply_lora(model: nn.Module, settings: Any, train_lambdas: bool) -> nn.Module:
+    """`settings` has r, alpha, dropout, target_modules ("all-linear" or a list of module names). Only the
+    adapters train, plus HSA's λ when they are learnable."""
+    from peft import LoraConfig, get_peft_model
+
+    target = settings.target_modules
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    if train_lambdas and isinstance(getattr(model, "hsa", None), nn.Module):
+        for param in model.hsa.parameters():
+            param.requires_grad_(True)
+    return peft_model

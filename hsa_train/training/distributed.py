@@ -1,0 +1,146 @@
+"""One process or many: process-group setup, model wrapping (DDP / FSDP2) and the few collectives the loop needs.
+
+Launch with `torchrun`; `train.distributed=auto` picks DDP when WORLD_SIZE > 1. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MODES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
+class DistInfo:
+    mode: str  # none | ddp | fsdp
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1 or self.mode != "none"
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"train.distributed={mode!r}: use one of {', '.join(MODES)}")
+    world = env_world_size()
+    if mode == "auto":
+        return "ddp" if world > 1 else "none"
+    if mode == "none" and world > 1:
+        raise ValueError(f"train.distributed=none but WORLD_SIZE={world}: use ddp, fsdp or auto under torchrun")
+    if mode in ("ddp", "fsdp") and "RANK" not in os.environ:
+        raise ValueError(f"train.distributed={mode} needs a torchrun launch (RANK / WORLD_SIZE are not set)")
+    return mode
+
+
+def init(mode: str, device: torch.device) -> DistInfo:
+    """Joins the process group (if `mode` is ddp / fsdp) and binds this rank to its GPU."""
+    mode = resolve_mode(mode)
+    if mode == "none":
+        return DistInfo("none")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(mode, dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(device: torch.device, info: DistInfo) -> torch.device:
+    if device.type == "cuda" and info.mode != "none":
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
+    """Sums a few numbers over all ranks (float64, so token counts stay exact)."""
+    if info.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    if info.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one, found through the model's own `_no_split_modules` list (the
+    decoder-layer classes transformers declares), so no architecture is named here."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    base = getattr(model, "get_base_model", lambda: model)()
+    names |= set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(base).__name__} declares no _no_split_modules: cannot find its layers to shard")
+    return layers
+
+
+def wrap(model: nn.Module, info: DistInfo, device: torch.device, mixed_bf16: bool) -> nn.Module:
+    """DDP, or FSDP2 (`fully_shard` per decoder layer, then the root). With bf16 on GPU FSDP keeps fp32 master
+    weights, computes in bf16 and reduces gradients in fp32."""
+    if info.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=False)
+    if info.mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else None
+        kwargs = {"mp_policy": policy} if policy is not None else {}
+        for layer in decoder_layers(model):
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module DDP wraps (FSDP2 shards in place, so there is nothing to unwrap)."""
+    return (
+        model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )
+
+
+def set_gradient_sync(model: nn.Module, info: DistInfo, enabled: bool):
+    """A context that skips the gradient all-reduce on micro-batches before the last of a step."""
+    from contextlib import nullcontext
+
+    if info.mode == "ddp" and not enabled:
+        return model.no_sync()
+    if info.mode == "fsdp":
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
