@@ -68,7 +68,7 @@ def _shared_run_dir_overrides(argv: list[str]) -> list[str]:
         dist.destroy_process_group()
         extra.append(f"hydra.run.dir=outputs/{stamp[0]}")
     if int(os.environ.get("RANK", "0")) > 0:
-        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        extra += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[]", "hydra/hydra_logging=disabled"]
     return extra
 
 

@@ -17,6 +17,8 @@ import json
 import random
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def _single_process_is_intended():
+    """DCP warns that it assumes one process when no process group exists; for us that is the plan."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _state_options(frozen_base: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -107,7 +117,8 @@ def save(
         tmp.mkdir()
     D.barrier(info)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(frozen_base))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"), no_dist=info.world == 1)
+    with _single_process_is_intended():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"), no_dist=info.world == 1)
     torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
     if info.is_main:
         torch.save(trainer_state, tmp / "trainer.pt")
@@ -148,7 +159,8 @@ def load(
     options = _state_options(frozen_base)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=info.world == 1)
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=info.world == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     set_rng_state(torch.load(folder / f"rng_rank{info.rank}.pt", weights_only=False))
     return torch.load(folder / "trainer.pt", weights_only=False)
