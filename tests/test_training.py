@@ -91,36 +91,78 @@ def test_no_weight_decay_on_vectors_and_lambdas(model_factory):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
-def test_a_run_is_deterministic(tmp_path, monkeypatch):
-    """Same seed, same config: identical losses and eval, run in-process twice."""
+def tiny_run(tmp_path, *extra: str):
+    """An in-process run on 12 demo records with a one-layer model; returns (config, resolved, run directory)."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     from hsa_train.config import bundled_path, validate
-    from hsa_train.training.loop import train
 
     lines = open(bundled_path("demo/trajectories.jsonl")).read().splitlines()[:12]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    overrides = [
-        f"data.train_files=[{data}]",
-        "data.eval_ratio=0.25",
-        "train.max_steps=3",
-        "train.micro_batch_size=3",
-        "model.arch.hidden_size=32",
-        "model.arch.intermediate_size=64",
-        "model.arch.num_hidden_layers=1",
-        "logging.progress=none",
-        "train.save_model=false",
-        "hsa.head_scaling=alibi",
-        "train.eval_every=2",
-    ]
+    overrides = [f"data.train_files=[{data}]", "data.eval_ratio=0.25", "train.max_steps=3", "train.micro_batch_size=3",
+                 "model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=1",
+                 "logging.progress=none", "train.save_model=false", *extra]  # fmt: skip
     with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    first = train(validate(cfg), resolved, tmp_path / "a")
-    second = train(validate(cfg), resolved, tmp_path / "b")
-    for key in ("train_loss_first", "train_loss_final", "eval_loss", "eval_loss_per_type", "tokens_seen"):
+    return validate(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_a_run_is_deterministic(tmp_path):
+    """Same seed, same config: identical losses and eval, run in-process twice."""
+    from hsa_train.training.loop import train
+
+    run, resolved = tiny_run(tmp_path, "hsa.head_scaling=alibi", "train.eval_every=2")
+    first = train(run, resolved, tmp_path / "a")
+    second = train(run, resolved, tmp_path / "b")
+    for key in ("train_losses", "eval_loss", "eval_loss_per_type", "tokens_seen"):
         assert first[key] == second[key], key
     assert first["samples_train"] == 9 and first["samples_eval"] == 3
     assert not (tmp_path / "a" / "model").exists() and (tmp_path / "a" / "metrics.json").is_file()
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
+    from hsa_train.training.loop import train
+
+    plain = train(*tiny_run(tmp_path), tmp_path / "plain")
+    checkpointed = train(*tiny_run(tmp_path, "train.gradient_checkpointing=true"), tmp_path / "gc")
+    for a, b in zip(plain["train_losses"], checkpointed["train_losses"]):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def _nan_at_call(n: int, make_forward):
+    """Wraps make_forward so that the n-th forward (1-based) returns NaN logits: a poisoned batch."""
+    calls = {"n": 0}
+
+    def factory(*args, **kwargs):
+        forward = make_forward(*args, **kwargs)
+
+        def poisoned(batch):
+            calls["n"] += 1
+            logits = forward(batch)
+            return logits * float("nan") if calls["n"] == n else logits
+
+        return poisoned
+
+    return factory
+
+
+def test_nan_stops_the_run_at_its_step_without_saving(tmp_path, monkeypatch):
+    from hsa_train.training import loop
+
+    monkeypatch.setattr(loop, "make_forward", _nan_at_call(2, loop.make_forward))
+    run, resolved = tiny_run(tmp_path, "train.save_model=true", "train.save_every=1")
+    with pytest.raises(loop.NonFiniteError, match=r"^step 2: non-finite loss .* on samples \[.*d.jsonl:\d+"):
+        loop.train(run, resolved, tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_0000001"]  # nothing after the NaN
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
+    from hsa_train.training import loop
+
+    monkeypatch.setattr(loop, "make_forward", _nan_at_call(2, loop.make_forward))
+    metrics = loop.train(*tiny_run(tmp_path, "train.skip_nonfinite=true"), tmp_path / "run")
+    assert metrics["skipped_steps"] == 1 and metrics["steps"] == 3
+    assert math.isnan(metrics["train_losses"][1]) and math.isfinite(metrics["eval_loss"])

@@ -16,6 +16,7 @@ from torch import nn
 
 from hsa_train.model.hsa import enable_hsa, sync_hsa_config
 from hsa_train.model.loading import raw_lambdas, save_pretrained, without_hsa_tensors
+from hsa_train.model.lora import quiet_peft
 from hsa_train.training import distributed as D
 
 HSA_CONFIG = "hsa_config.json"
@@ -76,7 +77,8 @@ def load_exported(path: str | Path, merge: bool = False, dtype: torch.dtype | No
         if settings:
             base.config.hsa = settings
             enable_hsa(base)
-        model = PeftModel.from_pretrained(base, str(path))
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, str(path))
         if merge:
             model = model.merge_and_unload()
             if settings:

@@ -90,3 +90,12 @@ def save_pretrained(model, tokenizer, path: str | Path, state: dict | None = Non
     sync_hsa_config(model, raw_lambdas(state))
     model.save_pretrained(str(path), state_dict=without_hsa_tensors(state))
     tokenizer.save_pretrained(str(path))
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so frozen LoRA bases need no input grads).
+    transformers 5 renamed the switch; older 5.x releases only have the first name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
+
+
+@contextmanager
+def quiet_peft():
+    """peft reads a transformers property that transformers 5 deprecates; the warning is for peft, not our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
 
 
 def apply_lora(model: nn.Module, settings: Any, train_lambdas: bool) -> nn.Module:
@@ -20,7 +30,8 @@ def apply_lora(model: nn.Module, settings: Any, train_lambdas: bool) -> nn.Modul
         target_modules=target if isinstance(target, str) else list(target),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with quiet_peft():
+        peft_model = get_peft_model(model, config)
     if train_lambdas and isinstance(getattr(model, "hsa", None), nn.Module):
         for param in model.hsa.parameters():
             param.requires_grad_(True)

@@ -26,7 +26,7 @@ from hsa_train.data import SemanticCollator, SemanticTokenizer
 from hsa_train.data.dataset import SampleStream, encode_files, eval_batches, rank_micro_batches, split_eval
 from hsa_train.model import enable_hsa
 from hsa_train.model.export import export_model
-from hsa_train.model.loading import build_model, load_tokenizer
+from hsa_train.model.loading import build_model, enable_activation_checkpointing, load_tokenizer
 from hsa_train.model.lora import apply_lora
 from hsa_train.training import checkpoint
 from hsa_train.training import distributed as D
@@ -195,7 +195,7 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     if lora:
         model = apply_lora(model, run.model.lora, train_lambdas=hsa_cfg.enabled and hsa_cfg.learnable)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
