@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> float | None:
 
 def _shared_run_dir_overrides(argv: list[str]) -> list[str]:
     """Under torchrun each rank's Hydra would stamp its own run directory (the clocks differ by a second now and
-    then). Rank 0 picks it and tells the others through a short-lived gloo group; ranks > 0 also leave Hydra's
+    then). Rank 0 picks it and tells the others through the process group; ranks > 0 also leave Hydra's
     own files (.hydra/, the log) to rank 0."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return []
@@ -62,10 +62,11 @@ def _shared_run_dir_overrides(argv: list[str]) -> list[str]:
 
         import torch.distributed as dist
 
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(minutes=10))
+        from hsa_train.training.distributed import join_process_group
+
+        join_process_group()  # training reuses this group
         stamp = [datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")]
         dist.broadcast_object_list(stamp, src=0)
-        dist.destroy_process_group()
         extra.append(f"hydra.run.dir=outputs/{stamp[0]}")
     if int(os.environ.get("RANK", "0")) > 0:
         extra += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[]", "hydra/hydra_logging=disabled"]

@@ -173,8 +173,10 @@ def validate(cfg: DictConfig) -> RunConfig:
         _check(m.lora.r > 0 and m.lora.alpha > 0, f"model.lora: r={m.lora.r} and alpha={m.lora.alpha} must be > 0")
         _check(0.0 <= m.lora.dropout < 1.0, f"model.lora.dropout={m.lora.dropout} must be in [0, 1)")
         tm = m.lora.target_modules
-        _check(tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm)),
-               f"model.lora.target_modules={tm!r}: use all-linear or a list of module names")  # fmt: skip
+        _check(
+            tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm)),
+            f"model.lora.target_modules={tm!r}: use all-linear or a list of module names",
+        )
     _check(
         not run.export.merge or m.lora.enabled, "export.merge=true merges a LoRA adapter: set model.lora.enabled=true"
     )

@@ -36,8 +36,16 @@ def launch(run_dir: Path, data: Path, *extra: str, nproc: int = 1) -> dict:
     if nproc == 1:
         cmd = [sys.executable, "-m", "hsa_train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "hsa_train", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "hsa_train",
+            *args,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((run_dir / "metrics.json").read_text())
@@ -64,15 +72,93 @@ def test_ddp_matches_single_process(tmp_path, data, single):
 
 
 def test_fsdp_matches_single_process_and_resumes_from_sharded_checkpoints(tmp_path, data, single):
-    run = launch(tmp_path / "fsdp", data, "train.micro_batch_size=2", "train.distributed=fsdp",
-                 "train.save_every=2", "train.keep_last=null", nproc=2)  # fmt: skip
+    run = launch(
+        tmp_path / "fsdp",
+        data,
+        "train.micro_batch_size=2",
+        "train.distributed=fsdp",
+        "train.save_every=2",
+        "train.keep_last=null",
+        nproc=2,
+    )
     assert run["distributed"] == "fsdp"
     assert_same_losses(run, single)
     mid = tmp_path / "fsdp" / "checkpoints" / "step_0000004"
     assert sorted(p.name for p in (mid / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # sharded
-    resumed = launch(tmp_path / "resumed", data, "train.micro_batch_size=2", "train.distributed=fsdp",
-                     f"train.resume={mid}", nproc=2)  # fmt: skip
+    resumed = launch(
+        tmp_path / "resumed", data, "train.micro_batch_size=2", "train.distributed=fsdp", f"train.resume={mid}", nproc=2
+    )
     assert resumed["resumed_from"] == str(mid)
     assert resumed["train_losses"] == run["train_losses"]
     assert resumed["eval_loss"] == pytest.approx(run["eval_loss"], abs=1e-9)
     assert (tmp_path / "resumed" / "model" / "model.safetensors").is_file()
+
+
+def test_ranks_share_one_timestamped_run_directory(tmp_path, data):
+    """Without hydra.run.dir each rank's Hydra would stamp its own folder; rank 0's stamp wins everywhere."""
+    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "hsa_train",
+        *COMMON,
+        "train.max_steps=2",
+        f"data.train_files=[{data}]",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert (run_dir / "metrics.json").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_a_sweep_under_torchrun_is_refused(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hsa_train", "-m", "hsa.lambdas.PROCESS_NOISE=0,0.1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "would make every rank run the whole sweep" in proc.stderr
+
+
+def test_submitit_tasks_become_ranks(monkeypatch):
+    pytest.importorskip("submitit")
+    from hsa_train.training.distributed import adopt_submitit_env
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "77",
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "3",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NODEID": "0",
+    }
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    adopt_submitit_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "8", "3")
+    assert os.environ["MASTER_ADDR"] == "node1"
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8

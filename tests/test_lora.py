@@ -16,8 +16,14 @@ from hsa_train.data import SemanticCollator, SemanticTokenizer
 from hsa_train.model.export import load_exported
 from hsa_train.model.loading import build_model, load_tokenizer
 
-ARCH = {"type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+ARCH = {
+    "type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +40,19 @@ def setup(tmp_path_factory):
 
 
 def run(root: Path, name: str, *extra: str, nproc: int = 1) -> dict:
-    args = [f"model.name_or_path={root / 'base'}", "model.lora.enabled=true", "model.lora.dropout=0.0",
-            "hsa.learnable=true", "train.lr=0.01", f"data.train_files=[{root / 'data.jsonl'}]", "data.eval_ratio=0.1",
-            "train.max_steps=6", "logging.progress=none", f"hydra.run.dir={root / name}", *extra]  # fmt: skip
+    args = [
+        f"model.name_or_path={root / 'base'}",
+        "model.lora.enabled=true",
+        "model.lora.dropout=0.0",
+        "hsa.learnable=true",
+        "train.lr=0.01",
+        f"data.train_files=[{root / 'data.jsonl'}]",
+        "data.eval_ratio=0.1",
+        "train.max_steps=6",
+        "logging.progress=none",
+        f"hydra.run.dir={root / name}",
+        *extra,
+    ]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = [sys.executable, *launcher, "-m", "hsa_train", *args]
     env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -41,8 +41,14 @@ def small_data(tmp_path_factory) -> Path:
 def start(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     args = [*TINY, f"data.train_files=[{data}]", f"train.max_steps={STEPS}", f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen([sys.executable, "-m", "hsa_train", *args], env=env, cwd=run_dir.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "hsa_train", *args],
+        env=env,
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:

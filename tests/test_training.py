@@ -101,9 +101,18 @@ def tiny_run(tmp_path, *extra: str):
     lines = open(bundled_path("demo/trajectories.jsonl")).read().splitlines()[:12]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    overrides = [f"data.train_files=[{data}]", "data.eval_ratio=0.25", "train.max_steps=3", "train.micro_batch_size=3",
-                 "model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=1",
-                 "logging.progress=none", "train.save_model=false", *extra]  # fmt: skip
+    overrides = [
+        f"data.train_files=[{data}]",
+        "data.eval_ratio=0.25",
+        "train.max_steps=3",
+        "train.micro_batch_size=3",
+        "model.arch.hidden_size=32",
+        "model.arch.intermediate_size=64",
+        "model.arch.num_hidden_layers=1",
+        "logging.progress=none",
+        "train.save_model=false",
+        *extra,
+    ]
     with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     return validate(cfg), OmegaConf.to_container(cfg, resolve=True)

@@ -33,11 +33,22 @@ class DistInfo:
         return self.world > 1 or self.mode != "none"
 
 
+def adopt_submitit_env() -> None:
+    """Inside a job of Hydra's submitit launcher the ranks are SLURM tasks, not torchrun workers: export the
+    variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def resolve_mode(mode: str) -> str:
+    adopt_submitit_env()
     if mode not in MODES:
         raise ValueError(f"train.distributed={mode!r}: use one of {', '.join(MODES)}")
     world = env_world_size()
@@ -55,13 +66,23 @@ def init(mode: str, device: torch.device) -> DistInfo:
     mode = resolve_mode(mode)
     if mode == "none":
         return DistInfo("none")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(mode, dist.get_rank(), dist.get_world_size(), local_rank)
+    join_process_group()
+    if device.type == "cuda" and "nccl" not in str(dist.get_backend()):
+        raise ValueError("train.device is cuda but the process group has no NCCL backend")
+    return DistInfo(mode, dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join_process_group() -> None:
+    """Joins the default process group once per process (a group cannot be re-created after it is destroyed
+    under torchrun's shared store). Where CUDA exists the group carries NCCL for GPU tensors and gloo for CPU
+    ones, so it serves both the early run-directory agreement and training on either device."""
+    if dist.is_initialized():
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
 
 
 def shutdown() -> None:
