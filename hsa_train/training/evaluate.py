@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from hsa_train.data.tokenizer import IGNORE_INDEX
-from hsa_train.training.loss import shifted, token_losses
+from hsa_train.training.loss import next_token_targets, shift_left, token_losses
 
 
 @torch.no_grad()
@@ -22,11 +22,10 @@ def loss_sums(
     loss_sum = torch.zeros(n_types, dtype=torch.float64)
     count = torch.zeros(n_types, dtype=torch.float64)
     for batch in batches:
-        logits, labels = shifted(forward(batch), batch)
-        losses = token_losses(logits, labels.to(logits.device)).double().cpu()
-        labels = labels.cpu()
-        types = batch["semantic_ids"][:, 1:].cpu()
-        keep = labels != IGNORE_INDEX
+        targets = next_token_targets(batch)
+        losses = token_losses(forward(batch), targets).double().cpu()
+        types = shift_left(batch["semantic_ids"], 0)  # the type of each predicted token
+        keep = targets != IGNORE_INDEX
         loss_sum += torch.bincount(types[keep], weights=losses[keep], minlength=n_types)
         count += torch.bincount(types[keep], minlength=n_types).double()
     return loss_sum.tolist(), count.tolist()

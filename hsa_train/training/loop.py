@@ -32,7 +32,7 @@ from hsa_train.training import checkpoint
 from hsa_train.training import distributed as D
 from hsa_train.training.console import Console, Tracker
 from hsa_train.training.evaluate import loss_sums, summarize
-from hsa_train.training.loss import label_count, shifted, token_losses
+from hsa_train.training.loss import label_count, next_token_targets, token_loss_sum
 from hsa_train.training.optim import build_optimizer, build_scheduler
 
 
@@ -105,8 +105,7 @@ def accumulate_gradients(
     loss_sum, n_tokens = 0.0, 0
     for k, batch in enumerate(micro_batches):
         with sync(k == len(micro_batches) - 1) if sync else nullcontext():
-            logits, labels = shifted(forward(batch), batch)
-            loss = token_losses(logits, labels.to(logits.device)).sum() / n_labels
+            loss = token_loss_sum(forward(batch), next_token_targets(batch)) / n_labels
             (loss * scale).backward()
         loss_sum += loss.item()
         n_tokens += int(batch["attention_mask"].sum())
