@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hsa_train.config import bundled_path
 
@@ -57,6 +58,15 @@ def single(tmp_path_factory, data) -> dict:
     return launch(tmp_path_factory.mktemp("single") / "run", data, "train.micro_batch_size=4")
 
 
+def exported_logits(model_dir: Path) -> torch.Tensor:
+    from hsa_train.model.export import load_exported
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 2000, (2, 24))
+    with torch.no_grad():
+        return load_exported(model_dir)(input_ids=ids, semantic_ids=torch.randint(0, 3, (2, 24))).logits
+
+
 def assert_same_losses(run: dict, ref: dict) -> None:
     assert len(run["train_losses"]) == len(ref["train_losses"]) == 6
     for a, b in zip(run["train_losses"], ref["train_losses"]):
@@ -91,7 +101,13 @@ def test_fsdp_matches_single_process_and_resumes_from_sharded_checkpoints(tmp_pa
     assert resumed["resumed_from"] == str(mid)
     assert resumed["train_losses"] == run["train_losses"]
     assert resumed["eval_loss"] == pytest.approx(run["eval_loss"], abs=1e-9)
-    assert (tmp_path / "resumed" / "model" / "model.safetensors").is_file()
+    # the model FSDP gathered and exported is the one single-process training produced
+    torch.testing.assert_close(
+        exported_logits(tmp_path / "resumed" / "model"),
+        exported_logits(Path(single["run_dir"]) / "model"),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_ranks_share_one_timestamped_run_directory(tmp_path, data):
@@ -134,8 +150,9 @@ def test_submitit_tasks_become_ranks(monkeypatch):
     pytest.importorskip("submitit")
     from hsa_train.training.distributed import adopt_submitit_env
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unset")  # so that monkeypatch restores each of them, whatever export() sets
+        monkeypatch.delenv(key)
     slurm = {
         "SUBMITIT_EXECUTOR": "slurm",
         "SLURM_JOB_ID": "77",
