@@ -211,9 +211,7 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     start_step, losses, tokens_seen, skipped_steps, resumed_from = 0, [], 0, 0, None
     if cfg.resume:
         folder = checkpoint.latest(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
-        if folder is None:
-            pass  # auto and nothing saved yet: a fresh start
-        else:
+        if folder is not None:  # None: auto, and nothing saved yet, so a fresh start
             state = checkpoint.load(folder, model, optimizer, info, frozen_base=lora)
             scheduler.load_state_dict(state["scheduler"])
             stream.load_state_dict(state["stream"])
