@@ -53,3 +53,25 @@ def peer_data() -> Path:
     if not PEER_DATA.is_dir():
         pytest.skip(f"third-party data not found at {PEER_DATA}")
     return PEER_DATA
+
+
+def demo_subset(path: Path, n: int) -> Path:
+    """The first `n` bundled demo trajectories, written to `path` (small real data for fast runs)."""
+    from hsa_train.config import bundled_path
+
+    lines = Path(bundled_path("demo/trajectories.jsonl")).read_text().splitlines()[:n]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for `python -m hsa_train` subprocesses: offline, no wandb (torchrun sets one thread per
+    worker itself)."""
+    import os
+
+    return dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    return demo_subset(tmp_path_factory.mktemp("data") / "small.jsonl", 40)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_env, demo_subset
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from hsa_train import enable_hsa
-from hsa_train.config import bundled_path
 
 SMALL = [
     "model.arch.hidden_size=64",
@@ -28,9 +27,13 @@ SMALL = [
 
 
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-m", "hsa_train", *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "hsa_train", *overrides],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -70,9 +73,7 @@ def test_finetunes_a_local_checkpoint(default_run, tmp_path):
     """model.name_or_path = a save_pretrained folder: the real-checkpoint path, with its own tokenizer."""
     _, run_dir = default_run
     pretrained = json.loads((run_dir / "metrics.json").read_text())
-    lines = Path(bundled_path("demo/trajectories.jsonl")).read_text().splitlines()[:24]
-    data = tmp_path / "small.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = demo_subset(tmp_path / "small.jsonl", 24)
     proc = run_cli(
         f"model.name_or_path={run_dir / 'model'}",
         f"data.train_files=[{data}]",
@@ -126,9 +127,7 @@ def test_bad_data_file_exits_with_one_line(tmp_path):
 
 
 def test_plain_attention_and_learnable_lambda_runs(tmp_path):
-    lines = Path(bundled_path("demo/trajectories.jsonl")).read_text().splitlines()[:16]
-    data = tmp_path / "small.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = demo_subset(tmp_path / "small.jsonl", 16)
     common = [*SMALL, f"data.train_files=[{data}]", "data.eval_ratio=0.25", "train.max_steps=3"]
     plain = run_cli(*common, "hsa.enabled=false", f"hydra.run.dir={tmp_path / 'plain'}", cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from hsa_train.config import bundled_path
+from conftest import cli_env
 
 COMMON = [
     "model.arch.hidden_size=32",
@@ -25,14 +24,12 @@ COMMON = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("\n".join(Path(bundled_path("demo/trajectories.jsonl")).read_text().splitlines()[:40]) + "\n")
-    return path
+def data(small_data) -> Path:
+    return small_data
 
 
 def launch(run_dir: Path, data: Path, *extra: str, nproc: int = 1) -> dict:
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = cli_env()
     args = [*COMMON, f"data.train_files=[{data}]", f"hydra.run.dir={run_dir}", *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "hsa_train", *args]
@@ -112,7 +109,7 @@ def test_fsdp_matches_single_process_and_resumes_from_sharded_checkpoints(tmp_pa
 
 def test_ranks_share_one_timestamped_run_directory(tmp_path, data):
     """Without hydra.run.dir each rank's Hydra would stamp its own folder; rank 0's stamp wins everywhere."""
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = cli_env()
     cmd = [
         sys.executable,
         "-m",

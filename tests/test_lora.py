@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_env, demo_subset
 
-from hsa_train.config import bundled_path
 from hsa_train.data import SemanticCollator, SemanticTokenizer
 from hsa_train.model.export import load_exported
 from hsa_train.model.loading import build_model, load_tokenizer
@@ -34,8 +33,7 @@ def setup(tmp_path_factory):
     base = build_model(None, ARCH, tokenizer)
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
-    lines = Path(bundled_path("demo/trajectories.jsonl")).read_text().splitlines()[:40]
-    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    demo_subset(root / "data.jsonl", 40)
     return root
 
 
@@ -55,7 +53,7 @@ def run(root: Path, name: str, *extra: str, nproc: int = 1) -> dict:
     ]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = [sys.executable, *launcher, "-m", "hsa_train", *args]
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = cli_env()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((root / name / "metrics.json").read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_env
 from safetensors.torch import load_file
 
-from hsa_train.config import bundled_path
 from hsa_train.training import checkpoint
 from hsa_train.training.distributed import DistInfo
 
@@ -31,15 +30,8 @@ TINY = [
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("\n".join(Path(bundled_path("demo/trajectories.jsonl")).read_text().splitlines()[:40]) + "\n")
-    return path
-
-
 def start(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    env = cli_env()
     args = [*TINY, f"data.train_files=[{data}]", f"train.max_steps={STEPS}", f"hydra.run.dir={run_dir}", *extra]
     return subprocess.Popen(
         [sys.executable, "-m", "hsa_train", *args],

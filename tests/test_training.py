@@ -93,14 +93,13 @@ def test_no_weight_decay_on_vectors_and_lambdas(model_factory):
 
 def tiny_run(tmp_path, *extra: str):
     """An in-process run on 12 demo records with a one-layer model; returns (config, resolved, run directory)."""
+    from conftest import demo_subset
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from hsa_train.config import bundled_path, validate
+    from hsa_train.config import validate
 
-    lines = open(bundled_path("demo/trajectories.jsonl")).read().splitlines()[:12]
-    data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = demo_subset(tmp_path / "d.jsonl", 12)
     overrides = [
         f"data.train_files=[{data}]",
         "data.eval_ratio=0.25",
