@@ -20,6 +20,7 @@ COMMON = [
     "data.eval_ratio=0.1",
     "train.max_steps=6",
     "logging.progress=none",
+    "hsa.learnable=true",  # λ are parameters too: they must train the same under DDP and FSDP
 ]
 
 
@@ -69,6 +70,10 @@ def assert_same_losses(run: dict, ref: dict) -> None:
     for a, b in zip(run["train_losses"], ref["train_losses"]):
         assert a == pytest.approx(b, abs=1e-5)
     assert run["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    learned = [
+        json.loads((Path(r["run_dir"]) / "model" / "config.json").read_text())["hsa"]["lambdas"] for r in (run, ref)
+    ]
+    assert learned[0] == pytest.approx(learned[1], abs=1e-6) and learned[1]["PROCESS_NOISE"] != 0.1
 
 
 def test_ddp_matches_single_process(tmp_path, data, single):
