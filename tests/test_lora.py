@@ -92,3 +92,13 @@ def test_lora_under_ddp_matches_single_process(setup):
     assert ddp["distributed"] == "ddp"
     for a, b in zip(ddp["train_losses"], single["train_losses"]):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_lora_checkpoints_hold_only_what_trains_and_resume_exactly(setup):
+    full = run(setup, "ckpt", "train.micro_batch_size=4", "train.save_every=2", "train.keep_last=null")
+    mid = setup / "ckpt" / "checkpoints" / "step_0000004"
+    resumed = run(setup, "ckpt_resumed", "train.micro_batch_size=4", f"train.resume={mid}")
+    assert resumed["train_losses"] == full["train_losses"]
+    base_bytes = sum(p.stat().st_size for p in (setup / "base").glob("*.safetensors"))
+    saved_bytes = sum(p.stat().st_size for p in (mid / "state").iterdir())
+    assert saved_bytes < base_bytes  # adapters, λ and their optimizer state: not the frozen base
