@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hsa_train.config import ConfigError, validate
@@ -32,8 +33,12 @@ def run(cfg: DictConfig) -> float | None:
         run_cfg = validate(cfg)
     except ConfigError as exc:
         _fail("config error", exc)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # one wandb group per sweep, runs named by their overrides
+        run_cfg.logging.group = run_cfg.logging.group or str(hydra_cfg.sweep.dir)
+        run_cfg.logging.name = run_cfg.logging.name or hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
 
     from hsa_train.training.loop import NonFiniteError, Stopped, train
 
