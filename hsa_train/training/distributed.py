@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -108,14 +107,6 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()
-
-
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    if info.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
