@@ -27,10 +27,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def active(self) -> bool:
-        return self.world > 1 or self.mode != "none"
-
 
 def adopt_submitit_env() -> None:
     """Inside a job of Hydra's submitit launcher the ranks are SLURM tasks, not torchrun workers: export the
