@@ -59,6 +59,7 @@ class DataConfig:
     train_files: list[str] = MISSING
     eval_files: list[str] = MISSING
     eval_ratio: float = MISSING
+    eval_sets: dict[str, list[str]] = MISSING
     on_error: str = MISSING
     max_length: Optional[int] = MISSING
     train_on: str = MISSING
@@ -122,8 +123,15 @@ class LoggingConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    metric: str = MISSING
+    direction: str = MISSING
+
+
+@dataclass
 class RunConfig:
     seed: int = MISSING
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     hsa: HSAConfig = field(default_factory=HSAConfig)
@@ -183,6 +191,12 @@ def validate(cfg: DictConfig) -> RunConfig:
 
     _check(len(d.train_files) > 0, "data.train_files is empty; give at least one .json/.jsonl file")
     _check(0.0 <= d.eval_ratio < 1.0, f"data.eval_ratio={d.eval_ratio} must be in [0, 1)")
+    for name, files in d.eval_sets.items():
+        _check(
+            bool(name) and name.replace("_", "").replace("-", "").isalnum(),
+            f"data.eval_sets: name {name!r} must be letters, digits, - or _ (it names metrics: eval/{name}/loss)",
+        )
+        _check(len(files) > 0, f"data.eval_sets.{name} is empty; give one or more .json/.jsonl files")
     _choice("data.on_error", d.on_error, ("raise", "skip"))
     _choice("data.train_on", d.train_on, ("assistant", "all"))
     _check(d.max_length is None or d.max_length > 0, f"data.max_length={d.max_length} must be > 0 or null")
@@ -226,4 +240,6 @@ def validate(cfg: DictConfig) -> RunConfig:
         f"train.resume={t.resume!r}: use auto, null, or the path of a checkpoint folder (step_NNNNNNN)",
     )
     _choice("logging.progress", lg.progress, ("auto", "rich", "plain", "none"))
+    _choice("objective.direction", run.objective.direction, ("minimize", "maximize"))
+    _check(bool(run.objective.metric), "objective.metric is empty; name a metrics.json key, e.g. eval_loss")
     return run

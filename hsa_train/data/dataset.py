@@ -20,6 +20,7 @@ class Sample:
     int32 arrays: a Python list spends 8-byte pointers plus int objects on every token."""
 
     features: dict[str, np.ndarray]
+    answer: tuple[int, int] | None  # token span of the final answer (for exact-match evaluation)
     where: str
 
 
@@ -27,14 +28,15 @@ def encode_files(
     paths: Sequence[str], st: SemanticTokenizer, on_error: str = "raise"
 ) -> tuple[list[Sample], LoadReport]:
     """Loads and tokenizes every record; a record that cannot be tokenized is a bad record like any other."""
-    encoded: dict[int, dict[str, np.ndarray]] = {}
+    encoded: dict[int, tuple[dict[str, np.ndarray], tuple[int, int] | None]] = {}
 
     def check(record: Record) -> None:
-        features = st.encode(record.messages)
-        encoded[id(record)] = {name: np.asarray(values, dtype=np.int32) for name, values in features.items()}
+        features, answer = st.encode_with_answer(record.messages)
+        arrays = {name: np.asarray(values, dtype=np.int32) for name, values in features.items()}
+        encoded[id(record)] = (arrays, answer)
 
     records, report = load_records(list(paths), st.types, on_error=on_error, check=check)
-    return [Sample(encoded[id(r)], r.where) for r in records], report
+    return [Sample(*encoded[id(r)], where=r.where) for r in records], report
 
 
 def split_eval(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -99,7 +101,13 @@ def rank_micro_batches(indices: list[int], micro: int, world: int, rank: int) ->
 
 
 def eval_batches(samples: list[Sample], batch_size: int, collator: SemanticCollator, rank: int = 0, world: int = 1):
-    """Every eval sample exactly once across ranks (rank r takes samples r, r+world, ...), in batches."""
+    """Every eval sample exactly once across ranks (rank r takes samples r, r+world, ...), in batches. Each batch
+    also carries `answer_span` (B, 2): the final answer's token span per row, (-1, -1) where there is none."""
+    if collator.padding_side != "right":
+        raise ValueError("eval_batches needs a right-padding collator (answer spans are positions from the left)")
     mine = samples[rank::world]
     for start in range(0, len(mine), batch_size):
-        yield collator([s.features for s in mine[start : start + batch_size]])
+        chunk = mine[start : start + batch_size]
+        batch = collator([s.features for s in chunk])
+        batch["answer_span"] = torch.tensor([s.answer or (-1, -1) for s in chunk], dtype=torch.long)
+        yield batch

@@ -122,6 +122,15 @@ class SemanticTokenizer:
 
     # -- encoding ----------------------------------------------------------------------------------------------
     def encode(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+        """{"input_ids", "attention_mask", "labels", "semantic_ids"}: lists of int, one entry per token."""
+        return self.encode_with_answer(messages)[0]
+
+    def encode_with_answer(
+        self, messages: Sequence[Mapping[str, Any]]
+    ) -> tuple[dict[str, list[int]], tuple[int, int] | None]:
+        """`encode`, plus the token span [start, end) of the final answer: the last assistant message's content
+        and end-of-turn (what greedy decoding after its generation prompt must produce); None without one. The
+        span does not depend on `train_on`, so exact-match evaluation means the same thing either way."""
         if not messages:
             raise ValueError("empty conversation: there are no messages to encode")
         seg_types = []
@@ -138,11 +147,17 @@ class SemanticTokenizer:
         end_of_segments = len(text)
         default_id = self.types.default_id
 
+        last_assistant = max((j for j, span in enumerate(trained) if span is not None), default=None)
+        answer_chars = trained[last_assistant] if last_assistant is not None else None
+        answer_tokens: list[int] = []
+
         semantic_ids: list[int] = []
         labels: list[int] = []
-        for tok, (first, _) in zip(input_ids, offsets):
+        for t, (tok, (first, _)) in enumerate(zip(input_ids, offsets)):
             seg = bisect_right(starts, first) - 1
             semantic_ids.append(seg_types[seg] if 0 <= seg and first < end_of_segments else default_id)
+            if answer_chars is not None and answer_chars[0] <= first < answer_chars[1]:
+                answer_tokens.append(t)
             if self.train_on == "all":
                 labels.append(tok)
             else:
@@ -164,9 +179,11 @@ class SemanticTokenizer:
                 f"too long: {len(input_ids)} tokens > data.max_length={self.max_length} "
                 "(raise data.max_length, or use data.on_error=skip to skip such records)"
             )
-        return {
+        features = {
             "input_ids": input_ids,
             "attention_mask": [1] * len(input_ids),
             "labels": labels,
             "semantic_ids": semantic_ids,
         }
+        answer = (answer_tokens[0], answer_tokens[-1] + 1) if answer_tokens and answer_tokens[0] > 0 else None
+        return features, answer

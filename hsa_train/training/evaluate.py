@@ -1,4 +1,11 @@
-"""Held-out loss, overall and per semantic type of the predicted token."""
+"""Held-out evaluation: loss overall and per semantic type of the predicted token, and exact match of the final
+answer.
+
+Exact match is teacher-forced greedy decoding: a sample counts when, at every token of its final answer (the last
+assistant message's content and end-of-turn), the most likely next token given the true prefix is the true token.
+That is exactly when greedy generation from the answer's prompt would reproduce the answer and stop, so it needs
+one forward per sample and no KV cache.
+"""
 
 from __future__ import annotations
 
@@ -10,33 +17,54 @@ import torch
 from hsa_train.data.tokenizer import IGNORE_INDEX
 from hsa_train.training.loss import next_token_targets, shift_left, token_losses
 
+# The sums `eval_sums` returns after the per-type ones, in this order (all ranks add theirs up).
+ANSWER_SUMS = ("answers", "answers_exact", "answer_tokens", "answer_tokens_correct")
+
 
 @torch.no_grad()
-def loss_sums(
+def eval_sums(
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     batches: Iterable[dict[str, torch.Tensor]],
     n_types: int,
-) -> tuple[list[float], list[float]]:
-    """Summed loss and label-token count per type over `batches` (`forward(batch)` returns logits). Sums, not
-    means, so ranks can add theirs up."""
+) -> list[float]:
+    """Summed loss per type, label-token count per type, then the ANSWER_SUMS, over `batches` (`forward(batch)`
+    returns logits; a batch's optional `answer_span` (B, 2) holds each row's final-answer span, -1 for none).
+    Sums, not means, so ranks can add theirs up."""
     loss_sum = torch.zeros(n_types, dtype=torch.float64)
     count = torch.zeros(n_types, dtype=torch.float64)
+    answer = torch.zeros(len(ANSWER_SUMS), dtype=torch.float64)
     for batch in batches:
         targets = next_token_targets(batch)
-        losses = token_losses(forward(batch), targets).double().cpu()
+        logits = forward(batch)
+        losses = token_losses(logits, targets).double().cpu()
         types = shift_left(batch["semantic_ids"], 0)  # the type of each predicted token
         keep = targets != IGNORE_INDEX
         loss_sum += torch.bincount(types[keep], weights=losses[keep], minlength=n_types)
         count += torch.bincount(types[keep], minlength=n_types).double()
-    return loss_sum.tolist(), count.tolist()
+        spans = batch.get("answer_span")
+        if spans is not None:
+            predicted = logits.argmax(-1).cpu()  # predicted[:, t] is the guess for token t + 1
+            for row, (start, end) in enumerate(spans.tolist()):
+                if start < 1:
+                    continue
+                correct = predicted[row, start - 1 : end - 1] == batch["input_ids"][row, start:end]
+                answer += torch.tensor([1, bool(correct.all()), end - start, int(correct.sum())], dtype=torch.float64)
+    return loss_sum.tolist() + count.tolist() + answer.tolist()
 
 
-def summarize(loss_sum: list[float], count: list[float], type_names: list[str]) -> dict:
-    """{"loss", "tokens", "loss_per_type", "tokens_per_type"} from per-type sums (None for a type with no tokens)."""
+def summarize(sums: list[float], type_names: list[str]) -> dict:
+    """{"loss", "tokens", "loss_per_type", "tokens_per_type", "exact_match", "answer_token_accuracy", "answers"}
+    from `eval_sums` (None for a type with no tokens, and for the answer metrics when no sample had an answer)."""
+    n = len(type_names)
+    loss_sum, count = sums[:n], sums[n : 2 * n]
+    answers, exact, answer_tokens, answer_correct = sums[2 * n : 2 * n + len(ANSWER_SUMS)]
     total = sum(count)
     return {
         "loss": sum(loss_sum) / total if total else math.nan,
         "tokens": int(total),
-        "loss_per_type": {n: (loss_sum[i] / count[i] if count[i] else None) for i, n in enumerate(type_names)},
-        "tokens_per_type": {n: int(count[i]) for i, n in enumerate(type_names)},
+        "loss_per_type": {name: (loss_sum[i] / count[i] if count[i] else None) for i, name in enumerate(type_names)},
+        "tokens_per_type": {name: int(count[i]) for i, name in enumerate(type_names)},
+        "exact_match": exact / answers if answers else None,
+        "answer_token_accuracy": answer_correct / answer_tokens if answer_tokens else None,
+        "answers": int(answers),
     }

@@ -31,7 +31,7 @@ from hsa_train.model.lora import apply_lora
 from hsa_train.training import checkpoint
 from hsa_train.training import distributed as D
 from hsa_train.training.console import Console, Tracker
-from hsa_train.training.evaluate import loss_sums, summarize
+from hsa_train.training.evaluate import eval_sums, summarize
 from hsa_train.training.loss import label_count, next_token_targets, token_loss_sum
 from hsa_train.training.optim import build_optimizer, build_scheduler
 
@@ -122,8 +122,32 @@ def loss_summary(losses: list[float], window: int) -> dict[str, float]:
 
 
 def eval_summary(result: dict | None) -> dict:
-    keys = {"eval_loss": "loss", "eval_loss_per_type": "loss_per_type", "eval_tokens_per_type": "tokens_per_type"}
-    return {name: (result[key] if result else None) for name, key in keys.items()}
+    """The held-out split's metrics under their metrics.json names (eval_loss, eval_exact_match, ...)."""
+    keys = ("loss", "loss_per_type", "tokens_per_type", "exact_match", "answer_token_accuracy")
+    return {f"eval_{key}": (result[key] if result else None) for key in keys}
+
+
+def eval_line(name: str, result: dict) -> str:
+    per_type = ", ".join(
+        f"{k} {v:.4f} ({result['tokens_per_type'][k]} tok)" for k, v in result["loss_per_type"].items() if v is not None
+    )
+    line = f"{name}: loss {result['loss']:.4f} over {result['tokens']} tokens | per type: {per_type}"
+    if result["exact_match"] is not None:
+        line += (
+            f" | final answer: exact match {result['exact_match']:.3f} of {result['answers']}, "
+            f"token accuracy {result['answer_token_accuracy']:.3f}"
+        )
+    return line
+
+
+def eval_log(prefix: str, result: dict) -> dict[str, float]:
+    """The scalars of one evaluation for the tracker, under `prefix` (eval/, eval/len4x/, ...)."""
+    logged = {f"{prefix}loss": result["loss"]}
+    logged.update({f"{prefix}loss_{k}": v for k, v in result["loss_per_type"].items() if v is not None})
+    for key in ("exact_match", "answer_token_accuracy"):
+        if result[key] is not None:
+            logged[f"{prefix}{key}"] = result[key]
+    return logged
 
 
 class StopFlag:
@@ -173,6 +197,7 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
         eval_samples, eval_report = encode_files(run.data.eval_files, st, run.data.on_error)
     else:
         train_samples, eval_samples = split_eval(train_samples, run.data.eval_ratio, run.seed)
+    extra_evals = {name: encode_files(files, st, run.data.on_error) for name, files in run.data.eval_sets.items()}
     collator = SemanticCollator(tokenizer.pad_token_id, st.types.default_id, run.data.pad_to_multiple_of)
     global_batch = cfg.micro_batch_size * cfg.grad_accum * info.world
     stream = SampleStream(len(train_samples), seed=run.seed)
@@ -230,15 +255,18 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
         }
         return checkpoint.save(ckpt_root, step, model, optimizer, trainer_state, info, cfg.keep_last, lora)
 
-    def run_eval() -> dict | None:
-        if not eval_samples:
+    def run_eval(samples: list) -> dict | None:
+        if not samples:
             return None
         model.eval()
-        batches = eval_batches(eval_samples, cfg.eval_batch_size, collator, info.rank, info.world)
-        sums, counts = loss_sums(forward, batches, len(type_names))
-        totals = D.all_reduce_sum(sums + counts, device, info)
+        batches = eval_batches(samples, cfg.eval_batch_size, collator, info.rank, info.world)
+        totals = D.all_reduce_sum(eval_sums(forward, batches, len(type_names)), device, info)
         model.train()
-        return summarize(totals[: len(type_names)], totals[len(type_names) :], type_names)
+        return summarize(totals, type_names)
+
+    def run_all_evals() -> tuple[dict | None, dict[str, dict]]:
+        """The held-out split, then each of data.eval_sets."""
+        return run_eval(eval_samples), {name: run_eval(samples) for name, (samples, _) in extra_evals.items()}
 
     console = Console(run.logging.progress, max_steps, enabled=info.is_main)
     tracker = Tracker(run.logging.wandb and info.is_main, run.logging, resolved_config, str(run_dir))
@@ -250,6 +278,7 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
     console.print(
         f"data: train {report.summary()}"
         + (f", eval {eval_report.summary()}" if eval_report else "")
+        + "".join(f", {name} {rep.summary()}" for name, (_, rep) in extra_evals.items())
         + f" -> {len(train_samples)} train / {len(eval_samples)} eval samples; {max_steps} steps of "
         f"{global_batch} samples ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {info.world} ranks)"
     )
@@ -314,33 +343,22 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
                     console.print(f"checkpoint: {save_checkpoint(step)}")
                     window_start = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != max_steps:
-                    result = run_eval()
-                    if result is not None:
-                        console.print(f"eval @ step {step}: loss {result['loss']:.4f}")
-                        tracker.log({"eval/loss": result["loss"]}, step)
+                    result, set_results = run_all_evals()
+                    for name, res in [("eval", result), *set_results.items()]:
+                        if res is not None:
+                            console.print(eval_line(f"{name} @ step {step}", res))
+                            tracker.log(eval_log("eval/" if name == "eval" else f"eval/{name}/", res), step)
                     window_tokens, window_start = 0, time.perf_counter()  # eval time is not training time
         console.close()
         if cfg.save_every and start_step < max_steps:  # checkpointing is on: the end state too
             console.print(f"checkpoint: {save_checkpoint(max_steps)}")
 
         # --- evaluation, export, metrics ----------------------------------------------------------------------
-        eval_result = run_eval()
-        if eval_result is not None:
-            per_type = ", ".join(
-                f"{k} {v:.4f} ({eval_result['tokens_per_type'][k]} tok)"
-                for k, v in eval_result["loss_per_type"].items()
-                if v is not None
-            )
-            console.print(
-                f"eval: loss {eval_result['loss']:.4f} over {eval_result['tokens']} tokens | per type: {per_type}"
-            )
-            tracker.log(
-                {
-                    "eval/loss": eval_result["loss"],
-                    **{f"eval/loss_{k}": v for k, v in eval_result["loss_per_type"].items() if v is not None},
-                },
-                max_steps,
-            )
+        eval_result, set_results = run_all_evals()
+        for name, res in [("eval", eval_result), *set_results.items()]:
+            if res is not None:
+                console.print(eval_line(name, res))
+                tracker.log(eval_log("eval/" if name == "eval" else f"eval/{name}/", res), max_steps)
 
         model_dir = run_dir / "model"
         exported = (
@@ -355,7 +373,9 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
             "resumed_from": resumed_from,
             "samples_train": len(train_samples),
             "samples_eval": len(eval_samples),
-            "skipped_records": len(report.skipped) + (len(eval_report.skipped) if eval_report else 0),
+            "skipped_records": len(report.skipped)
+            + (len(eval_report.skipped) if eval_report else 0)
+            + sum(len(rep.skipped) for _, rep in extra_evals.values()),
             "skipped_steps": skipped_steps,
             "params": n_params,
             "params_trained": n_trainable,
@@ -364,6 +384,7 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
             **(loss_summary(losses, cfg.log_every) if losses else {}),
             "train_losses": losses,
             **eval_summary(eval_result),
+            "eval_sets": set_results,
             "train_time_s": train_time,
             "wall_time_s": time.perf_counter() - t_start,
             "device": str(device),
