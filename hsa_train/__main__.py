@@ -15,20 +15,28 @@ from omegaconf import DictConfig, OmegaConf
 from hsa_train.config import ConfigError, validate
 from hsa_train.data.loader import DataError
 from hsa_train.overrides import unknown_key_message
+from hsa_train.sweep import metric_value
+
+
+class JobFailed(RuntimeError):
+    """A job of a sweep failed; raised (not exited) so Hydra records it and the other jobs still run."""
 
 
 def _fail(kind: str, exc: BaseException, hint: str = "", code: int = 2) -> None:
-    """One line on stderr and exit `code`; HYDRA_FULL_ERROR=1 re-raises for the full traceback."""
+    """One line on stderr and exit `code` (in a sweep: raise JobFailed, so Hydra marks this job failed and goes
+    on); HYDRA_FULL_ERROR=1 re-raises for the full traceback."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise exc
     message = " ".join(str(exc).split())  # one line, whatever the exception held
     print(f"hsa_train: {kind}: {message}{hint}", file=sys.stderr, flush=True)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(f"{kind}: {message}") from None
     sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://hsa_train.conf", config_name="config")
 def run(cfg: DictConfig) -> float | None:
-    """One job; returns the eval loss (what a sweeper minimises)."""
+    """One job; returns `objective.metric` from its metrics (what a sweeper such as Optuna optimises)."""
     try:
         run_cfg = validate(cfg)
     except ConfigError as exc:
@@ -52,7 +60,16 @@ def run(cfg: DictConfig) -> float | None:
         _fail("data error", exc)
     except (FileNotFoundError, ValueError) as exc:
         _fail("error", exc, " (HYDRA_FULL_ERROR=1 shows the traceback)")
-    return metrics.get("eval_loss")
+    value = metric_value(metrics, run_cfg.objective.metric)
+    if value is None and hydra_cfg.mode == RunMode.MULTIRUN:
+        _fail(
+            "config error",
+            ValueError(
+                f"objective.metric={run_cfg.objective.metric!r} is not a number in this "
+                f"job's metrics.json ({run_dir / 'metrics.json'}); name one that is"
+            ),
+        )
+    return value
 
 
 def _shared_run_dir_overrides(argv: list[str]) -> list[str]:
@@ -87,6 +104,15 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    if any(a in ("hydra/sweeper=lambdas", "hydra/sweeper=optuna") for a in argv):
+        try:
+            import hydra_plugins.hydra_optuna_sweeper  # noqa: F401
+        except ImportError:
+            print(
+                "hsa_train: config error: the Optuna sweeper is not installed; pip install -e '.[optuna]'",
+                file=sys.stderr,
+            )
+            sys.exit(2)
     problem = unknown_key_message(argv)
     if problem:
         print(f"hsa_train: config error: {problem}", file=sys.stderr, flush=True)

@@ -1,7 +1,10 @@
 """The shipped configs compose and validate; bad keys and values fail early with one line naming the key."""
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import open_dict
 
 from hsa_train.config import ConfigError, bundled_path, validate
 
@@ -32,6 +35,8 @@ def test_defaults_validate_and_point_at_bundled_data():
         ("train.precision=fp8", "train.precision='fp8'"),
         ("hsa.default_type=URGENT", "default_type 'URGENT' is not one of the types"),
         ("train.max_steps=null", "set train.max_steps or train.epochs"),
+        ("objective.direction=up", "objective.direction='up' is not allowed"),
+        ("+data.eval_sets.long=[]", "data.eval_sets.long is empty"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, fragment):
@@ -44,3 +49,28 @@ def test_bad_values_fail_with_one_line(override, fragment):
 def test_new_type_with_its_lambda_is_accepted():
     run = validate(composed("hsa.types=[GLOBAL_CONDITION,KEY_EVENT,PROCESS_NOISE,TOOL]", "+hsa.lambdas.TOOL=0.05"))
     assert run.hsa.lambdas["TOOL"] == 0.05
+
+
+def test_recall_experiment_composes():
+    """experiment=recall swaps in the recall data, its longer eval sets and the objective the README sorts by."""
+    with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=recall"], return_hydra_config=True)
+    run = validate(cfg)
+    assert run.data.train_files == [bundled_path("recall/train.jsonl")]
+    assert run.data.eval_files == [bundled_path("recall/eval_1x.jsonl")]
+    assert run.data.eval_sets == {
+        "len2x": [bundled_path("recall/eval_2x.jsonl")],
+        "len4x": [bundled_path("recall/eval_4x.jsonl")],
+    }
+    assert all(Path(f).is_file() for files in run.data.eval_sets.values() for f in files)
+    assert (run.objective.metric, run.objective.direction) == ("eval_sets.len4x.exact_match", "maximize")
+    assert cfg.hydra.callbacks.sweep_summary.metric == "eval_sets.len4x.exact_match"  # the summary follows
+    assert run.hsa.lambdas == {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.01, "PROCESS_NOISE": 0.1}
+
+
+def test_eval_set_names_must_be_usable_in_metric_names():
+    cfg = composed()
+    with open_dict(cfg):
+        cfg.data.eval_sets = {"len 4x": ["x.jsonl"]}
+    with pytest.raises(ConfigError, match="name 'len 4x' must be letters, digits"):
+        validate(cfg)
