@@ -22,14 +22,15 @@ class JobFailed(RuntimeError):
     """A job of a sweep failed; raised (not exited) so Hydra records it and the other jobs still run."""
 
 
-def _fail(kind: str, exc: BaseException, hint: str = "", code: int = 2) -> None:
-    """One line on stderr and exit `code` (in a sweep: raise JobFailed, so Hydra marks this job failed and goes
-    on); HYDRA_FULL_ERROR=1 re-raises for the full traceback."""
+def _fail(kind: str, exc: BaseException, hint: str = "", code: int = 2, sweep_goes_on: bool = True) -> None:
+    """One line on stderr and exit `code`; in a sweep, raise JobFailed instead (Hydra marks this job failed and
+    runs the others) unless `sweep_goes_on` is False (a stop signal ends the whole sweep). HYDRA_FULL_ERROR=1
+    re-raises for the full traceback."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise exc
     message = " ".join(str(exc).split())  # one line, whatever the exception held
     print(f"hsa_train: {kind}: {message}{hint}", file=sys.stderr, flush=True)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if sweep_goes_on and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise JobFailed(f"{kind}: {message}") from None
     sys.exit(code)
 
@@ -53,7 +54,7 @@ def run(cfg: DictConfig) -> float | None:
     try:
         metrics = train(run_cfg, resolved, run_dir)
     except Stopped as exc:  # preemption: checkpoint written; 128 + signal, as a killed process reports
-        _fail("stopped", exc, code=128 + exc.signum)
+        _fail("stopped", exc, code=128 + exc.signum, sweep_goes_on=False)
     except NonFiniteError as exc:
         _fail("non-finite", exc, code=3)
     except DataError as exc:

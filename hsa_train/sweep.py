@@ -48,7 +48,7 @@ def collect(sweep_dir: Path, metric: str) -> tuple[list[str], list[dict[str, Any
             metrics = None
         jobs.append((job_dir.name, overrides, metrics))
     keys = sorted({k for _, o, _ in jobs for k in o})
-    varying = [k for k in keys if len({o.get(k) for _, o, _ in jobs}) > 1] or keys
+    varying = [k for k in keys if len({o.get(k) for _, o, _ in jobs}) > 1] or keys  # one job: show its overrides
     rows = []
     for name, overrides, metrics in jobs:
         row: dict[str, Any] = {"job": name, **{k: overrides.get(k, "") for k in varying}}
@@ -114,8 +114,9 @@ def table_columns(rows: list[dict[str, Any]]) -> list[str]:
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, list):  # [mean, std, n]
-        return f"{_fmt(value[0])} ± {_fmt(value[1])}"
+    if isinstance(value, list):  # [mean, std, n]: the std in the mean's format
+        mean, std = value[0], value[1]
+        return f"{mean:,.0f} ± {std:,.0f}" if abs(mean) >= 1000 else f"{mean:.4f} ± {std:.4f}"
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
     return str(value)
@@ -156,12 +157,16 @@ def write_summary(
     title = f"Sweep {sweep_dir}: {len(rows)} jobs, sorted by {metric} ({order} first)"
     _write_atomic(sweep_dir / "summary.md", _markdown(title, rows, columns))
     means: list[dict[str, Any]] = []
-    if "seed" in varying:
+    seeds = {row.get("seed") for row in rows}
+    if "seed" in varying and len(seeds) > 1:
         means = sort_rows(seed_means(varying, rows), metric, direction)
         columns = table_columns(means)
         _write_atomic(sweep_dir / "summary_seeds.csv", _csv_text(means, columns))
         title = f"Sweep {sweep_dir}: mean ± std over seeds per setting, sorted by {metric} ({order} first)"
         _write_atomic(sweep_dir / "summary_seeds.md", _markdown(title, means, columns))
+    else:  # (not yet) several seeds: no per-setting means, and none left from an earlier state of the sweep
+        for stale in ("summary_seeds.csv", "summary_seeds.md"):
+            (sweep_dir / stale).unlink(missing_ok=True)
     return rows, means
 
 

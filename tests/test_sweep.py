@@ -107,6 +107,11 @@ def test_seed_means_per_setting(tmp_path):
     assert [m["hsa.lambdas.PROCESS_NOISE"] for m in means] == ["0.2", "0.0"]  # 0.9 > 0.6: best first
     table = (tmp_path / "summary_seeds.md").read_text()
     assert "0.6000 ± 0.1000" in table and "seed |" not in table
+    for job in ("1", "2", "4"):  # one seed left: no per-setting means, and the old file is gone
+        (tmp_path / job / "metrics.json").unlink(missing_ok=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").unlink()
+    assert write_summary(tmp_path, "eval_loss", "minimize")[1] == []
+    assert not (tmp_path / "summary_seeds.md").exists()
 
 
 def test_failed_jobs_sort_last_and_metrics_can_be_nested(tmp_path):
