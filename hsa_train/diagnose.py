@@ -172,7 +172,7 @@ def plot_heatmap(result: dict, type_names: list[str], path: Path, title: str) ->
         ax.set_yticks(range(layers), [f"layer {i}" for i in range(layers)])
         ax.set_title(label, fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8, label="share of attention")
-    fig.suptitle(title, fontsize=10, y=1.02)
+    fig.suptitle(title, fontsize=10, y=1.0 + 0.05 * (title.count("\n") + 1))  # above the panel titles
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
