@@ -1,11 +1,11 @@
 """What a Hydra multirun found: one table of every job's settings and eval metrics, sorted by the objective.
 
 Registered in conf/config.yaml as a Hydra callback. It reads what the jobs left on disk (`.hydra/overrides.yaml`
-and `metrics.json` in each job directory), so it works the same with the local launcher, SLURM and Optuna, and
-counts a job without metrics.json as failed. `summary.md` and `summary.csv` in the sweep directory are rewritten
-after every job (a long sweep can be read while it runs; a failed job does not lose the others' results); the
-table is printed at the end. When `seed` is swept, `summary_seeds.md` / `.csv` also give each setting's mean ± std
-over its seeds.
+and `metrics.json` in each job directory), so it works the same with the local launcher, SLURM and Optuna; a
+job without metrics.json has failed or is still running. `summary.md` and `summary.csv` in the sweep directory
+are rewritten after every job (a long sweep can be read while it runs; a failed job does not lose the others'
+results); the table is printed at the end. When `seed` is swept, `summary_seeds.md` / `.csv` also give each
+setting's mean ± std over its seeds.
 """
 
 from __future__ import annotations
