@@ -5,8 +5,8 @@
 For each sample the model runs twice through the eager HSA backend (which returns attention weights): once with its
 λ, once with every λ at 0 (the same weights without the bias). For the chosen query positions (by default the ones
 that predict the final answer) it adds up the attention weight that lands on keys of each type, averaged over
-heads, queries and samples. The `keys` row is what uniform attention over the visible keys would give: a type's
-share of the context. Writes attention_by_type.{json,md,csv} and, with matplotlib (the `[plot]` extra), a heatmap
+heads, queries and samples. The `context` row is what uniform attention over the visible keys would give: a
+type's share of the context. Writes attention_by_type.{json,md,csv} and, with matplotlib (the `[plot]` extra), a heatmap
 attention_by_type.png into --out.
 """
 
@@ -112,8 +112,20 @@ def report_rows(result: dict, type_names: list[str]) -> list[dict[str, object]]:
         for setting in ("with_bias", "without_bias"):
             shares = result[setting][layer].tolist()
             rows.append({"layer": layer, "bias": setting == "with_bias", **dict(zip(type_names, shares))})
-    rows.append({"layer": "keys", "bias": None, **dict(zip(type_names, result["keys"].tolist()))})
+    rows.append({"layer": "context", "bias": None, **dict(zip(type_names, result["keys"].tolist()))})
     return rows
+
+
+def table_cells(result: dict) -> list[list[str]]:
+    """The printed table's rows: the layer, then "with / without bias" per type; last, each type's context share."""
+    rows = [
+        [
+            str(layer),
+            *(f"{w:.3f} / {wo:.3f}" for w, wo in zip(result["with_bias"][layer], result["without_bias"][layer])),
+        ]
+        for layer in range(result["with_bias"].shape[0])
+    ]
+    return rows + [["context", *(f"{v:.3f}" for v in result["keys"].tolist())]]
 
 
 def write_reports(result: dict, type_names: list[str], out: Path, meta: dict) -> list[Path]:
@@ -141,13 +153,7 @@ def write_reports(result: dict, type_names: list[str], out: Path, meta: dict) ->
         header,
         "|---" * (len(type_names) + 1) + "|",
     ]
-    for layer in range(result["with_bias"].shape[0]):
-        cells = [
-            f"{result['with_bias'][layer, t]:.3f} / {result['without_bias'][layer, t]:.3f}"
-            for t in range(len(type_names))
-        ]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    lines.append("| context share | " + " | ".join(f"{v:.3f}" for v in result["keys"].tolist()) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in table_cells(result)]
     written[2].write_text("\n".join(lines) + "\n")
     return written
 
@@ -186,15 +192,8 @@ def print_table(result: dict, type_names: list[str], title: str) -> None:
     table.add_column("layer", justify="right")
     for name in type_names:
         table.add_column(f"{name}\nwith / without bias", justify="right")
-    for layer in range(result["with_bias"].shape[0]):
-        table.add_row(
-            str(layer),
-            *(
-                f"{result['with_bias'][layer, t]:.3f} / {result['without_bias'][layer, t]:.3f}"
-                for t in range(len(type_names))
-            ),
-        )
-    table.add_row("context", *(f"{v:.3f}" for v in result["keys"].tolist()))
+    for row in table_cells(result):
+        table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 

@@ -264,9 +264,16 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
         model.train()
         return summarize(totals, type_names)
 
-    def run_all_evals() -> tuple[dict | None, dict[str, dict]]:
-        """The held-out split, then each of data.eval_sets."""
-        return run_eval(eval_samples), {name: run_eval(samples) for name, (samples, _) in extra_evals.items()}
+    def run_all_evals(step: int, label: str = "") -> tuple[dict | None, dict[str, dict]]:
+        """The held-out split, then each of data.eval_sets: evaluated, printed (`label` after each name) and
+        logged at `step`."""
+        result = run_eval(eval_samples)
+        set_results = {name: run_eval(samples) for name, (samples, _) in extra_evals.items()}
+        for name, res in [("eval", result), *set_results.items()]:
+            if res is not None:
+                console.print(eval_line(name + label, res))
+                tracker.log(eval_log("eval/" if name == "eval" else f"eval/{name}/", res), step)
+        return result, set_results
 
     console = Console(run.logging.progress, max_steps, enabled=info.is_main)
     tracker = Tracker(run.logging.wandb and info.is_main, run.logging, resolved_config, str(run_dir))
@@ -343,22 +350,14 @@ def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
                     console.print(f"checkpoint: {save_checkpoint(step)}")
                     window_start = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != max_steps:
-                    result, set_results = run_all_evals()
-                    for name, res in [("eval", result), *set_results.items()]:
-                        if res is not None:
-                            console.print(eval_line(f"{name} @ step {step}", res))
-                            tracker.log(eval_log("eval/" if name == "eval" else f"eval/{name}/", res), step)
+                    run_all_evals(step, f" @ step {step}")
                     window_tokens, window_start = 0, time.perf_counter()  # eval time is not training time
         console.close()
         if cfg.save_every and start_step < max_steps:  # checkpointing is on: the end state too
             console.print(f"checkpoint: {save_checkpoint(max_steps)}")
 
         # --- evaluation, export, metrics ----------------------------------------------------------------------
-        eval_result, set_results = run_all_evals()
-        for name, res in [("eval", eval_result), *set_results.items()]:
-            if res is not None:
-                console.print(eval_line(name, res))
-                tracker.log(eval_log("eval/" if name == "eval" else f"eval/{name}/", res), max_steps)
+        eval_result, set_results = run_all_evals(max_steps)
 
         model_dir = run_dir / "model"
         exported = (
