@@ -18,19 +18,21 @@ class FakeAttention(torch.nn.Module):
 
 
 def brute_force(q, k, v, semantic_ids, padding, lambdas, head_scaling):
-    """out[b, i, h] = Σ_j softmax_j(q·k/√d - λ[s_j]·m_h·(i-j)) v[j], over j ≤ i that are not padding."""
+    """out[b, i, h] = Σ_j softmax_j(q·k/√d - λ[s_j]·m_h·(i-j)) v[j], over j ≤ i that are not padding. The Q
+    queries are the last Q of the K key positions (a KV-cache step when Q < K)."""
     B, H, Q, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, K = k.shape[1], k.shape[2]
     out = torch.zeros(B, Q, H, D, dtype=torch.float64)
     for b in range(B):
         for h in range(H):
             m_h = 2.0 ** (-8.0 * h / H) if head_scaling == "alibi" else 1.0
-            for i in range(Q):
+            for row in range(Q):
+                i = K - Q + row  # the query's absolute position
                 scores, values = [], []
-                for j in range(Q):
+                for j in range(K):
                     if j > i or not padding[b][j]:
                         continue
-                    dot = sum(float(q[b, h, i, d]) * float(k[b, h // (H // Hkv), j, d]) for d in range(D))
+                    dot = sum(float(q[b, h, row, d]) * float(k[b, h // (H // Hkv), j, d]) for d in range(D))
                     lam = lambdas[int(semantic_ids[b][j])] * m_h
                     scores.append(dot / math.sqrt(D) - lam * (i - j))
                     values.append(v[b, h // (H // Hkv), j].double())
@@ -39,7 +41,7 @@ def brute_force(q, k, v, semantic_ids, padding, lambdas, head_scaling):
                 top = max(scores)
                 weights = [math.exp(s - top) for s in scores]
                 total = sum(weights)
-                out[b, i, h] = sum(w / total * val for w, val in zip(weights, values))
+                out[b, row, h] = sum(w / total * val for w, val in zip(weights, values))
     return out
 
 
@@ -80,3 +82,70 @@ def test_fixed_lambdas_build_no_graph_learnable_ones_do():
     learn.attention_bias(mask, q, k).sum().backward()
     # d/dλ[1] of Σ -λ[1]·(i-j) over the causal pairs of 4 tokens = -(1+2+3 + 1+2 + 1) = -10
     assert lam.grad.tolist() == [0.0, -10.0, 0.0]
+
+
+@pytest.mark.parametrize("head_scaling", ["none", "alibi"])
+@pytest.mark.parametrize("attention", [hsa_eager_attention, hsa_sdpa_attention], ids=["eager", "sdpa"])
+def test_fewer_queries_than_keys_match_the_formula(attention, head_scaling):
+    """A decoding step with a cache: 3 new queries over 8 keys, queries at absolute positions 5, 6, 7."""
+    torch.manual_seed(1)
+    B, H, Hkv, K, Q, D = 2, 4, 2, 8, 3, 8
+    q, k, v = torch.randn(B, H, Q, D), torch.randn(B, Hkv, K, D), torch.randn(B, Hkv, K, D)
+    semantic_ids = torch.tensor([[0, 2, 1, 2, 2, 1, 0, 2], [2, 2, 0, 1, 2, 2, 2, 1]])
+    padding = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])
+    mask = hsa_mask(batch_size=B, q_length=Q, kv_length=K, q_offset=K - Q, attention_mask=padding.bool())
+    assert mask.shape == (B, 1, Q, K)
+    ctx = HSAForwardContext(semantic_ids, torch.tensor(LAMBDAS), head_scaling)
+    out, _ = attention(FakeAttention().eval(), q, k, v, mask, scaling=D**-0.5, hsa_context=ctx)
+    ref = brute_force(q, k, v, semantic_ids, padding, LAMBDAS, head_scaling)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def reference_bias(semantic_ids, lambdas, allowed, q_len, slopes):
+    """-λ[s_j]·m_h·(i - j) where allowed, written per element with autograd on λ (masked entries contribute 0)."""
+    B, K = semantic_ids.shape
+    H = 1 if slopes is None else len(slopes)
+    rows = []
+    for b in range(B):
+        for h in range(H):
+            m_h = 1.0 if slopes is None else float(slopes[h])
+            for r in range(q_len):
+                i = K - q_len + r
+                for j in range(K):
+                    if bool(allowed[b, 0, r, j]):
+                        rows.append(-lambdas[int(semantic_ids[b, j])] * m_h * (i - j))
+    return rows
+
+
+@pytest.mark.parametrize("head_scaling", ["none", "alibi"])
+@pytest.mark.parametrize("q_len", [6, 2])
+def test_lambda_gradient_matches_a_per_element_reference(head_scaling, q_len):
+    """The bias' own backward (it keeps no saved tensors, for checkpointing) against autograd through the formula
+    written element by element, for a random upstream gradient."""
+    from hsa_train.model.bias import head_slopes, hsa_bias
+
+    torch.manual_seed(2)
+    B, K, H = 2, 6, 4
+    semantic_ids = torch.tensor([[0, 2, 1, 2, 2, 1], [2, 1, 0, 1, 2, 2]])
+    padding = torch.tensor([[1] * 6, [0, 1, 1, 1, 1, 1]]).bool()
+    allowed = hsa_mask(batch_size=B, q_length=q_len, kv_length=K, q_offset=K - q_len, attention_mask=padding)
+    slopes = head_slopes(H, head_scaling)
+    lam = torch.tensor(LAMBDAS, requires_grad=True)
+    bias = hsa_bias(semantic_ids, lam, allowed, q_len, torch.float32, slopes=slopes)
+    upstream = torch.randn_like(bias)
+    (bias * upstream).sum().backward()
+    ours = lam.grad.clone()
+
+    lam_ref = torch.tensor(LAMBDAS, dtype=torch.float64, requires_grad=True)
+    entries = reference_bias(semantic_ids, lam_ref, allowed, q_len, slopes)
+    weights = [
+        float(upstream[b, 0 if slopes is None else h, r, j])
+        for b in range(B)
+        for h in range(1 if slopes is None else H)
+        for r in range(q_len)
+        for j in range(K)
+        if bool(allowed[b, 0, r, j])
+    ]
+    sum(e * w for e, w in zip(entries, weights)).backward()
+    torch.testing.assert_close(ours.double(), lam_ref.grad, atol=1e-5, rtol=1e-5)
+    assert ours.abs().sum() > 0

@@ -174,3 +174,33 @@ def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
     metrics = loop.train(*tiny_run(tmp_path, "train.skip_nonfinite=true"), tmp_path / "run")
     assert metrics["skipped_steps"] == 1 and metrics["steps"] == 3
     assert math.isnan(metrics["train_losses"][1]) and math.isfinite(metrics["eval_loss"])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("head_scaling", ["none", "alibi"])
+def test_checkpointing_with_learnable_lambdas_gives_the_same_gradients(tokenizer, model_factory, clone, backend, head_scaling):
+    """Learnable λ under activation checkpointing, several layers: the bias is built in the first layer and shared,
+    and the recomputation must neither crash nor change a gradient (λ's included)."""
+    from hsa_train.model.loading import enable_activation_checkpointing
+
+    feats = [SemanticTokenizer(tokenizer).encode(c) for c in CONVERSATIONS]
+    batch = SemanticCollator(tokenizer.pad_token_id)(feats)
+    base = enable_hsa(
+        model_factory(vocab_size=len(tokenizer), layers=3),
+        lambdas={"KEY_EVENT": 0.05, "PROCESS_NOISE": 0.2},
+        backend=backend,
+        head_scaling=head_scaling,
+        learnable=True,
+    ).train()
+    grads = []
+    for checkpointed in (False, True):
+        model = clone(base)
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        n_labels = label_count(batch)
+        accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), [batch], n_labels)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "hsa.raw" in grads[0]
+    assert grads[0]["hsa.raw"].abs().sum() > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)

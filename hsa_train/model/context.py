@@ -7,30 +7,21 @@ layer and hands the same tensor to the others, so the bias costs one build per f
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from hsa_train.model.bias import head_slopes, hsa_bias
 
 
 class HSAForwardContext:
-    """`lambdas` is λ per type, or a function returning it: read at the first attention call, inside the forward,
-    where FSDP has gathered the parameters (a pre-hook runs before FSDP's own unsharding)."""
+    """`lambdas` is λ per type, read by the model's pre-hook before any decoder layer runs: FSDP2 prepends its own
+    pre-forward hook, so its parameters are gathered by then, and no op on λ happens inside a checkpointed layer
+    (a cached result computed there would be missing from that layer's recomputation)."""
 
-    def __init__(
-        self, semantic_ids: torch.Tensor, lambdas: torch.Tensor | Callable[[], torch.Tensor], head_scaling: str
-    ):
+    def __init__(self, semantic_ids: torch.Tensor, lambdas: torch.Tensor, head_scaling: str):
         self.semantic_ids = semantic_ids
-        self._lambdas = lambdas
+        self.lambdas = lambdas
         self.head_scaling = head_scaling
         self._cache: dict[tuple, torch.Tensor] = {}
-
-    @property
-    def lambdas(self) -> torch.Tensor:
-        if callable(self._lambdas):
-            self._lambdas = self._lambdas()
-        return self._lambdas
 
     def attention_bias(
         self, attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
@@ -59,7 +50,6 @@ class HSAForwardContext:
             mask_k = attention_mask.shape[-1]
             if mask_k != k_len:
                 raise ValueError(f"attention mask spans {mask_k} keys, attention spans {k_len}")
-        with torch.set_grad_enabled(self.lambdas.requires_grad and torch.is_grad_enabled()):
-            bias = hsa_bias(sem, self.lambdas, allowed, q_len, query.dtype, slopes=slopes, additive_mask=additive)
+        bias = hsa_bias(sem, self.lambdas, allowed, q_len, query.dtype, slopes=slopes, additive_mask=additive)
         self._cache[cache_key] = bias
         return bias
