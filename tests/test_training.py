@@ -178,7 +178,9 @@ def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("head_scaling", ["none", "alibi"])
-def test_checkpointing_with_learnable_lambdas_gives_the_same_gradients(tokenizer, model_factory, clone, backend, head_scaling):
+def test_checkpointing_with_learnable_lambdas_gives_the_same_gradients(
+    tokenizer, model_factory, clone, backend, head_scaling
+):
     """Learnable λ under activation checkpointing, several layers: the bias is built in the first layer and shared,
     and the recomputation must neither crash nor change a gradient (λ's included)."""
     from hsa_train.model.loading import enable_activation_checkpointing
