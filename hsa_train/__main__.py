@@ -61,6 +61,13 @@ def run(cfg: DictConfig) -> float | None:
         _fail("data error", exc)
     except (FileNotFoundError, ValueError) as exc:
         _fail("error", exc, " (HYDRA_FULL_ERROR=1 shows the traceback)")
+    except Exception as exc:  # a bug, or a library failing in a way we did not foresee: still one line
+        _fail(
+            "internal error",
+            RuntimeError(f"{type(exc).__name__}: {exc}"),
+            " (HYDRA_FULL_ERROR=1 shows the traceback; please report it)",
+            code=1,
+        )
     value = metric_value(metrics, run_cfg.objective.metric)
     if value is None and hydra_cfg.mode == RunMode.MULTIRUN:
         _fail(

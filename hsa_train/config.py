@@ -64,6 +64,7 @@ class DataConfig:
     max_length: Optional[int] = MISSING
     train_on: str = MISSING
     pad_to_multiple_of: Optional[int] = MISSING
+    ignore_keys: list[str] = MISSING
 
 
 @dataclass
@@ -101,6 +102,7 @@ class TrainConfig:
     keep_last: Optional[int] = MISSING
     checkpoint_dir: Optional[str] = MISSING
     resume: Optional[str] = MISSING
+    resume_allow_changes: list[str] = MISSING
     skip_nonfinite: bool = MISSING
     gradient_checkpointing: bool = MISSING
     compile: bool = MISSING
@@ -170,7 +172,7 @@ def validate(cfg: DictConfig) -> RunConfig:
             )
         run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config error: {_one_line(exc)}") from None
+        raise ConfigError(_one_line(exc)) from None
 
     m, d, h, t, lg = run.model, run.data, run.hsa, run.train, run.logging
     _choice("model.dtype", m.dtype, tuple(DTYPES))

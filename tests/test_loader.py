@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import ROOT
 
 from hsa_train.data import DataError, SemanticTokenizer
 from hsa_train.data.dataset import encode_files, split_eval
@@ -42,6 +43,12 @@ BAD = [
     ({"messages": [{"role": "user", "content": ["x"]}]}, "non-string content"),
     ({"messages": [{"role": "user", "content": "x", "semantic_type": "URGENT"}]}, "unknown semantic_type"),
     ({"messages": [{"role": "user", "content": "a question only"}]}, "nothing to train on"),
+    ({**GOOD, "images": ["a.jpg"]}, "unused key: the record has 'images', not used by training"),
+    (
+        {"messages": [GOOD["messages"][0], {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
+        "unused key: message 1 has 'tool_calls', not used by training",
+    ),
+    ('{"messages": [{"role": "user", "content": "a", "content": "b"}]}', "duplicate key: 'content'"),
 ]
 
 
@@ -89,9 +96,15 @@ def test_split_is_seeded_and_disjoint(tmp_path, tokenizer):
     assert not {s.where for s in ev1} & {s.where for s in tr1}
 
 
-def test_peer_messages_file_loads_with_default_types(peer_data, tokenizer):
-    samples, report = encode_files([peer_data / "mllm_demo.json"], SemanticTokenizer(tokenizer))
-    assert report.kept == len(json.loads((peer_data / "mllm_demo.json").read_text())) and not report.skipped
+def test_peer_image_file_fails_clearly_unless_images_are_declared_metadata(peer_data, tokenizer):
+    """mllm_demo.json's `images` would be dropped and its `<image>` trained as text: refused, not ignored."""
+    path = peer_data / "mllm_demo.json"
+    with pytest.raises(DataError, match=r"mllm_demo.json:2: unused key: the record has 'images'.*vision data"):
+        encode_files([path], SemanticTokenizer(tokenizer))
+    with pytest.raises(ValueError, match="no usable records"):
+        encode_files([path], SemanticTokenizer(tokenizer), on_error="skip")
+    samples, report = encode_files([path], SemanticTokenizer(tokenizer), ignore_keys=("id", "images"))
+    assert report.kept == len(json.loads(path.read_text())) and not report.skipped
     assert all(set(s.features["semantic_ids"]) == {TYPES.default_id} for s in samples)
 
 
@@ -108,3 +121,71 @@ def test_peer_files_in_other_formats_fail_clearly(peer_data, tokenizer, name, li
         encode_files([peer_data / name], SemanticTokenizer(tokenizer))
     with pytest.raises(ValueError, match="no usable records"):
         encode_files([peer_data / name], SemanticTokenizer(tokenizer), on_error="skip")
+
+
+@pytest.mark.parametrize(
+    "extra, hint",
+    [
+        ({"images": ["a.jpg"]}, "vision data is not supported yet"),
+        ({"videos": ["a.mp4"]}, "vision data is not supported yet"),
+        ({"audios": ["a.wav"]}, "audio data is not supported yet"),
+        ({"tools": "[{...}]"}, "tool definitions are not rendered"),
+        ({"system": "Be brief."}, "role 'system'"),
+        ({"loss_weight": 0.5}, "loss weights are not supported"),
+        ({"source": "web"}, "data.ignore_keys"),
+    ],
+)
+def test_unused_record_key_is_an_error_naming_it(tmp_path, extra, hint):
+    path = write_jsonl(tmp_path / "a.jsonl", [GOOD, {**GOOD, **extra}])
+    key = next(iter(extra))
+    with pytest.raises(DataError, match=rf"a.jsonl:2: unused key: the record has '{key}', not used by training"):
+        load_records([path], TYPES)
+    with pytest.raises(DataError) as info:
+        load_records([path], TYPES)
+    assert hint in str(info.value) and "\n" not in str(info.value)
+    records, report = load_records([path], TYPES, on_error="skip")
+    assert len(records) == 1 and [e.line for e in report.skipped] == [2]
+    assert "1x unused key" in report.summary()
+
+
+@pytest.mark.parametrize(
+    "extra, hint",
+    [
+        ({"tool_calls": [{"name": "f", "arguments": "{}"}]}, "tool calls are not rendered"),
+        ({"name": "bob"}, "names are not rendered"),
+        ({"tool_call_id": "call_1"}, "tool call ids are not rendered"),
+        ({"weight": 0.0}, "loss weights are not supported"),
+        ({"loss": False}, "loss weights are not supported"),
+    ],
+)
+def test_unused_message_key_is_an_error_naming_it(tmp_path, extra, hint):
+    row = {"messages": [GOOD["messages"][0], {**GOOD["messages"][1], **extra}]}
+    path = write_jsonl(tmp_path / "a.jsonl", [row])
+    key = next(iter(extra))
+    with pytest.raises(DataError, match=rf"a.jsonl:1: unused key: message 1 has '{key}', not used by training"):
+        load_records([path], TYPES)
+    with pytest.raises(DataError) as info:
+        load_records([path], TYPES)
+    assert hint in str(info.value)
+
+
+def test_ignore_keys_declares_metadata_and_none_values_carry_nothing(tmp_path):
+    tagged = {"id": 7, "source": "web", "images": None, "messages": [{**m, "note": "x"} for m in GOOD["messages"]]}
+    path = write_jsonl(tmp_path / "a.jsonl", [tagged])
+    with pytest.raises(DataError, match="unused key: the record has 'source'"):
+        load_records([path], TYPES)  # 'id' is ignored by default, 'images': null carries no data
+    with pytest.raises(DataError, match="unused key: message 0 has 'note'"):
+        load_records([path], TYPES, ignore_keys=("id", "source"))
+    records, _ = load_records([path], TYPES, ignore_keys=("id", "source", "note"))
+    assert records[0].messages == [{**m, "semantic_type": m.get("semantic_type")} for m in GOOD["messages"]]
+    with pytest.raises(DataError, match="unused key: the record has 'id'"):
+        load_records([path], TYPES, ignore_keys=("source", "note"))
+    with pytest.raises(ValueError, match="ignore_keys"):
+        load_records([path], TYPES, ignore_keys="id")
+
+
+def test_bundled_data_has_no_unused_keys():
+    files = sorted((ROOT / "data").glob("*/*.jsonl"))
+    assert len(files) >= 5
+    records, report = load_records(files, TYPES)
+    assert not report.skipped and len(records) == report.kept

@@ -157,9 +157,9 @@ def _nan_at_call(n: int, make_forward):
 
 
 def test_nan_stops_the_run_at_its_step_without_saving(tmp_path, monkeypatch):
-    from hsa_train.training import loop
+    from hsa_train.training import loop, recipe
 
-    monkeypatch.setattr(loop, "make_forward", _nan_at_call(2, loop.make_forward))
+    monkeypatch.setattr(recipe, "make_forward", _nan_at_call(2, recipe.make_forward))
     run, resolved = tiny_run(tmp_path, "train.save_model=true", "train.save_every=1")
     with pytest.raises(loop.NonFiniteError, match=r"^step 2: non-finite loss .* on samples \[.*d.jsonl:\d+"):
         loop.train(run, resolved, tmp_path / "run")
@@ -168,9 +168,9 @@ def test_nan_stops_the_run_at_its_step_without_saving(tmp_path, monkeypatch):
 
 
 def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
-    from hsa_train.training import loop
+    from hsa_train.training import loop, recipe
 
-    monkeypatch.setattr(loop, "make_forward", _nan_at_call(2, loop.make_forward))
+    monkeypatch.setattr(recipe, "make_forward", _nan_at_call(2, recipe.make_forward))
     metrics = loop.train(*tiny_run(tmp_path, "train.skip_nonfinite=true"), tmp_path / "run")
     assert metrics["skipped_steps"] == 1 and metrics["steps"] == 3
     assert math.isnan(metrics["train_losses"][1]) and math.isfinite(metrics["eval_loss"])

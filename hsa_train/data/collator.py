@@ -39,6 +39,12 @@ class SemanticCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
 
+    @classmethod
+    def from_tokenizer(cls, st, pad_to_multiple_of: int | None = None, padding_side: str = "right"):
+        """The collator for a SemanticTokenizer's samples: its pad id and its default type, so the padding's type
+        comes from the same settings as every token's."""
+        return cls(st.tokenizer.pad_token_id, st.types.default_id, pad_to_multiple_of, padding_side)
+
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("SemanticCollator: empty batch")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,18 +25,36 @@ class Sample:
     where: str
 
 
+def _max_chars(st: SemanticTokenizer) -> int | None:
+    """Content longer than this is certainly over `st.max_length` tokens: a token decodes to at most its vocabulary
+    string's length in characters (+1 for a separator a decoder may insert), and the template only adds text. None
+    without a max_length (or a vocabulary to measure)."""
+    get_vocab = getattr(st.tokenizer, "get_vocab", None)
+    if st.max_length is None or get_vocab is None:
+        return None
+    return st.max_length * (max(map(len, get_vocab()), default=0) + 1)
+
+
 def encode_files(
-    paths: Sequence[str], st: SemanticTokenizer, on_error: str = "raise"
+    paths: Sequence[str], st: SemanticTokenizer, on_error: str = "raise", ignore_keys: Sequence[str] = ("id",)
 ) -> tuple[list[Sample], LoadReport]:
-    """Loads and tokenizes every record; a record that cannot be tokenized is a bad record like any other."""
+    """Loads and tokenizes every record; a record that cannot be tokenized is a bad record like any other.
+    `ignore_keys`: record or message keys that are pure metadata (any other unused key is an error)."""
     encoded: dict[int, tuple[dict[str, np.ndarray], tuple[int, int] | None]] = {}
+    max_chars = _max_chars(st)
 
     def check(record: Record) -> None:
+        chars = sum(len(m["content"]) for m in record.messages)
+        if max_chars is not None and chars > max_chars:  # refused before a huge text reaches the tokenizer
+            raise ValueError(
+                f"too long: {chars} characters > {max_chars} (more than data.max_length={st.max_length} tokens "
+                "can hold; raise data.max_length, or use data.on_error=skip to skip such records)"
+            )
         features, answer = st.encode_with_answer(record.messages)
         arrays = {name: np.asarray(values, dtype=np.int32) for name, values in features.items()}
         encoded[id(record)] = (arrays, answer)
 
-    records, report = load_records(list(paths), st.types, on_error=on_error, check=check)
+    records, report = load_records(list(paths), st.types, on_error=on_error, check=check, ignore_keys=ignore_keys)
     return [Sample(*encoded[id(r)], where=r.where) for r in records], report
 
 
@@ -101,13 +120,31 @@ def rank_micro_batches(indices: list[int], micro: int, world: int, rank: int) ->
 
 
 def eval_batches(samples: list[Sample], batch_size: int, collator: SemanticCollator, rank: int = 0, world: int = 1):
-    """Every eval sample exactly once across ranks (rank r takes samples r, r+world, ...), in batches. Each batch
+    """Every eval sample exactly once across ranks (rank r takes samples r, r+world, ...), in batches, and the
+    same number of batches on every rank: under DDP / FSDP each forward is a collective, so a rank with fewer
+    samples runs filler batches (one padding token, no label, no answer) that add nothing to any sum. Each batch
     also carries `answer_span` (B, 2): the final answer's token span per row, (-1, -1) where there is none."""
     if collator.padding_side != "right":
         raise ValueError("eval_batches needs a right-padding collator (answer spans are positions from the left)")
     mine = samples[rank::world]
-    for start in range(0, len(mine), batch_size):
+    busiest = math.ceil(len(samples) / world)  # samples of the rank with the most
+    n_batches = math.ceil(busiest / batch_size)
+    for start in range(0, n_batches * batch_size, batch_size):
         chunk = mine[start : start + batch_size]
+        if not chunk:
+            yield filler_batch(collator)
+            continue
         batch = collator([s.features for s in chunk])
         batch["answer_span"] = torch.tensor([s.answer or (-1, -1) for s in chunk], dtype=torch.long)
         yield batch
+
+
+def filler_batch(collator: SemanticCollator) -> dict[str, torch.Tensor]:
+    """A batch of one row that counts for nothing: a single padding token, attended (a row with no visible key
+    is undefined for some attention kernels), with no label and no answer."""
+    pad = collator.pad_values
+    row = {"input_ids": [pad["input_ids"]], "attention_mask": [1], "labels": [pad["labels"]]}
+    row["semantic_ids"] = [pad["semantic_ids"]]
+    batch = collator([row])
+    batch["answer_span"] = torch.tensor([(-1, -1)], dtype=torch.long)
+    return batch

@@ -25,7 +25,13 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, ch
     `chat_template` replaces the tokenizer's template: "chatml" (the shipped ChatML template), or a path to a Jinja
     file. Base models often have none, and training needs one to know where messages begin and end."""
     source = name_or_path or str(bundled_tokenizer_dir())
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError (missing / offline), ValueError (unknown class), remote code errors
+        raise ValueError(
+            f"cannot load the tokenizer from {source} ({_first_line(exc)}); check model.tokenizer / "
+            "model.name_or_path (a folder with tokenizer files, or a hub id reachable from here)"
+        ) from None
     if chat_template == "chatml":
         tokenizer.chat_template = (bundled_tokenizer_dir() / "chat_template.jinja").read_text(encoding="utf-8")
     elif chat_template:
@@ -38,6 +44,73 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, ch
             raise ValueError(f"tokenizer {source} has neither a pad nor an eos token; give it a pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def _is_causal_lm(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map
+
+
+def check_model_source(model_cfg, types) -> None:
+    """Reads only the model's config, before any slow work, and fails with one line when the model cannot be
+    trained as asked: an unknown architecture, one that is not a causal LM, a path that is no model folder, a hub
+    id that cannot be reached, or HSA types the checkpoint was trained with that differ from `types`
+    (a SemanticTypes: one source of truth, or the ids would decay the wrong tokens)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    examples = "e.g. qwen2, llama, mistral, gemma2, phi3"
+    name = model_cfg.name_or_path
+    if not name:
+        arch_type = (model_cfg.arch or {}).get("type")
+        if arch_type not in CONFIG_MAPPING_NAMES:
+            import difflib
+
+            close = difflib.get_close_matches(str(arch_type), list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"use a transformers model_type ({examples})"
+            raise ValueError(f"model.arch.type={arch_type!r} is not an architecture transformers knows; {hint}")
+        if arch_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(
+                f"model.arch.type={arch_type!r} is not a causal language model (AutoModelForCausalLM cannot build "
+                f"it); hsa_train trains text causal LMs ({examples}); vision-language models are not supported yet"
+            )
+        return
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        if not path.is_dir():
+            raise ValueError(f"model.name_or_path={name}: no such folder; give a model folder or a hub id")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.name_or_path={name}: the folder has no config.json (not a save_pretrained folder)")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as exc:  # OSError offline / not found, ValueError for unknown model types, remote code errors
+        raise ValueError(
+            f"model.name_or_path={name}: cannot read its config ({_first_line(exc)}); check the path or hub id, the "
+            "network (or HF_HUB_OFFLINE=1 with a cached copy), or trust_remote_code"
+        ) from None
+    if not _is_causal_lm(config):
+        raise ValueError(
+            f"model.name_or_path={name} is a {config.model_type!r} model, not a causal language model "
+            "(AutoModelForCausalLM cannot load it); vision-language models are not supported yet"
+        )
+    stored = getattr(config, "hsa", None)
+    if stored and "types" in stored:
+        from hsa_train.types import SemanticTypes
+
+        trained = SemanticTypes.from_names(stored["types"], stored.get("default_type"))
+        if (trained.names, trained.default) != (types.names, types.default):
+            raise ValueError(
+                f"the model at {name} was trained with HSA types {trained.describe()}, the run has hsa.types "
+                f"{types.describe()}; ids would mean other types: set hsa.types=[{','.join(trained.names)}] "
+                f"hsa.default_type={trained.default} (and a λ for each)"
+            )
 
 
 def build_model(

@@ -100,6 +100,33 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
     return tensor.tolist()
 
 
+def on_main(fn, info: DistInfo):
+    """Runs `fn` on rank 0 only (a file-system check, a lock) and returns its result there (None elsewhere); if
+    it raises, every rank raises the same error, so no rank goes on alone into a collective that would hang."""
+    if info.world == 1:
+        return fn()
+    result, failure = None, [None]
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised on every rank below
+            failure = [(type(exc), " ".join(str(exc).split()))]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        kind, message = failure[0]
+        raise (kind if issubclass(kind, ValueError) else RuntimeError)(message)
+    return result
+
+
+def broadcast(value, info: DistInfo):
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if info.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()

@@ -1,0 +1,398 @@
+"""The training recipe: setup, one step at a time, evaluation, checkpoints, and the run's results.
+
+`Recipe` owns what a run builds (process group, data, model, optimizer, schedule) and keeps what changes as it
+trains in explicit state that checkpoints itself (`Progress`, the schedule, the data position). `loop.train` is
+the driver that calls it. Setup fails fast, in order of cost: config and model source, the run folder, the data
+(a bad record stops the run before the model is built), then the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+import yaml
+
+from hsa_train.config import RunConfig
+from hsa_train.data import SemanticCollator, SemanticTokenizer
+from hsa_train.data.dataset import SampleStream, encode_files, eval_batches, rank_micro_batches, split_eval
+from hsa_train.model import enable_hsa
+from hsa_train.model.export import export_model
+from hsa_train.model.loading import build_model, check_model_source, enable_activation_checkpointing, load_tokenizer
+from hsa_train.model.lora import apply_lora
+from hsa_train.training import checkpoint
+from hsa_train.training import distributed as D
+from hsa_train.training.console import Console, Tracker
+from hsa_train.training.evaluate import eval_sums, summarize
+from hsa_train.training.optim import build_optimizer, build_scheduler
+from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_summary
+from hsa_train.training.resume import check_resume, data_fingerprint
+from hsa_train.training.rundir import claim
+from hsa_train.training.step import StepResult, make_forward, optimizer_step
+from hsa_train.types import SemanticTypes
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but CUDA is not available here; use train.device=cpu or auto")
+    return device
+
+
+def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device does it natively; None means plain fp32."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16":
+        if device.type == "cuda" and not bf16_ok:
+            raise ValueError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; use fp32")
+        return torch.bfloat16
+    if precision == "auto" and bf16_ok:
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class Progress:
+    """What training adds up step by step; checkpointed (as plain data) with the model."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.losses = int(state["step"]), [float(x) for x in state["losses"]]
+        self.tokens_seen, self.skipped_steps = int(state["tokens_seen"]), int(state["skipped_steps"])
+
+
+class Recipe:
+    def __init__(self, run: RunConfig, resolved_config: dict, run_dir: Path):
+        self.run, self.resolved, self.run_dir = run, resolved_config, run_dir
+        self.cfg = run.train
+        self.type_names = list(run.hsa.types)
+        self.progress = Progress()
+        self.start_step = 0
+        self.resumed_from: str | None = None
+        self.console: Console | None = None
+        self.tracker: Tracker | None = None
+        self._locks: list = []
+        self._notes: list[str] = []
+        self._t_start = time.perf_counter()
+        self.train_time = 0.0
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        transformers.utils.logging.disable_progress_bar()
+        cfg = self.cfg
+        self.device = pick_device(cfg.device)
+        self.info = D.init(cfg.distributed, self.device)
+        self.device = D.rank_device(self.device, self.info)
+        self.autocast_dtype = pick_autocast(cfg.precision, self.device)
+        seed_everything(self.run.seed)
+        check_model_source(self.run.model, SemanticTypes.from_names(self.run.hsa.types, self.run.hsa.default_type))
+        self.ckpt_root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
+        self._locks = D.on_main(lambda: claim(self.run_dir, self.ckpt_root, resuming=bool(cfg.resume)), self.info) or []
+        self._setup_data()
+        self._setup_model()
+        self._resume()
+        self._open_reporting()
+
+    def _setup_data(self) -> None:
+        run, data = self.run, self.run.data
+        self.tokenizer = load_tokenizer(
+            run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code, run.model.chat_template
+        )
+        st = SemanticTokenizer(self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on, data.max_length)
+        self.types = st.types
+        encode = lambda files: encode_files(files, st, data.on_error, ignore_keys=tuple(data.ignore_keys))  # noqa: E731
+        self.train_samples, self.report = encode(data.train_files)
+        self.eval_report = None
+        if data.eval_files:
+            self.eval_samples, self.eval_report = encode(data.eval_files)
+        else:
+            self.train_samples, self.eval_samples = split_eval(self.train_samples, data.eval_ratio, run.seed)
+        self.extra_evals = {name: encode(files) for name, files in data.eval_sets.items()}
+        self.collator = SemanticCollator.from_tokenizer(st, data.pad_to_multiple_of)
+        self.global_batch = self.cfg.micro_batch_size * self.cfg.grad_accum * self.info.world
+        self.stream = SampleStream(len(self.train_samples), seed=run.seed)
+        n = len(self.train_samples)
+        self.max_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * n / self.global_batch))
+        self.data_fingerprint = data_fingerprint(self.train_samples)
+        if self.global_batch > n:
+            self._notes.append(
+                f"warning: the global batch ({self.global_batch} samples) is larger than the training set ({n}): "
+                "every step repeats samples; lower train.micro_batch_size or train.grad_accum"
+            )
+        if self.cfg.warmup_steps >= self.max_steps:
+            self._notes.append(
+                f"warning: train.warmup_steps={self.cfg.warmup_steps} covers the whole run of {self.max_steps} "
+                "steps: the learning rate never reaches train.lr"
+            )
+
+    def _setup_model(self) -> None:
+        run, hsa_cfg, cfg = self.run, self.run.hsa, self.cfg
+        model = build_model(
+            run.model.name_or_path, run.model.arch, self.tokenizer, run.model.dtype, run.model.trust_remote_code
+        )
+        if hsa_cfg.enabled:
+            enable_hsa(
+                model,
+                dict(hsa_cfg.lambdas),
+                hsa_cfg.backend,
+                types=self.type_names,
+                default_type=hsa_cfg.default_type,
+                head_scaling=hsa_cfg.head_scaling,
+                learnable=hsa_cfg.learnable,
+            )
+        self.lora = run.model.lora.enabled
+        if self.lora:
+            model = apply_lora(model, run.model.lora, train_lambdas=hsa_cfg.enabled and hsa_cfg.learnable)
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        model.to(self.device)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = D.wrap(
+            model, self.info, self.device, mixed_bf16=self.autocast_dtype is not None and self.device.type == "cuda"
+        )
+        if cfg.compile:
+            model.compile()
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio)
+        self.forward = make_forward(model, self.device, self.autocast_dtype, hsa_cfg.enabled)
+
+    def _resume(self) -> None:
+        """Picks the checkpoint (rank 0 checks every checksum, skipping damaged ones with a note, and tells the
+        others), refuses one whose config or data would train differently, then restores the whole state."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return
+        if cfg.resume == "auto":
+            folder, skipped = D.on_main(lambda: checkpoint.newest_intact(self.ckpt_root), self.info) or (None, [])
+            folder, skipped = D.broadcast((folder, skipped), self.info)
+            self._notes += skipped
+            if folder is None:  # nothing saved yet: a fresh start
+                return
+        else:
+            folder = Path(cfg.resume)
+            why = D.on_main(lambda: checkpoint.problem(folder), self.info)
+            why = D.broadcast(why, self.info)
+            if why is not None:
+                raise ValueError(f"train.resume={folder}: {why}; point train.resume at an intact checkpoint")
+        saved = checkpoint.trainer_state(folder)
+        self._notes += check_resume(
+            saved.get("config"),
+            saved.get("data"),
+            self.resolved,
+            self.data_fingerprint,
+            cfg.resume_allow_changes,
+            str(folder),
+        )
+        state = checkpoint.load(folder, self.model, self.optimizer, self.info, frozen_base=self.lora, verified=True)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.progress.load_state_dict(state)
+        self.start_step, self.resumed_from = self.progress.step, str(folder)
+
+    def _open_reporting(self) -> None:
+        run, info, cfg, hsa_cfg = self.run, self.info, self.cfg, self.run.hsa
+        self.console = Console(run.logging.progress, self.max_steps, enabled=info.is_main)
+        self.tracker = Tracker(run.logging.wandb and info.is_main, run.logging, self.resolved, str(self.run_dir))
+        self.console.print(
+            f"hsa_train: {self.n_params / 1e6:.2f}M params ({self.n_trainable / 1e6:.2f}M trained"
+            f"{', LoRA' if self.lora else ''}) on {self.device} x{info.world} ({info.mode}), "
+            f"{'bf16 autocast' if self.autocast_dtype else 'fp32'}, HSA "
+            + (f"backend={hsa_cfg.backend} λ={dict(hsa_cfg.lambdas)}" if hsa_cfg.enabled else "off")
+        )
+        self.console.print(
+            f"data: train {self.report.summary()}"
+            + (f", eval {self.eval_report.summary()}" if self.eval_report else "")
+            + "".join(f", {name} {rep.summary()}" for name, (_, rep) in self.extra_evals.items())
+            + f" -> {len(self.train_samples)} train / {len(self.eval_samples)} eval samples; {self.max_steps} steps "
+            f"of {self.global_batch} samples ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {info.world} ranks)"
+        )
+        for note in self._notes:
+            self.console.print(note)
+        if self.resumed_from:
+            self.console.print(f"resumed from {self.resumed_from} at step {self.start_step}")
+
+    # -- training ------------------------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    def train_step(self, stop_signal: int = 0) -> StepResult:
+        """The next optimizer step over the next global batch of the data stream."""
+        t_step = time.perf_counter()
+        cfg, info, p = self.cfg, self.info, self.progress
+        picked = rank_micro_batches(self.stream.take(self.global_batch), cfg.micro_batch_size, info.world, info.rank)
+        micro = [self.collator([self.train_samples[i].features for i in chunk]) for chunk in picked]
+        result = optimizer_step(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.forward,
+            micro,
+            info,
+            self.device,
+            step=p.step + 1,
+            max_grad_norm=cfg.max_grad_norm,
+            skip_nonfinite=cfg.skip_nonfinite,
+            where=lambda: [self.train_samples[i].where for chunk in picked for i in chunk],
+            stop_signal=stop_signal,
+        )
+        p.step += 1
+        p.losses.append(result.loss)
+        p.tokens_seen += result.tokens
+        p.skipped_steps += result.skipped
+        if result.skipped:
+            self.console.print(f"step {p.step}: non-finite loss or gradient, update skipped ({p.skipped_steps} so far)")
+        self._window_tokens += result.tokens
+        self.train_time += time.perf_counter() - t_step
+        self._log_step(result)
+        return result
+
+    def _log_step(self, result: StepResult) -> None:
+        step = self.progress.step
+        log_now = step % self.cfg.log_every == 0 or step == self.max_steps or step == self.start_step + 1
+        tps = self._window_tokens / max(time.perf_counter() - self._window_start, 1e-9)
+        self.console.step(step, {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps}, log_now)
+        if log_now:
+            logged = {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "grad_norm": result.grad_norm}
+            logged["tokens_seen"] = self.progress.tokens_seen
+            self.tracker.log({f"train/{k}": v for k, v in logged.items()}, step)
+            self.restart_throughput_window()
+
+    def restart_throughput_window(self) -> None:
+        """Time spent checkpointing or evaluating is not training time."""
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate_samples(self, samples: list) -> dict | None:
+        """Loss per type and final-answer metrics over `samples`, split over the ranks with the same number of
+        forwards on each, summed over all of them: the same numbers as one process."""
+        if not samples:
+            return None
+        self.model.eval()
+        batches = eval_batches(samples, self.cfg.eval_batch_size, self.collator, self.info.rank, self.info.world)
+        totals = D.all_reduce_sum(eval_sums(self.forward, batches, len(self.type_names)), self.device, self.info)
+        self.model.train()
+        return summarize(totals, self.type_names)
+
+    def evaluate(self, label: str = "") -> tuple[dict | None, dict[str, dict | None]]:
+        """The held-out split, then each of data.eval_sets: evaluated, printed (`label` after each name) and
+        logged at the current step."""
+        result = self.evaluate_samples(self.eval_samples)
+        set_results = {name: self.evaluate_samples(samples) for name, (samples, _) in self.extra_evals.items()}
+        for name, res in [("eval", result), *set_results.items()]:
+            if res is not None:
+                self.console.print(eval_line(name + label, res))
+                self.tracker.log(eval_log("eval/" if name == "eval" else f"eval/{name}/", res), self.step)
+        self.restart_throughput_window()
+        return result, set_results
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything beyond model and optimizer that a resumed run needs, as plain data, with the config and
+        data fingerprint it must be resumed under."""
+        return {
+            **self.progress.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "stream": self.stream.state_dict(),
+            "config": self.resolved,
+            "data": self.data_fingerprint,
+        }
+
+    def save(self) -> Path:
+        path = checkpoint.save(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.state_dict(),
+            self.info,
+            self.cfg.keep_last,
+            self.lora,
+        )
+        self.restart_throughput_window()
+        return path
+
+    # -- the end -------------------------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Final evaluation, export, config.yaml and metrics.json; returns the metrics."""
+        run, info, p = self.run, self.info, self.progress
+        eval_result, set_results = self.evaluate()
+        exported = {}
+        if self.cfg.save_model:
+            exported = export_model(
+                self.model, self.tokenizer, self.run_dir / "model", info, lora=self.lora, merge=run.export.merge
+            )
+        if info.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
+        skipped_records = len(self.report.skipped) + (len(self.eval_report.skipped) if self.eval_report else 0)
+        skipped_records += sum(len(rep.skipped) for _, rep in self.extra_evals.values())
+        metrics = {
+            "steps": self.max_steps,
+            "world_size": info.world,
+            "distributed": info.mode,
+            "resumed_from": self.resumed_from,
+            "samples_train": len(self.train_samples),
+            "samples_eval": len(self.eval_samples),
+            "skipped_records": skipped_records,
+            "skipped_steps": p.skipped_steps,
+            "params": self.n_params,
+            "params_trained": self.n_trainable,
+            "tokens_seen": p.tokens_seen,
+            "tokens_per_s": p.tokens_seen / max(self.train_time, 1e-9) if self.train_time else None,
+            **(loss_summary(p.losses, self.cfg.log_every) if p.losses else {}),
+            "train_losses": p.losses,
+            **eval_summary(eval_result),
+            "eval_sets": set_results,
+            "train_time_s": self.train_time,
+            "wall_time_s": time.perf_counter() - self._t_start,
+            "device": str(self.device),
+            "precision": "bf16" if self.autocast_dtype else "fp32",
+            "hsa": dict(run.hsa.lambdas) if run.hsa.enabled else None,
+            "run_dir": str(self.run_dir),
+            **exported,
+        }
+        if info.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        self.tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if p.losses:
+            self.console.print(
+                f"done: {self.max_steps} steps, loss {p.losses[0]:.4f} -> {p.losses[-1]:.4f}, "
+                f"{metrics['tokens_per_s'] or 0:,.0f} tok/s"
+            )
+        self.console.print(f"run directory: {self.run_dir}")
+        return metrics
+
+    def close(self, exit_code: int) -> None:
+        """Closes reporting (wandb gets the exit code), releases the run folder and leaves the process group."""
+        if self.console is not None:
+            self.console.close()
+        if self.tracker is not None:
+            self.tracker.finish(exit_code)
+        for lock in self._locks:
+            lock.release()
+        D.shutdown()

@@ -1,0 +1,114 @@
+"""One optimizer step, usable on its own: forward and backward over this rank's micro-batches with the loss
+normalised over the whole global batch, the global loss and gradient norm, clipping, the non-finite guard, the
+update and the schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from hsa_train.training import distributed as D
+from hsa_train.training.loss import label_count, next_token_targets, token_loss_sum
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or gradient; nothing was updated or saved."""
+
+
+def make_forward(model, device: torch.device, autocast_dtype: torch.dtype | None, use_hsa: bool):
+    """batch -> logits, on `device`, under autocast when asked; semantic_ids go in only when HSA is on."""
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if use_hsa:
+            inputs["semantic_ids"] = batch["semantic_ids"]
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with ctx:
+            return model(**inputs, use_cache=False).logits
+
+    return forward
+
+
+def accumulate_gradients(
+    forward, micro_batches: list[dict[str, torch.Tensor]], n_labels: int, scale: float = 1.0, sync=None
+) -> tuple[float, int]:
+    """Backward over this rank's micro-batches of one step, each loss divided by `n_labels`, the label tokens of
+    the *whole* global batch (all ranks, all micro-batches), so the step's gradient is the mean over its label
+    tokens however the samples are split. `scale` undoes the averaging DDP / FSDP apply over ranks; `sync(last)`
+    gives the context that skips gradient synchronisation before the last micro-batch.
+    Returns (this rank's share of the step's mean loss, its non-padding input tokens)."""
+    if n_labels == 0:
+        raise ValueError("the batch has no label tokens")
+    loss_sum, n_tokens = 0.0, 0
+    for k, batch in enumerate(micro_batches):
+        with sync(k == len(micro_batches) - 1) if sync else nullcontext():
+            loss = token_loss_sum(forward(batch), next_token_targets(batch)) / n_labels
+            (loss * scale).backward()
+        loss_sum += loss.item()
+        n_tokens += int(batch["attention_mask"].sum())
+    return loss_sum, n_tokens
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch's label tokens
+    grad_norm: float
+    lr: float  # the lr this step used
+    tokens: int  # non-padding input tokens of the global batch
+    skipped: bool  # non-finite, update skipped (train.skip_nonfinite)
+    stop: bool  # some rank was signalled to stop: all of them checkpoint and stop after this step
+
+
+def optimizer_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    micro_batches: list[dict[str, torch.Tensor]],
+    info: D.DistInfo,
+    device: torch.device,
+    *,
+    step: int,
+    max_grad_norm: float | None,
+    skip_nonfinite: bool,
+    where: Callable[[], list[str]],
+    stop_signal: int = 0,
+) -> StepResult:
+    """Step `step` over this rank's `micro_batches` of the global batch. `where()` names the samples (file:line)
+    for the non-finite error; `stop_signal` (non-zero once this rank got SIGTERM / SIGINT) rides on the label
+    count's all-reduce, so every rank learns of it in the same step."""
+    sync = (lambda last: D.set_gradient_sync(model, info, last)) if info.mode != "none" else None
+    n_labels, stop = D.all_reduce_sum([sum(label_count(b) for b in micro_batches), float(stop_signal)], device, info)
+    local_loss, n_tokens = accumulate_gradients(forward, micro_batches, int(n_labels), info.world, sync)
+    loss, n_tokens = D.all_reduce_sum([local_loss, n_tokens], device, info)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if not finite and not skip_nonfinite:
+        raise NonFiniteError(
+            f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+            f"(loss={loss}, grad_norm={grad_norm}) on samples {gather_wheres(where(), info)}; "
+            "stopped without updating or saving the model (train.skip_nonfinite=true skips such steps)"
+        )
+    if finite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, lr, int(n_tokens), not finite, bool(stop))
+
+
+def gather_wheres(wheres: list[str], info: D.DistInfo) -> list[str]:
+    """Every rank's sample locations (only on the failure path, where all ranks arrive together)."""
+    if info.world == 1:
+        return wheres
+    import torch.distributed as dist
+
+    everyone: list[list[str] | None] = [None] * info.world
+    dist.all_gather_object(everyone, wheres)
+    return [w for part in everyone for w in (part or [])]
