@@ -1,5 +1,7 @@
-"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 give the single-process losses over the same global batch,
-and FSDP's sharded checkpoints resume exactly."""
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 give the single-process losses and evaluation over the same
+global batch, and FSDP's sharded checkpoints resume exactly. Evaluation is split unevenly on purpose (5 held-out
+samples in batches of 2 over 2 ranks, and an eval set of one record): every forward is a collective, so a rank
+with fewer batches than the other would hang the run."""
 
 from __future__ import annotations
 
@@ -11,17 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env
+from conftest import cli_env, demo_subset
 
 COMMON = [
     "model.arch.hidden_size=32",
     "model.arch.intermediate_size=64",
     "model.arch.num_hidden_layers=2",
-    "data.eval_ratio=0.1",
+    "data.eval_ratio=0.125",  # 5 of 40 records: ranks get 3 and 2, in batches of 2 -> 2 and 1 forwards
+    "train.eval_batch_size=2",
+    "train.eval_every=3",  # evaluation mid-run too, between training steps
     "train.max_steps=6",
     "logging.progress=none",
     "hsa.learnable=true",  # λ are parameters too: they must train the same under DDP and FSDP
 ]
+TIMEOUT = 300  # a hang fails here, well before CI's limit
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,10 @@ def data(small_data) -> Path:
 
 def launch(run_dir: Path, data: Path, *extra: str, nproc: int = 1) -> dict:
     env = cli_env()
-    args = [*COMMON, f"data.train_files=[{data}]", f"hydra.run.dir={run_dir}", *extra]
+    one = data.with_name("one.jsonl")  # an eval set smaller than the world: one rank has a record, one has none
+    if not one.exists():
+        demo_subset(one, 1)
+    args = [*COMMON, f"data.train_files=[{data}]", f"+data.eval_sets.one=[{one}]", f"hydra.run.dir={run_dir}", *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "hsa_train", *args]
     else:
@@ -45,7 +53,7 @@ def launch(run_dir: Path, data: Path, *extra: str, nproc: int = 1) -> dict:
             "hsa_train",
             *args,
         ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((run_dir / "metrics.json").read_text())
 
@@ -70,6 +78,11 @@ def assert_same_losses(run: dict, ref: dict) -> None:
     for a, b in zip(run["train_losses"], ref["train_losses"]):
         assert a == pytest.approx(b, abs=1e-5)
     assert run["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    assert run["samples_eval"] == ref["samples_eval"] == 5
+    for key in ("eval_exact_match", "eval_answer_token_accuracy"):
+        assert run[key] == pytest.approx(ref[key], abs=1e-9), key
+    assert run["eval_sets"]["one"]["answers"] == ref["eval_sets"]["one"]["answers"] == 1
+    assert run["eval_sets"]["one"]["loss"] == pytest.approx(ref["eval_sets"]["one"]["loss"], abs=1e-5)
     learned = [
         json.loads((Path(r["run_dir"]) / "model" / "config.json").read_text())["hsa"]["lambdas"] for r in (run, ref)
     ]
@@ -91,6 +104,7 @@ def test_fsdp_matches_single_process_and_resumes_from_sharded_checkpoints(tmp_pa
         "train.distributed=fsdp",
         "train.save_every=2",
         "train.keep_last=null",
+        "train.gradient_checkpointing=true",  # with learnable λ: the bias is shared across recomputed layers
         nproc=2,
     )
     assert run["distributed"] == "fsdp"
@@ -98,7 +112,13 @@ def test_fsdp_matches_single_process_and_resumes_from_sharded_checkpoints(tmp_pa
     mid = tmp_path / "fsdp" / "checkpoints" / "step_0000004"
     assert sorted(p.name for p in (mid / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # sharded
     resumed = launch(
-        tmp_path / "resumed", data, "train.micro_batch_size=2", "train.distributed=fsdp", f"train.resume={mid}", nproc=2
+        tmp_path / "resumed",
+        data,
+        "train.micro_batch_size=2",
+        "train.distributed=fsdp",
+        "train.gradient_checkpointing=true",
+        f"train.resume={mid}",
+        nproc=2,
     )
     assert resumed["resumed_from"] == str(mid)
     assert resumed["train_losses"] == run["train_losses"]
@@ -127,7 +147,7 @@ def test_ranks_share_one_timestamped_run_directory(tmp_path, data):
         "train.max_steps=2",
         f"data.train_files=[{data}]",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert (run_dir / "metrics.json").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
