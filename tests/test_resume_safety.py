@@ -152,3 +152,13 @@ def test_auto_resume_says_which_checkpoint_it_skipped(tmp_path, finished, caplog
         metrics = _train(tmp_path, finished, "train.resume=auto")
     assert metrics["resumed_from"] == str(finished / "checkpoints" / "step_0000002")
     assert f"skipped checkpoint {newest}: " in caplog.text
+
+
+def test_a_garbled_trainer_state_is_one_line(tmp_path):
+    folder = _save(tmp_path / "ckpt", 2)
+    (folder / checkpoint.TRAINER_STATE).write_text("{not json")
+    _reseal(folder)  # intact by checksum, unreadable by content
+    model, optimizer = _tiny_state(0)
+    with pytest.raises(ValueError, match=r"trainer_state.json cannot be read") as err:
+        checkpoint.load(folder, model, optimizer, INFO)
+    assert "\n" not in str(err.value)
