@@ -85,6 +85,30 @@ def test_packed_documents_do_not_see_each_other(model_factory):
     torch.testing.assert_close(packed[6:], alone_b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("how", ["attention_mask", "use_cache", "padded"])
+def test_packed_documents_stay_apart_on_the_library_path(model_factory, backend, how):
+    """The same with what a user's batch usually carries: an attention_mask (all ones, or right padding), or the
+    default use_cache=True. transformers' own packing detection is off in each case; the HSA mask still holds."""
+    model = enable_hsa(model_factory(), lambdas=LAMBDAS, backend=backend)
+    (a, sa), (b, sb) = sample(6, 1), sample(5, 2)
+    ids, sem = torch.cat([a, b])[None], torch.cat([sa, sb])[None]
+    position_ids = torch.cat([torch.arange(6), torch.arange(5)])[None]
+    kwargs = {"use_cache": how == "use_cache"}
+    if how != "use_cache":
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    if how == "padded":  # right padding after the two documents
+        ids, sem = torch.cat([ids, torch.zeros(1, 3, dtype=ids.dtype)], 1), torch.cat([sem, torch.full((1, 3), 2)], 1)
+        position_ids = torch.cat([position_ids, torch.arange(5, 8)[None]], 1)
+        kwargs["attention_mask"] = torch.cat([torch.ones(1, 11), torch.zeros(1, 3)], 1).long()
+    with torch.no_grad():
+        packed = model(input_ids=ids, semantic_ids=sem, position_ids=position_ids, **kwargs).logits[0]
+        alone_a = model(input_ids=a[None], semantic_ids=sa[None]).logits[0]
+        alone_b = model(input_ids=b[None], semantic_ids=sb[None]).logits[0]
+    torch.testing.assert_close(packed[:6], alone_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[6:11], alone_b, atol=1e-5, rtol=1e-5)
+
+
 def test_labels_give_the_loss(model_factory):
     model = enable_hsa(model_factory(), lambdas=LAMBDAS)
     ids, sem = sample(10, 4)

@@ -100,7 +100,9 @@ def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
             f"semantic_ids holds ids outside [0, {n_types}): the model knows {n_types} types "
             f"({', '.join(model.config.hsa['types'])})"
         )
-    kwargs["hsa_context"] = HSAForwardContext(semantic_ids.long(), hsa.values(), model.config.hsa["head_scaling"])
+    kwargs["hsa_context"] = HSAForwardContext(
+        semantic_ids.long(), hsa.values(), model.config.hsa["head_scaling"], kwargs.get("position_ids")
+    )
     return args, kwargs
 
 
