@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {model_dir} was not trained with HSA; measuring the default λ {settings.lambdas}")
         model.to(args.device).eval()
         tokenizer = load_tokenizer(str(model_dir))
-        st = SemanticTokenizer(tokenizer, settings.types, settings.default_type, max_length=None)
+        st = SemanticTokenizer.from_model(model, tokenizer)
         samples, _ = encode_files(args.data, st)
         samples = samples[: args.samples]
         result = attention_by_type(model, samples, len(settings.types), args.queries, args.device)

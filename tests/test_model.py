@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from hsa_train import enable_hsa
 from hsa_train.model.loading import build_model, load_tokenizer
@@ -208,3 +209,33 @@ def test_chat_template_override(tmp_path):
     assert plain.encode(messages)["labels"].count(-100) < len(plain.encode(messages)["labels"])
     with pytest.raises(FileNotFoundError, match="model.chat_template"):
         load_tokenizer(None, chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_tokenizer_takes_its_types_from_the_model_and_a_mismatch_is_named(tmp_path, tokenizer):
+    """A model saved with other types: from_model gives the tokenizer those types (TOOL is id 1), and a default
+    SemanticTokenizer next to it is an error that names both lists."""
+    from transformers import AutoModelForCausalLM
+
+    from hsa_train.data import SemanticCollator, SemanticTokenizer
+    from hsa_train.model import check_types
+
+    types = ["TASK", "TOOL", "NOISE"]
+    saved = enable_hsa(
+        tiny_model(vocab_size=len(tokenizer)), lambdas=dict.fromkeys(types, 0.05), types=types, default_type="NOISE"
+    )
+    saved.save_pretrained(tmp_path / "m")
+    model = enable_hsa(AutoModelForCausalLM.from_pretrained(tmp_path / "m"))
+    st = SemanticTokenizer.from_model(model, tokenizer)
+    assert st.types.names == tuple(types) and st.types.default == "NOISE"
+    conv = [
+        {"role": "user", "content": "ls", "semantic_type": "TASK"},
+        {"role": "assistant", "content": "ok", "semantic_type": "TOOL"},
+    ]
+    feats = st.encode(conv)
+    assert set(feats["semantic_ids"]) <= {0, 1, 2} and 1 in feats["semantic_ids"]
+    assert SemanticCollator.from_tokenizer(st).pad_values["semantic_ids"] == 2  # NOISE pads
+    check_types(model, st.types)
+    with pytest.raises(ValueError) as err:
+        check_types(model, SemanticTokenizer(tokenizer).types)
+    assert "[TASK, TOOL, NOISE] (default NOISE)" in str(err.value)
+    assert "[GLOBAL_CONDITION, KEY_EVENT, PROCESS_NOISE] (default PROCESS_NOISE)" in str(err.value)

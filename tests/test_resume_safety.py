@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resilience import _tiny_state
 from test_training import tiny_run
 
 from hsa_train.training import checkpoint
@@ -26,15 +27,6 @@ class Planted:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def _tiny_state(step: int):
-    torch.manual_seed(step)
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    return model, optimizer
 
 
 def _save(root: Path, step: int) -> Path:

@@ -112,6 +112,21 @@ def hsa_settings(model: nn.Module) -> HSASettings | None:
     return HSASettings(**stored) if stored else None
 
 
+def model_types(model: nn.Module) -> SemanticTypes:
+    """The semantic types an HSA model decays by (its `model.config.hsa`): the one source of truth that the
+    tokenizer and collator feeding it take theirs from (`SemanticTokenizer.from_model`)."""
+    settings = hsa_settings(model)
+    if settings is None:
+        raise ValueError("the model has no HSA settings (model.config.hsa): enable_hsa(model, ...) first")
+    return settings.semantic_types
+
+
+def check_types(model: nn.Module, types: SemanticTypes, theirs: str = "the tokenizer") -> None:
+    """Raises when `types` (a tokenizer's, a collator's) differ from the model's: the same id would mean
+    another type, and the wrong tokens would fade without a word."""
+    model_types(model).require_same(types, "the model", theirs)
+
+
 def enable_hsa(
     model: nn.Module,
     lambdas: Mapping[str, float] | None = None,

@@ -1,10 +1,13 @@
 """Held-out evaluation: loss overall and per semantic type of the predicted token, and exact match of the final
 answer.
 
-Exact match is teacher-forced greedy decoding: a sample counts when, at every token of its final answer (the last
-assistant message's content and end-of-turn), the most likely next token given the true prefix is the true token.
-That is exactly when greedy generation from the answer's prompt would reproduce the answer and stop, so it needs
-one forward per sample and no KV cache.
+Exact match is teacher-forced greedy decoding: a sample counts when, at every token of its final answer, the most
+likely next token given the true prefix is the true token. The answer (`SemanticTokenizer.encode_with_answer`) is
+the last assistant turn's tokens after its generation prompt up to and including its end-of-turn token, the one
+generation stops at; the template's text after that token (ChatML's "\n") is trained but never generated, so it is
+not scored. A sample counts then exactly when greedy generation from the answer's prompt tokens reproduces the
+answer and stops there, so it needs one forward per sample and no KV cache. (A template that ends turns in plain
+text has no such token: its answer is the whole turn, and generation may go on after it.)
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ def eval_sums(
     n_types: int,
 ) -> list[float]:
     """Summed loss per type, label-token count per type, then the ANSWER_SUMS, over `batches` (`forward(batch)`
-    returns logits; a batch's optional `answer_span` (B, 2) holds each row's final-answer span, -1 for none).
-    Sums, not means, so ranks can add theirs up."""
+    returns logits; a batch's optional `answer_span` (B, 2) holds each row's final-answer span [start, end), -1 for
+    none, ending with the end-of-turn token). Sums, not means, so ranks can add theirs up."""
     loss_sum = torch.zeros(n_types, dtype=torch.float64)
     count = torch.zeros(n_types, dtype=torch.float64)
     answer = torch.zeros(len(ANSWER_SUMS), dtype=torch.float64)
