@@ -158,6 +158,12 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _leaf_paths(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for key, value in node.items() for p in _leaf_paths(value, f"{prefix}{key}.")] or [prefix[:-1]]
+    return [prefix[:-1]]
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """The typed, checked run config (raises ConfigError). `hydra` keys are ignored."""
     plain = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}) if "hydra" in cfg else cfg
@@ -241,6 +247,13 @@ def validate(cfg: DictConfig) -> RunConfig:
         t.resume is None or t.resume == "auto" or Path(t.resume).is_dir(),
         f"train.resume={t.resume!r}: use auto, null, or the path of a checkpoint folder (step_NNNNNNN)",
     )
+    known = _leaf_paths(OmegaConf.to_container(merged, resolve=False))
+    for key in t.resume_allow_changes:
+        _check(
+            key == "data" or any(k == key or k.startswith(key + ".") for k in known),
+            f"train.resume_allow_changes: {key!r} names no config key; list keys or prefixes (hsa.lambdas, "
+            "train.lr), or data for the training data",
+        )
     _choice("logging.progress", lg.progress, ("auto", "rich", "plain", "none"))
     _choice("objective.direction", run.objective.direction, ("minimize", "maximize"))
     _check(bool(run.objective.metric), "objective.metric is empty; name a metrics.json key, e.g. eval_loss")

@@ -14,7 +14,7 @@ import pytest
 from conftest import cli_env, demo_subset
 from test_training import tiny_run
 
-from hsa_train.config import validate
+from hsa_train.config import ConfigError, validate
 from hsa_train.model.loading import check_model_source
 from hsa_train.training.rundir import RunDirError, claim
 from hsa_train.types import SemanticTypes
@@ -118,12 +118,12 @@ def test_settings_that_defeat_themselves_are_warned(tmp_path, caplog):
 # -- the run folder --------------------------------------------------------------------------------------------
 def test_a_folder_is_locked_while_a_run_holds_it(tmp_path):
     run_dir = tmp_path / "run"
-    held = claim(run_dir, run_dir / "checkpoints", resuming=False)
+    held = claim(run_dir, run_dir / "checkpoints")
     with pytest.raises(RunDirError, match=r"is in use by a running run \(pid \d+ on "):
-        claim(run_dir, run_dir / "checkpoints", resuming=True)
+        claim(run_dir, run_dir / "checkpoints")
     for lock in held:
         lock.release()
-    for lock in claim(run_dir, run_dir / "checkpoints", resuming=False):  # free again
+    for lock in claim(run_dir, run_dir / "checkpoints"):  # free again
         lock.release()
 
 
@@ -166,6 +166,27 @@ def test_a_finished_run_is_refused_unless_resumed(tmp_path):
     assert train(again, resolved, tmp_path / "run")["train_losses"] == first["train_losses"]
 
 
+def test_resume_auto_with_nothing_to_resume_does_not_overwrite_a_finished_run(tmp_path):
+    """No checkpoints were kept (save_every=0): 'auto' finds nothing, and starting over would overwrite the run."""
+    from hsa_train.training.loop import train
+
+    train(*tiny_run(tmp_path), tmp_path / "run")
+    with pytest.raises(RunDirError, match="already holds a finished run .metrics.json. and no checkpoint to continue"):
+        train(*tiny_run(tmp_path, "train.resume=auto"), tmp_path / "run")
+
+
+def test_resume_auto_refuses_when_every_checkpoint_is_damaged(tmp_path):
+    from hsa_train.training.loop import train
+
+    train(*tiny_run(tmp_path, "train.save_every=1", "train.keep_last=null"), tmp_path / "run")
+    for folder in (tmp_path / "run" / "checkpoints").iterdir():
+        (folder / "trainer_state.json").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"train.resume=auto: no intact checkpoint in .* \(3 damaged; newest: incomplete"
+    ):
+        train(*tiny_run(tmp_path, "train.resume=auto"), tmp_path / "run")
+
+
 @pytest.mark.parametrize("where", ["run", "checkpoints"])
 def test_a_folder_that_cannot_be_written_stops_the_run_before_training(tmp_path, where):
     from hsa_train.training.loop import train
@@ -185,3 +206,31 @@ def test_resume_allow_changes_is_validated_like_any_key():
     with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["train.resume_allow_changes=[hsa.lambdas]"])
     assert validate(cfg).train.resume_allow_changes == ["hsa.lambdas"]
+    with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["train.resume_allow_changes=[hsa.lamdas]"])
+    with pytest.raises(ConfigError, match="'hsa.lamdas' names no config key"):
+        validate(cfg)
+
+
+def test_a_pretrained_model_trains_in_train_mode(tmp_path):
+    """from_pretrained returns a model in eval mode; training must switch it (dropout, activation checkpointing)."""
+    from transformers import AutoModelForCausalLM
+
+    from hsa_train.model.loading import load_tokenizer
+    from hsa_train.training.recipe import Recipe
+
+    folder = _hsa_model_folder(tmp_path / "m", ["GLOBAL_CONDITION", "KEY_EVENT", "PROCESS_NOISE"], "PROCESS_NOISE")
+    load_tokenizer(None).save_pretrained(folder)
+    assert not AutoModelForCausalLM.from_pretrained(folder).training
+    run, resolved = tiny_run(tmp_path, f"model.name_or_path={folder}", "train.gradient_checkpointing=true")
+    recipe = Recipe(run, resolved, tmp_path / "run")
+    try:
+        recipe.setup()
+        assert all(module.training for module in recipe.model.modules())
+    finally:
+        recipe.close(0)
+
+
+def test_checkpoints_in_the_run_folder_itself_do_not_lock_the_run_out(tmp_path):
+    for lock in claim(tmp_path / "run", tmp_path / "run"):
+        lock.release()

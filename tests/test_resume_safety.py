@@ -154,3 +154,26 @@ def test_a_garbled_trainer_state_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"trainer_state.json cannot be read") as err:
         checkpoint.load(folder, model, optimizer, INFO)
     assert "\n" not in str(err.value)
+
+
+def test_metadata_globals_cannot_reach_through_a_module(tmp_path):
+    """Protocol 4 resolves dotted names: an allowed module's own imports (metadata.os.system) must not be reachable."""
+    folder = _save(tmp_path / "ckpt", 2)
+    marker = tmp_path / "pwned"
+    payload = (
+        b"\x80\x04"  # PROTO 4
+        + b"\x8c\x25torch.distributed.checkpoint.metadata"  # SHORT_BINUNICODE module
+        + b"\x8c\x07os.open"  # SHORT_BINUNICODE dotted name
+        + b"\x93"  # STACK_GLOBAL
+        + b"\x8c"
+        + bytes([len(str(marker))])
+        + str(marker).encode()
+        + b"K\x41"  # BININT1 0o101 = O_WRONLY | O_CREAT
+        + b"\x86R."  # TUPLE2, REDUCE, STOP
+    )
+    (folder / "state" / ".metadata").write_bytes(payload)
+    _reseal(folder)
+    model, optimizer = _tiny_state(0)
+    with pytest.raises(ValueError, match="refusing to load torch.distributed.checkpoint.metadata.os.open"):
+        checkpoint.load(folder, model, optimizer, INFO)
+    assert not marker.exists()

@@ -62,7 +62,7 @@ def check_model_source(model_cfg, types) -> None:
     """Reads only the model's config, before any slow work, and fails with one line when the model cannot be
     trained as asked: an unknown architecture, one that is not a causal LM, a path that is no model folder, a hub
     id that cannot be reached, or HSA types the checkpoint was trained with that differ from `types`
-    (a SemanticTypes: one source of truth, or the ids would decay the wrong tokens)."""
+    (a SemanticTypes: one source of truth, or the ids would decay the wrong tokens; None when HSA is off)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -101,7 +101,7 @@ def check_model_source(model_cfg, types) -> None:
             "(AutoModelForCausalLM cannot load it); vision-language models are not supported yet"
         )
     stored = getattr(config, "hsa", None)
-    if stored and "types" in stored:
+    if types is not None and stored and "types" in stored:
         from hsa_train.types import SemanticTypes
 
         trained = SemanticTypes.from_names(stored["types"], stored.get("default_type"))

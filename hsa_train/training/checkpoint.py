@@ -56,9 +56,26 @@ def _files(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
 
 
-def problem(folder: Path, contents: bool = True) -> str | None:
+_OWNED = re.compile(r"^(?:rng_rank(\d+)\.pt|state/__(\d+)_\d+\.distcp)$")
+
+
+def owner(name: str, world: int) -> int:
+    """The rank that writes file `name` of a checkpoint (and hashes and checks it): its RNG file and its DCP
+    shard are each rank's own, the rest rank 0's. Checksums are spread over the ranks like the writing."""
+    m = _OWNED.match(name)
+    rank = int(m.group(1) or m.group(2)) if m else 0
+    return rank if rank < world else 0
+
+
+def _checksums(folder: Path, rank: int, world: int) -> dict[str, dict[str, Any]]:
+    files = [p for p in _files(folder) if owner(str(p.relative_to(folder)), world) == rank]
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def problem(folder: Path, contents: bool = True, rank: int = 0, world: int = 1) -> str | None:
     """Why `folder` is not a usable checkpoint (None if it is): no manifest, files missing, truncated or extra,
-    or (with `contents`) a file whose bytes do not match its checksum."""
+    or (with `contents`) a file whose bytes do not match its checksum. With `world` > 1 this rank hashes only the
+    files it owns (see `verify`)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         expected = manifest["files"]
@@ -77,9 +94,17 @@ def problem(folder: Path, contents: bool = True) -> str | None:
             return f"incomplete: {name} has {path.stat().st_size} bytes, the manifest says {expected[name]['size']}"
     if contents:
         for name, path in actual.items():
-            if _sha256(path) != expected[name]["sha256"]:
+            if owner(name, world) == rank and _sha256(path) != expected[name]["sha256"]:
                 return f"corrupt: {name} does not match its checksum"
     return None
+
+
+def verify(folder: Path, info: D.DistInfo | None = None) -> str | None:
+    """`problem(folder)` with the hashing shared by all ranks (each checks the files it writes); every rank gets
+    the same answer. A collective: all ranks call it."""
+    info = info or D.DistInfo("none")
+    answers = D.all_gather(problem(folder, rank=info.rank, world=info.world), info)
+    return next((why for why in answers if why is not None), None)
 
 
 def is_complete(folder: Path) -> bool:
@@ -99,11 +124,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for p in _step_folders(root) if is_complete(p)]
 
 
-def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint whose every file matches its checksum, and a line for each newer one skipped."""
+def newest_intact(root: Path, info: D.DistInfo | None = None) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose every file matches its checksum, and a line for each newer one skipped.
+    A collective under several ranks (see `verify`)."""
     skipped = []
     for folder in reversed(_step_folders(root)):
-        why = problem(folder)
+        why = verify(folder, info)
         if why is None:
             return folder, skipped
         skipped.append(f"skipped checkpoint {folder}: {why}")
@@ -139,8 +165,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- safe DCP loading -------------------------------------------------------------------------------------------
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
+_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
+    *(
+        (_METADATA, name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
@@ -153,16 +192,17 @@ _ALLOWED = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata (dataclasses of sizes, dtypes and offsets) and refuses any other global, so a planted
-    `.metadata` cannot call anything."""
+    """Builds DCP's metadata (dataclasses of sizes, dtypes and offsets) from an explicit list of classes and refuses
+    any other global, so a planted `.metadata` cannot call anything. Dotted names are refused outright: pickle
+    would follow them through a module's imports (`metadata.os.system`)."""
 
     def find_class(self, module: str, name: str):
-        if module in _DCP_MODULES or (module, name) in _ALLOWED:
+        if "." not in name and (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(
-            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
-        ):
-            return getattr(torch, name)
+        if module == "torch" and "." not in name:
+            value = getattr(torch, name, None)
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
 
 
@@ -248,8 +288,11 @@ def save(
     if info.is_main:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
     D.barrier(info)
+    files = {}
+    for part in D.all_gather(_checksums(tmp, info.rank, info.world), info):  # each rank hashes what it wrote
+        files.update(part)
     if info.is_main:
-        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
+        files = dict(sorted(files.items()))
         manifest = {"format": FORMAT, "step": step, "world": info.world, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if final.exists():
@@ -284,12 +327,12 @@ def load(
     verified: bool = False,
 ) -> dict[str, Any]:
     """Restores model, optimizer and this rank's RNG from `folder`; returns the trainer state. `verified`: the
-    caller has already checked every checksum (rank 0, before choosing the folder)."""
+    caller has already checked every checksum (`verify`, `newest_intact`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    why = problem(folder, contents=False) if verified else problem(folder)
+    why = problem(folder, contents=False) if verified else verify(folder, info)
     if why is not None:
         raise ValueError(f"checkpoint {folder}: {why}; point train.resume elsewhere")
     manifest = json.loads((folder / MANIFEST).read_text())

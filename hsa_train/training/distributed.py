@@ -118,6 +118,15 @@ def on_main(fn, info: DistInfo):
     return result
 
 
+def all_gather(value, info: DistInfo) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if info.world == 1:
+        return [value]
+    out: list = [None] * info.world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def broadcast(value, info: DistInfo):
     """Rank 0's `value` on every rank (any picklable object)."""
     if info.world == 1:

@@ -34,7 +34,7 @@ from hsa_train.training.evaluate import eval_sums, summarize
 from hsa_train.training.optim import build_optimizer, build_scheduler
 from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_summary
 from hsa_train.training.resume import check_resume, data_fingerprint
-from hsa_train.training.rundir import claim
+from hsa_train.training.rundir import claim, require_fresh
 from hsa_train.training.step import StepResult, make_forward, optimizer_step
 from hsa_train.types import SemanticTypes
 
@@ -74,6 +74,7 @@ class Progress:
     losses: list[float] = field(default_factory=list)
     tokens_seen: int = 0
     skipped_steps: int = 0
+    train_time: float = 0.0  # seconds spent in steps (for tokens/s over a resumed run too)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +82,7 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.losses = int(state["step"]), [float(x) for x in state["losses"]]
         self.tokens_seen, self.skipped_steps = int(state["tokens_seen"]), int(state["skipped_steps"])
+        self.train_time = float(state.get("train_time", 0.0))
 
 
 class Recipe:
@@ -96,7 +98,6 @@ class Recipe:
         self._locks: list = []
         self._notes: list[str] = []
         self._t_start = time.perf_counter()
-        self.train_time = 0.0
         self._window_tokens, self._window_start = 0, time.perf_counter()
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -108,12 +109,19 @@ class Recipe:
         self.device = D.rank_device(self.device, self.info)
         self.autocast_dtype = pick_autocast(cfg.precision, self.device)
         seed_everything(self.run.seed)
-        check_model_source(self.run.model, SemanticTypes.from_names(self.run.hsa.types, self.run.hsa.default_type))
+        hsa_types = SemanticTypes.from_names(self.run.hsa.types, self.run.hsa.default_type)
+        check_model_source(self.run.model, hsa_types if self.run.hsa.enabled else None)
         self.ckpt_root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
-        self._locks = D.on_main(lambda: claim(self.run_dir, self.ckpt_root, resuming=bool(cfg.resume)), self.info) or []
+        self._locks = D.on_main(lambda: claim(self.run_dir, self.ckpt_root), self.info) or []
+        resume_from = self._pick_checkpoint()
+        if resume_from is None:
+            D.on_main(lambda: require_fresh(self.run_dir, self.ckpt_root, cfg.resume), self.info)
         self._setup_data()
+        if resume_from is not None:  # refused here, before the model is built, if it would train differently
+            self._check_resume(resume_from)
         self._setup_model()
-        self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
         self._open_reporting()
 
     def _setup_data(self) -> None:
@@ -176,38 +184,47 @@ class Recipe:
         )
         if cfg.compile:
             model.compile()
+        model.train()  # from_pretrained gives eval mode: no dropout, and transformers skips checkpointing in it
         self.model = model
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio)
         self.forward = make_forward(model, self.device, self.autocast_dtype, hsa_cfg.enabled)
 
-    def _resume(self) -> None:
-        """Picks the checkpoint (rank 0 checks every checksum, skipping damaged ones with a note, and tells the
-        others), refuses one whose config or data would train differently, then restores the whole state."""
+    def _pick_checkpoint(self) -> Path | None:
+        """The checkpoint to continue from, before anything slow: every checksum checked (each rank the files it
+        wrote), damaged ones skipped with a note. None: a fresh start (`auto` with nothing saved yet)."""
         cfg = self.cfg
         if not cfg.resume:
-            return
-        if cfg.resume == "auto":
-            folder, skipped = D.on_main(lambda: checkpoint.newest_intact(self.ckpt_root), self.info) or (None, [])
-            folder, skipped = D.broadcast((folder, skipped), self.info)
-            self._notes += skipped
-            if folder is None:  # nothing saved yet: a fresh start
-                return
-        else:
+            return None
+        if cfg.resume != "auto":
             folder = Path(cfg.resume)
-            why = D.on_main(lambda: checkpoint.problem(folder), self.info)
-            why = D.broadcast(why, self.info)
+            why = checkpoint.verify(folder, self.info)
             if why is not None:
                 raise ValueError(f"train.resume={folder}: {why}; point train.resume at an intact checkpoint")
+            return folder
+        folder, skipped = checkpoint.newest_intact(self.ckpt_root, self.info)
+        if folder is None and skipped:  # starting over would silently drop what those runs learned
+            raise ValueError(
+                f"train.resume=auto: no intact checkpoint in {self.ckpt_root} ({len(skipped)} damaged; newest: "
+                f"{skipped[0].split(': ', 1)[1]}); move them away to start over, or point train.resume at one"
+            )
+        self._notes += skipped
+        return folder
+
+    def _check_resume(self, folder: Path) -> None:
+        """Refuses a checkpoint whose config or training data would train differently (see resume.py)."""
         saved = checkpoint.trainer_state(folder)
         self._notes += check_resume(
             saved.get("config"),
             saved.get("data"),
             self.resolved,
             self.data_fingerprint,
-            cfg.resume_allow_changes,
+            self.cfg.resume_allow_changes,
             str(folder),
         )
+
+    def _resume(self, folder: Path) -> None:
+        """Restores the whole state: model, optimizer, RNG, schedule, data position, progress."""
         state = checkpoint.load(folder, self.model, self.optimizer, self.info, frozen_base=self.lora, verified=True)
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
@@ -268,7 +285,7 @@ class Recipe:
         if result.skipped:
             self.console.print(f"step {p.step}: non-finite loss or gradient, update skipped ({p.skipped_steps} so far)")
         self._window_tokens += result.tokens
-        self.train_time += time.perf_counter() - t_step
+        p.train_time += time.perf_counter() - t_step
         self._log_step(result)
         return result
 
@@ -363,12 +380,12 @@ class Recipe:
             "params": self.n_params,
             "params_trained": self.n_trainable,
             "tokens_seen": p.tokens_seen,
-            "tokens_per_s": p.tokens_seen / max(self.train_time, 1e-9) if self.train_time else None,
+            "tokens_per_s": p.tokens_seen / max(p.train_time, 1e-9) if p.train_time else None,
             **(loss_summary(p.losses, self.cfg.log_every) if p.losses else {}),
             "train_losses": p.losses,
             **eval_summary(eval_result),
             "eval_sets": set_results,
-            "train_time_s": self.train_time,
+            "train_time_s": p.train_time,
             "wall_time_s": time.perf_counter() - self._t_start,
             "device": str(self.device),
             "precision": "bf16" if self.autocast_dtype else "fp32",

@@ -1,6 +1,6 @@
 """One run per folder: a run holds an exclusive lock on its run directory (and checkpoint directory) while it
-lives, refuses a folder that already holds a finished run unless it resumes, and checks that it can write there
-before any training, instead of failing at the first save."""
+lives, a run that starts from step 0 refuses a folder that already holds a finished run or checkpoints, and both
+folders are checked for writing before any training, instead of failing at the first save."""
 
 from __future__ import annotations
 
@@ -57,34 +57,40 @@ class FolderLock:
             self._fd = None
 
 
-def claim(run_dir: Path, ckpt_root: Path, resuming: bool) -> list[FolderLock]:
-    """Locks the run folder (and the checkpoint folder when it lies elsewhere) for this run; rank 0 only.
-    A folder whose run finished (metrics.json) or left checkpoints is refused unless `resuming`."""
+def claim(run_dir: Path, ckpt_root: Path) -> list[FolderLock]:
+    """Locks the run folder (and the checkpoint folder when it lies elsewhere) for this run, after checking that
+    both can be written; rank 0 only."""
     _writable(run_dir, "run directory")
     locks = [FolderLock(run_dir, "run directory", "hydra.run.dir=...")]
-    if ckpt_root.resolve() != (run_dir / "checkpoints").resolve():
+    if ckpt_root.resolve() not in (run_dir.resolve(), (run_dir / "checkpoints").resolve()):
         _writable(ckpt_root, "checkpoint directory")
         locks.append(FolderLock(ckpt_root, "checkpoint directory", "train.checkpoint_dir=..."))
+    elif ckpt_root.exists():
+        _writable(ckpt_root, "checkpoint directory")
     held: list[FolderLock] = []
     try:
         for lock in locks:
             lock.acquire()
             held.append(lock)
-        if not resuming:
-            if (run_dir / "metrics.json").exists():
-                raise RunDirError(
-                    f"run directory {run_dir} already holds a finished run (metrics.json); choose another "
-                    "hydra.run.dir, or continue it with train.resume=auto"
-                )
-            if ckpt_root.is_dir() and any(p.name.startswith("step_") for p in ckpt_root.iterdir()):
-                raise RunDirError(
-                    f"checkpoint directory {ckpt_root} already holds checkpoints of another run; continue it with "
-                    "train.resume=auto, or choose another hydra.run.dir / train.checkpoint_dir"
-                )
-        if ckpt_root.exists():
-            _writable(ckpt_root, "checkpoint directory")
     except BaseException:
         for lock in held:
             lock.release()
         raise
     return held
+
+
+def require_fresh(run_dir: Path, ckpt_root: Path, resume: str | None) -> None:
+    """A run that starts from step 0 must not write over another run: refuses a folder whose run finished
+    (metrics.json) or that holds checkpoints (with `train.resume=auto` that found none intact, too)."""
+    continue_it = "continue it with train.resume=auto" if not resume else "check its checkpoints"
+    if (run_dir / "metrics.json").exists():
+        found = " and no checkpoint to continue from" if resume else ""
+        raise RunDirError(
+            f"run directory {run_dir} already holds a finished run (metrics.json){found}; choose another "
+            f"hydra.run.dir{', or ' + continue_it if not resume else ''}"
+        )
+    if ckpt_root.is_dir() and any(p.name.startswith("step_") for p in ckpt_root.iterdir()):
+        raise RunDirError(
+            f"checkpoint directory {ckpt_root} already holds checkpoints of another run; {continue_it}, or choose "
+            "another hydra.run.dir / train.checkpoint_dir"
+        )
