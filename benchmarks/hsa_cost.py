@@ -50,8 +50,8 @@ def main() -> None:
     speeds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for name, extra in VARIANTS.items():
-                speeds[name].append(run(common + extra, Path(tmp) / f"{repeat}-{len(speeds[name])}"))
+            for i, (name, extra) in enumerate(VARIANTS.items()):  # one run folder each: a folder holds one run
+                speeds[name].append(run(common + extra, Path(tmp) / f"{repeat}-{i}"))
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{n} {s[-1]:,.0f}" for n, s in speeds.items()))
     plain = speeds["plain (hsa.enabled=false)"]
     report = {
