@@ -50,7 +50,7 @@ def run_trainer(overrides: list[str], workdir: Path) -> float:
     from hsa_train.data.dataset import SampleStream, encode_files
     from hsa_train.model import enable_hsa
     from hsa_train.model.loading import build_model, load_tokenizer
-    from hsa_train.training.loop import pick_autocast, pick_device, seed_everything
+    from hsa_train.training.device import pick_autocast, pick_device, seed_everything
 
     run, _ = compose(overrides)
     seed_everything(run.seed)

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 import transformers
 import yaml
 
@@ -30,6 +27,7 @@ from hsa_train.model.lora import apply_lora
 from hsa_train.training import checkpoint
 from hsa_train.training import distributed as D
 from hsa_train.training.console import Console, Tracker
+from hsa_train.training.device import pick_autocast, pick_device, seed_everything
 from hsa_train.training.evaluate import eval_sums, summarize
 from hsa_train.training.optim import build_optimizer, build_scheduler
 from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_summary
@@ -37,33 +35,6 @@ from hsa_train.training.resume import check_resume, data_fingerprint
 from hsa_train.training.rundir import claim, require_fresh
 from hsa_train.training.step import StepResult, make_forward, optimizer_step
 from hsa_train.types import SemanticTypes
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available here; use train.device=cpu or auto")
-    return device
-
-
-def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device does it natively; None means plain fp32."""
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16":
-        if device.type == "cuda" and not bf16_ok:
-            raise ValueError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; use fp32")
-        return torch.bfloat16
-    if precision == "auto" and bf16_ok:
-        return torch.bfloat16
-    return None
 
 
 @dataclass
@@ -130,7 +101,6 @@ class Recipe:
             run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code, run.model.chat_template
         )
         st = SemanticTokenizer(self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on, data.max_length)
-        self.types = st.types
         encode = lambda files: encode_files(files, st, data.on_error, ignore_keys=tuple(data.ignore_keys))  # noqa: E731
         self.train_samples, self.report = encode(data.train_files)
         self.eval_report = None
