@@ -1,0 +1,37 @@
+"""The benchmark scripts run against the current library (they import its pieces, so a refactor can break them
+without any other test noticing). Tiny settings: this checks that they run and report, not the numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, cli_env
+
+
+def run_script(name: str, *args: str, tmp_path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_loop_against_trainer_benchmark_runs(tmp_path):
+    out = tmp_path / "train.json"
+    run_script("train.py", "--steps", "2", "--repeats", "1", "--records", "16", "--out", str(out), tmp_path=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["ratio_median"] > 0 and len(result["ours_tokens_per_s"]) == len(result["trainer_tokens_per_s"]) == 1
+
+
+def test_hsa_cost_benchmark_runs_every_variant(tmp_path):
+    out = tmp_path / "cost.json"
+    run_script("hsa_cost.py", "--steps", "1", "--repeats", "1", "--out", str(out), tmp_path=tmp_path)
+    variants = json.loads(out.read_text())["variants"]
+    assert len(variants) == 5 and all(v["tokens_per_s_median"] > 0 for v in variants.values())
