@@ -94,6 +94,7 @@ class Recipe:
         if resume_from is not None:
             self._resume(resume_from)
         self._open_reporting()
+        self.restart_throughput_window()  # tokens/s counts training from here, not the setup
 
     def _setup_data(self) -> None:
         run, data = self.run, self.run.data
