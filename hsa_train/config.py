@@ -8,6 +8,7 @@ line that names the key and says what to do.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -158,10 +159,14 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _leaf_paths(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [p for key, value in node.items() for p in _leaf_paths(value, f"{prefix}{key}.")] or [prefix[:-1]]
-    return [prefix[:-1]]
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 0.003, ...}: a plain nested config as dotted keys and their values (an empty dict is a leaf)."""
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -247,7 +252,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         t.resume is None or t.resume == "auto" or Path(t.resume).is_dir(),
         f"train.resume={t.resume!r}: use auto, null, or the path of a checkpoint folder (step_NNNNNNN)",
     )
-    known = _leaf_paths(OmegaConf.to_container(merged, resolve=False))
+    known = flatten(OmegaConf.to_container(merged, resolve=False))
     for key in t.resume_allow_changes:
         _check(
             key == "data" or any(k == key or k.startswith(key + ".") for k in known),

@@ -79,7 +79,7 @@ class SemanticTypes:
     def require_same(self, other: SemanticTypes, mine: str, theirs: str) -> None:
         """One source of truth: two parts that exchange type ids must agree on every name, its id and the
         default; a mismatch would silently decay the wrong tokens."""
-        if (self.names, self.default) != (other.names, other.default):
+        if self != other:
             raise ValueError(
                 f"semantic types differ: {mine} has {self.describe()}, {theirs} has {other.describe()}; "
                 "type ids would mean different types, so give both the same hsa.types and hsa.default_type"

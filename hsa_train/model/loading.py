@@ -105,7 +105,7 @@ def check_model_source(model_cfg, types) -> None:
         from hsa_train.types import SemanticTypes
 
         trained = SemanticTypes.from_names(stored["types"], stored.get("default_type"))
-        if (trained.names, trained.default) != (types.names, types.default):
+        if trained != types:
             raise ValueError(
                 f"the model at {name} was trained with HSA types {trained.describe()}, the run has hsa.types "
                 f"{types.describe()}; ids would mean other types: set hsa.types=[{','.join(trained.names)}] "

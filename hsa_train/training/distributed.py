@@ -127,15 +127,6 @@ def all_gather(value, info: DistInfo) -> list:
     return out
 
 
-def broadcast(value, info: DistInfo):
-    """Rank 0's `value` on every rank (any picklable object)."""
-    if info.world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()

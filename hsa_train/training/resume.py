@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from hsa_train.config import flatten
+
 # Keys (or prefixes) whose change leaves every step up to the checkpoint, and the ones after it, as they were.
 SAFE_TO_CHANGE = (
     "train.max_steps",  # more steps: the schedule then decays to the new end
@@ -56,15 +58,6 @@ def data_fingerprint(samples: Iterable[Any]) -> dict[str, Any]:
     return {"samples": n, "sha256": digest.hexdigest()}
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: node}
-
-
 def _covered(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
@@ -73,7 +66,7 @@ def trajectory_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     """{key: (saved value, current value)} for every config key that differs and would change training. Data keys
     are left to the fingerprint; a new split of the same global batch (micro_batch_size x grad_accum) is no
     change, since the loss is normalised over the whole global batch."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     changed = {
         key: (old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
