@@ -55,7 +55,7 @@ def run_trainer(overrides: list[str], workdir: Path) -> float:
     run, _ = compose(overrides)
     seed_everything(run.seed)
     tokenizer = load_tokenizer(run.model.tokenizer or run.model.name_or_path)
-    st = SemanticTokenizer(tokenizer, run.hsa.types, run.hsa.default_type, run.data.train_on, run.data.max_length)
+    st = SemanticTokenizer(tokenizer, run.hsa.types, run.hsa.default_type, run.data.train_on, run.data.cutoff_len)
     samples, _ = encode_files(run.data.train_files, st)
     model = build_model(run.model.name_or_path, run.model.arch, tokenizer, run.model.dtype)
     enable_hsa(model, dict(run.hsa.lambdas), run.hsa.backend)

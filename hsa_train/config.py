@@ -58,14 +58,23 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = MISSING
+    datasets: list[Any] = MISSING
+    dataset_info: Optional[str] = MISSING
     eval_files: list[str] = MISSING
+    eval_datasets: list[Any] = MISSING
     eval_ratio: float = MISSING
-    eval_sets: dict[str, list[str]] = MISSING
+    eval_sets: dict[str, list[Any]] = MISSING
     on_error: str = MISSING
-    max_length: Optional[int] = MISSING
+    cutoff_len: Optional[int] = MISSING
+    overlong: str = MISSING
+    keep_types: list[str] = MISSING
+    packing: bool = MISSING
     train_on: str = MISSING
     pad_to_multiple_of: Optional[int] = MISSING
     ignore_keys: list[str] = MISSING
+    cache: bool = MISSING
+    cache_dir: Optional[str] = MISSING
+    num_proc: int = MISSING
 
 
 @dataclass
@@ -169,9 +178,53 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+# Keys that were renamed, and what to write instead (checked before the schema calls them unknown).
+RENAMED = {"data.max_length": "data.cutoff_len (with data.overlong=error for the old refuse-if-longer behaviour)"}
+
+
+def _check_data(d: DataConfig, types: SemanticTypes) -> None:
+    """The data keys, and every dataset entry (formats, columns, type rules, regexes) before anything is read."""
+    from hsa_train.data.spec import resolve_datasets
+
+    _check(
+        len(d.train_files) + len(d.datasets) > 0,
+        "no training data: set data.train_files=[file.jsonl] or data.datasets=[...]",
+    )
+    _check(0.0 <= d.eval_ratio < 1.0, f"data.eval_ratio={d.eval_ratio} must be in [0, 1)")
+    _check(
+        d.dataset_info is None or Path(d.dataset_info).is_file(),
+        f"data.dataset_info={d.dataset_info!r}: no such file; give the path of a LLaMA-Factory dataset_info.json",
+    )
+    groups = {"data.datasets": d.datasets, "data.eval_datasets": d.eval_datasets}
+    for name, entries in d.eval_sets.items():
+        _check(
+            bool(name) and name.replace("_", "").replace("-", "").isalnum(),
+            f"data.eval_sets: name {name!r} must be letters, digits, - or _ (it names metrics: eval/{name}/loss)",
+        )
+        _check(len(entries) > 0, f"data.eval_sets.{name} is empty; give one or more files or dataset entries")
+        groups[f"data.eval_sets.{name}"] = entries
+    for key, entries in groups.items():
+        try:
+            resolve_datasets(list(entries), d.dataset_info, types, key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    _choice("data.on_error", d.on_error, ("raise", "skip"))
+    _choice("data.train_on", d.train_on, ("assistant", "all"))
+    _choice("data.overlong", d.overlong, ("truncate", "drop", "error"))
+    _check(d.cutoff_len is None or d.cutoff_len > 0, f"data.cutoff_len={d.cutoff_len} must be > 0 or null")
+    _check(not d.packing or d.cutoff_len is not None, "data.packing=true packs rows of data.cutoff_len: set it")
+    unknown = [t for t in d.keep_types if t not in types.names]
+    _check(not unknown, f"data.keep_types: unknown type(s) {unknown}; known: {', '.join(types.names)}")
+    _check(d.pad_to_multiple_of is None or d.pad_to_multiple_of > 0, "data.pad_to_multiple_of must be > 0 or null")
+    _check(d.num_proc > 0, f"data.num_proc={d.num_proc} must be > 0")
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """The typed, checked run config (raises ConfigError). `hydra` keys are ignored."""
     plain = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}) if "hydra" in cfg else cfg
+    for old, new in RENAMED.items():
+        if OmegaConf.select(plain, old, default=None) is not None:
+            raise ConfigError(f"{old} was renamed: use {new}")
     schema = OmegaConf.structured(RunConfig)
     try:
         merged = OmegaConf.merge(schema, plain)
@@ -202,25 +255,13 @@ def validate(cfg: DictConfig) -> RunConfig:
         not run.export.merge or m.lora.enabled, "export.merge=true merges a LoRA adapter: set model.lora.enabled=true"
     )
 
-    _check(len(d.train_files) > 0, "data.train_files is empty; give at least one .json/.jsonl file")
-    _check(0.0 <= d.eval_ratio < 1.0, f"data.eval_ratio={d.eval_ratio} must be in [0, 1)")
-    for name, files in d.eval_sets.items():
-        _check(
-            bool(name) and name.replace("_", "").replace("-", "").isalnum(),
-            f"data.eval_sets: name {name!r} must be letters, digits, - or _ (it names metrics: eval/{name}/loss)",
-        )
-        _check(len(files) > 0, f"data.eval_sets.{name} is empty; give one or more .json/.jsonl files")
-    _choice("data.on_error", d.on_error, ("raise", "skip"))
-    _choice("data.train_on", d.train_on, ("assistant", "all"))
-    _check(d.max_length is None or d.max_length > 0, f"data.max_length={d.max_length} must be > 0 or null")
-    _check(d.pad_to_multiple_of is None or d.pad_to_multiple_of > 0, "data.pad_to_multiple_of must be > 0 or null")
-
     _choice("hsa.backend", h.backend, BACKENDS + ("auto",))
     _choice("hsa.head_scaling", h.head_scaling, HEAD_SCALINGS)
     try:
         SemanticTypes.from_names(h.types, h.default_type).lambda_vector(h.lambdas)
     except ValueError as exc:
         raise ConfigError(f"hsa: {exc}") from None
+    _check_data(d, SemanticTypes.from_names(h.types, h.default_type))
 
     _check(t.max_steps is not None or t.epochs is not None, "set train.max_steps or train.epochs")
     _check(t.max_steps is None or t.max_steps > 0, f"train.max_steps={t.max_steps} must be > 0 (or null to use epochs)")

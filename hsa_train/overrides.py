@@ -52,6 +52,8 @@ def unknown_key_message(argv: list[str]) -> str | None:
             cfg = compose(config_name="config", overrides=[o.input_line for o in choices])
     except Exception:  # a syntax error or anything else: Hydra will report it in its own words
         return None
+    from hsa_train.config import RENAMED
+
     for o in overrides:
         key = o.key_or_group
         if o.is_add() or o.is_delete() or o.package is not None or key in groups or "/" in key:
@@ -60,6 +62,8 @@ def unknown_key_message(argv: list[str]) -> str | None:
             continue
         if OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING:
             continue
+        if key in RENAMED:
+            return f"{key} was renamed: use {RENAMED[key]}"
         close = difflib.get_close_matches(key, _leaf_keys(cfg), n=2, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         return f"unknown config key '{key}' in '{o.input_line}'; {hint}(to add a new key, write +{o.input_line})"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from hsa_train.model.loading import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_DATA = ROOT.parent / "shared" / "peer-data" / "llamafactory"
+# Runs started by the tests (in process or as subprocesses) keep their tokenized data here, not in ~/.cache.
+os.environ["HSA_TRAIN_CACHE"] = tempfile.mkdtemp(prefix="hsa_train_test_cache_")
 
 
 @pytest.fixture(scope="session")

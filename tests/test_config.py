@@ -37,11 +37,20 @@ def test_defaults_validate_and_point_at_bundled_data():
         ("train.max_steps=null", "set train.max_steps or train.epochs"),
         ("objective.direction=up", "objective.direction='up' is not allowed"),
         ("+data.eval_sets.long=[]", "data.eval_sets.long is empty"),
+        ("+data.max_length=512", "data.max_length was renamed: use data.cutoff_len"),
+        ("data.overlong=cut", "data.overlong='cut' is not allowed"),
+        ("data.keep_types=[TASK]", "data.keep_types: unknown type(s) ['TASK']"),
+        ("data.packing=true data.cutoff_len=null", "data.packing=true packs rows of data.cutoff_len"),
+        ("data.dataset_info=/nowhere/dataset_info.json", "data.dataset_info='/nowhere/dataset_info.json': no such"),
+        ("data.datasets=[{path:a.json,format:csv}]", "data.datasets[0] (a): "),
+        ("data.datasets=[{path:a.json,semantic_type_rules:[{pattern:'(',type:KEY_EVENT}]}]", "does not compile"),
+        ("data.datasets=[{path:a.json,semantic_type_by_role:{system:TASK}}]", "TASK"),
+        ("data.train_files=[]", "no training data"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, fragment):
     with pytest.raises(ConfigError) as info:
-        validate(composed(override))
+        validate(composed(*override.split(" ")))
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
 

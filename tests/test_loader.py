@@ -32,7 +32,9 @@ def test_jsonl_and_json_array_load_with_lines(tmp_path):
     arr.write_text("[\n" + json.dumps(GOOD) + ",\n\n" + json.dumps(GOOD, indent=1) + "\n]\n")
     records, _ = load_records([arr], TYPES)
     assert [r.line for r in records] == [2, 4]
-    assert records[0].messages[1]["semantic_type"] is None  # untyped: the tokenizer gives it the default
+    untyped = records[0].messages[1]  # untyped: the run's default type, and the rule that says so
+    assert (untyped["semantic_type"], untyped["type_rule"]) == (TYPES.default, "default")
+    assert records[0].messages[0]["type_rule"] == "explicit"
 
 
 BAD = [
@@ -45,8 +47,8 @@ BAD = [
     ({"messages": [{"role": "user", "content": "a question only"}]}, "nothing to train on"),
     ({**GOOD, "images": ["a.jpg"]}, "unused key: the record has 'images', not used by training"),
     (
-        {"messages": [GOOD["messages"][0], {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
-        "unused key: message 1 has 'tool_calls', not used by training",
+        {"messages": [GOOD["messages"][0], {"role": "assistant", "tool_calls": [{"name": "f", "arguments": "{x"}]}]},
+        "tool call not JSON: message 1 call 0 (f) has arguments that are not JSON",
     ),
     ('{"messages": [{"role": "user", "content": "a", "content": "b"}]}', "duplicate key: 'content'"),
 ]
@@ -111,9 +113,12 @@ def test_peer_image_file_fails_clearly_unless_images_are_declared_metadata(peer_
 @pytest.mark.parametrize(
     "name, line, problem",
     [
-        ("glaive_toolcall_en_demo.json", 2, "malformed record: no 'messages' key .* looks like ShareGPT"),
-        ("identity.json", 2, "malformed record: no 'messages' key .* looks like alpaca"),
-        ("v1_sft_demo.jsonl", 1, "non-string content"),  # content as a list of parts
+        (
+            "glaive_toolcall_en_demo.json",
+            2,
+            "malformed record: no 'messages' key .* looks like ShareGPT.*format: sharegpt",
+        ),
+        ("identity.json", 2, "malformed record: no 'messages' key .* looks like alpaca.*format: alpaca"),
     ],
 )
 def test_peer_files_in_other_formats_fail_clearly(peer_data, tokenizer, name, line, problem):
@@ -129,7 +134,7 @@ def test_peer_files_in_other_formats_fail_clearly(peer_data, tokenizer, name, li
         ({"images": ["a.jpg"]}, "vision data is not supported yet"),
         ({"videos": ["a.mp4"]}, "vision data is not supported yet"),
         ({"audios": ["a.wav"]}, "audio data is not supported yet"),
-        ({"tools": "[{...}]"}, "tool definitions are not rendered"),
+        ({"chosen": "a better answer"}, "preference data is not supported"),
         ({"system": "Be brief."}, "role 'system'"),
         ({"loss_weight": 0.5}, "loss weights are not supported"),
         ({"source": "web"}, "data.ignore_keys"),
@@ -151,7 +156,7 @@ def test_unused_record_key_is_an_error_naming_it(tmp_path, extra, hint):
 @pytest.mark.parametrize(
     "extra, hint",
     [
-        ({"tool_calls": [{"name": "f", "arguments": "{}"}]}, "tool calls are not rendered"),
+        ({"function_call": {"name": "f", "arguments": "{}"}}, "old-style function_call is not read"),
         ({"name": "bob"}, "names are not rendered"),
         ({"tool_call_id": "call_1"}, "tool call ids are not rendered"),
         ({"weight": 0.0}, "loss weights are not supported"),
@@ -177,7 +182,9 @@ def test_ignore_keys_declares_metadata_and_none_values_carry_nothing(tmp_path):
     with pytest.raises(DataError, match="unused key: message 0 has 'note'"):
         load_records([path], TYPES, ignore_keys=("id", "source"))
     records, _ = load_records([path], TYPES, ignore_keys=("id", "source", "note"))
-    assert records[0].messages == [{**m, "semantic_type": m.get("semantic_type")} for m in GOOD["messages"]]
+    plain = [{k: m[k] for k in ("role", "content")} for m in records[0].messages]
+    assert plain == [{k: m[k] for k in ("role", "content")} for m in GOOD["messages"]]
+    assert [m["semantic_type"] for m in records[0].messages] == ["GLOBAL_CONDITION", TYPES.default]
     with pytest.raises(DataError, match="unused key: the record has 'id'"):
         load_records([path], TYPES, ignore_keys=("source", "note"))
     with pytest.raises(ValueError, match="ignore_keys"):

@@ -21,14 +21,14 @@ def test_huge_record_is_rejected_by_characters_before_it_is_tokenized(tmp_path, 
     path = tmp_path / "a.jsonl"
     path.write_text("\n".join([LINE, json.dumps(huge), json.dumps(long), LINE]) + "\n")
     st = SemanticTokenizer(tokenizer, max_length=64)
-    encoded, real_encode = [], st.encode_with_answer
+    encoded, real_encode = [], st.encode_detailed
 
-    def counting_encode(messages):
+    def counting_encode(messages, tools=None):
         encoded.append(sum(len(m["content"]) for m in messages))
-        return real_encode(messages)
+        return real_encode(messages, tools)
 
-    st.encode_with_answer = counting_encode
-    with pytest.raises(DataError, match=r"a.jsonl:2: too long: 4000002 characters > \d+ .*data.max_length=64"):
+    st.encode_detailed = counting_encode
+    with pytest.raises(DataError, match=r"a.jsonl:2: too long: 4000002 characters > \d+ .*data.cutoff_len=64"):
         encode_files([path], st)
     assert max(encoded) < 1000  # the huge record never reached the tokenizer
     samples, report = encode_files([path], st, on_error="skip")

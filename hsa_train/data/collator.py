@@ -1,4 +1,5 @@
-"""Pads a list of encoded samples into a batch (SPEC §2): each per-token field with its own padding value."""
+"""Pads a list of encoded samples into a batch (SPEC §2): each per-token field with its own padding value.
+`PackedCollator` builds rows of several samples each (`data.packing`, rows from `hsa_train.data.packing.pack`)."""
 
 from __future__ import annotations
 
@@ -51,14 +52,7 @@ class SemanticCollator:
         fields = [f for f in TOKEN_FIELDS if f in features[0]]
         if "input_ids" not in fields:
             raise ValueError("SemanticCollator: samples have no 'input_ids'")
-        lengths = []
-        for row, feat in enumerate(features):
-            if [f for f in TOKEN_FIELDS if f in feat] != fields:
-                raise ValueError(f"SemanticCollator: row {row} has fields {sorted(feat)}, row 0 has {fields}")
-            sizes = {f: len(feat[f]) for f in fields}
-            if len(set(sizes.values())) != 1:
-                raise ValueError(f"SemanticCollator: row {row} has per-token fields of different lengths {sizes}")
-            lengths.append(sizes["input_ids"])
+        lengths = check_fields(features, fields, "SemanticCollator", "row")
         width = max(lengths)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -72,4 +66,101 @@ class SemanticCollator:
                 else:
                     out[row, width - len(values) :] = values
             batch[f] = out
+        return batch
+
+
+def check_fields(features: Sequence[Mapping[str, Any]], fields: list[str], who: str, what: str) -> list[int]:
+    """Every sample has the same per-token `fields`, each as long as its input_ids; returns those lengths."""
+    lengths = []
+    for row, feat in enumerate(features):
+        if [f for f in TOKEN_FIELDS if f in feat] != fields:
+            raise ValueError(f"{who}: {what} {row} has fields {sorted(feat)}, {what} 0 has {fields}")
+        sizes = {f: len(feat[f]) for f in fields}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"{who}: {what} {row} has per-token fields of different lengths {sizes}")
+        lengths.append(sizes["input_ids"])
+    return lengths
+
+
+class PackedCollator:
+    """Rows of several samples (documents) each: `collator(bins)`, each bin a list of samples' features.
+
+    Per row: the documents one after the other, then right padding. The batch holds input_ids, labels,
+    semantic_ids, attention_mask (1 on the documents' tokens, 0 on padding: for token counting only; the model
+    gets position_ids instead, see `training.step.make_forward`) and position_ids:
+    - position_ids restart at 0 at each document, and the padding tail counts 0..k-1 as a document of its own, so
+      transformers (masking_utils.find_packed_sequence_indices) and HSA (model.context.documents_of) confine
+      attention and the bias to each document, and no document attends to the padding;
+    - labels are -100 at each document's first token (else the previous document's last token would learn to
+      predict it: a cross-document target, which an unpacked row never has) and on the padding.
+
+    Rows are padded to `capacity` (data.cutoff_len: fixed-size rows, whose non-pad share is the packing
+    efficiency); with `capacity=None`, to the longest row rounded up to `pad_to_multiple_of`."""
+
+    def __init__(
+        self,
+        pad_token_id: int | None,
+        default_type_id: int = DEFAULT_TYPES.index(DEFAULT_TYPE),
+        capacity: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
+        if pad_token_id is None:
+            raise ValueError("PackedCollator: the tokenizer has no pad token; set tokenizer.pad_token first")
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"PackedCollator: capacity={capacity} must be >= 1")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"PackedCollator: pad_to_multiple_of={pad_to_multiple_of} must be >= 1")
+        self.pad_values = {
+            "input_ids": int(pad_token_id),
+            "attention_mask": 0,
+            "labels": IGNORE_INDEX,
+            "semantic_ids": int(default_type_id),
+        }
+        self.capacity = capacity
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    @classmethod
+    def from_tokenizer(cls, st, capacity: int | None, pad_to_multiple_of: int | None = None):
+        """The packed collator for a SemanticTokenizer's samples (its pad id and default type)."""
+        return cls(st.tokenizer.pad_token_id, st.types.default_id, capacity, pad_to_multiple_of)
+
+    def __call__(self, bins: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
+        if not bins:
+            raise ValueError("PackedCollator: empty batch")
+        samples = [feat for docs in bins for feat in docs]
+        if any(not docs for docs in bins):
+            raise ValueError("PackedCollator: a row has no samples")
+        fields = [f for f in TOKEN_FIELDS if f in samples[0]]
+        if "input_ids" not in fields or "labels" not in fields:
+            raise ValueError("PackedCollator: samples need 'input_ids' and 'labels'")
+        lengths = check_fields(samples, fields, "PackedCollator", "sample")
+        if min(lengths) < 1:
+            raise ValueError("PackedCollator: a sample has no tokens")
+        row_lengths, k = [], 0
+        for docs in bins:
+            row_lengths.append(sum(lengths[k : k + len(docs)]))
+            k += len(docs)
+        width = max(row_lengths)
+        if self.capacity is not None:
+            if width > self.capacity:
+                row = row_lengths.index(width)
+                raise ValueError(f"PackedCollator: row {row} holds {width} tokens > capacity {self.capacity}")
+            width = self.capacity
+        elif self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out_fields = [*dict.fromkeys([*fields, "attention_mask"])]
+        batch = {f: torch.full((len(bins), width), self.pad_values[f], dtype=torch.long) for f in out_fields}
+        positions = torch.zeros((len(bins), width), dtype=torch.long)
+        for row, docs in enumerate(bins):
+            start = 0
+            for feat in docs:
+                n = len(feat["input_ids"])
+                for f in fields:
+                    batch[f][row, start : start + n] = torch.as_tensor(feat[f], dtype=torch.long)
+                batch["labels"][row, start] = IGNORE_INDEX  # never a target across documents
+                positions[row, start : start + n] = torch.arange(n)
+                start += n
+            batch["attention_mask"][row, :start] = 1
+            positions[row, start:] = torch.arange(width - start)  # the padding: a pseudo-document of its own
+        batch["position_ids"] = positions
         return batch

@@ -1,61 +1,40 @@
-"""From files to encoded samples and seeded batches: loader → SemanticTokenizer → split → micro-batch stream."""
+"""From encoded samples to batches: a seeded eval split, an endless seeded sample order, micro-batches per rank,
+and eval batches balanced over ranks."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from hsa_train.data.collator import SemanticCollator
 from hsa_train.data.loader import DataError, LoadReport, Record, load_records
+from hsa_train.data.prepare import Preprocess, RecordEncoder, Reports
+from hsa_train.data.store import Sample
 from hsa_train.data.tokenizer import SemanticTokenizer
 
-
-@dataclass
-class Sample:
-    """One encoded conversation and where it came from (for error messages that name the culprit). Fields are
-    int32 arrays: a Python list spends 8-byte pointers plus int objects on every token."""
-
-    features: dict[str, np.ndarray]
-    answer: tuple[int, int] | None  # token span of the final answer (for exact-match evaluation)
-    where: str
-
-
-def _max_chars(st: SemanticTokenizer) -> int | None:
-    """Content longer than this is certainly over `st.max_length` tokens: a token decodes to at most its vocabulary
-    string's length in characters (+1 for a separator a decoder may insert), and the template only adds text. None
-    without a max_length (or a vocabulary to measure)."""
-    get_vocab = getattr(st.tokenizer, "get_vocab", None)
-    if st.max_length is None or get_vocab is None:
-        return None
-    return st.max_length * (max(map(len, get_vocab()), default=0) + 1)
+__all__ = ["Sample", "SampleStream", "encode_files", "eval_batches", "filler_batch", "rank_micro_batches", "split_eval"]
 
 
 def encode_files(
     paths: Sequence[str], st: SemanticTokenizer, on_error: str = "raise", ignore_keys: Sequence[str] = ("id",)
 ) -> tuple[list[Sample], LoadReport]:
-    """Loads and tokenizes every record; a record that cannot be tokenized is a bad record like any other.
-    `ignore_keys`: record or message keys that are pure metadata (any other unused key is an error)."""
-    encoded: dict[int, tuple[dict[str, np.ndarray], tuple[int, int] | None]] = {}
-    max_chars = _max_chars(st)
+    """Loads and tokenizes every record of files in the messages format, in memory (no cache), refusing a record
+    over `st.max_length` tokens; a record that cannot be tokenized is a bad record like any other. The training
+    run goes through `prepare` instead (formats, truncation, cache); this is the small library path."""
+    reports = Reports()
+    encode = RecordEncoder(st, Preprocess(st.max_length, "error", (), on_error, tuple(ignore_keys)), reports)
+    samples: dict[int, Sample] = {}
 
     def check(record: Record) -> None:
-        chars = sum(len(m["content"]) for m in record.messages)
-        if max_chars is not None and chars > max_chars:  # refused before a huge text reaches the tokenizer
-            raise ValueError(
-                f"too long: {chars} characters > {max_chars} (more than data.max_length={st.max_length} tokens "
-                "can hold; raise data.max_length, or use data.on_error=skip to skip such records)"
-            )
-        features, answer = st.encode_with_answer(record.messages)
-        arrays = {name: np.asarray(values, dtype=np.int32) for name, values in features.items()}
-        encoded[id(record)] = (arrays, answer)
+        sample = encode(record)
+        if sample is not None:
+            samples[id(record)] = sample
 
     records, report = load_records(list(paths), st.types, on_error=on_error, check=check, ignore_keys=ignore_keys)
-    return [Sample(*encoded[id(r)], where=r.where) for r in records], report
+    return [samples[id(r)] for r in records], report
 
 
 def split_eval(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:

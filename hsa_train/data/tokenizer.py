@@ -1,9 +1,11 @@
 """The semantic-aware tokenizer: one chat-template render, tokenized as one text (cut only where inference cuts
 it), a type and a label per token (SPEC §2).
 
-Segments come from the template itself: message j owns the text that rendering j+1 messages adds to rendering j.
-A token takes the type of the segment holding its first character, so the template's own tokens (role headers,
-end-of-turn markers, a default system prompt) are typed like the message they belong to, for any template.
+Segments come from the template itself: message j owns the text that rendering j+1 messages adds to rendering j
+(render.py: computed in linear time, tools and tool calls included). A token takes the type of the segment holding
+its first character, so the template's own tokens (role headers, end-of-turn markers, a default system prompt) are
+typed like the message they belong to, for any template. Inside a message's content, a typed span (`spans`:
+(start, end, type) in content characters) types the tokens whose first character lies in it.
 
 Two things follow inference rather than the one-text tokenization:
 - The text is cut where each assistant turn's generation prompt ends and where the turn ends: a model reads the
@@ -16,26 +18,28 @@ Two things follow inference rather than the one-text tokenization:
 
 from __future__ import annotations
 
-import re
-from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import Any, NamedTuple
 
+import numpy as np
+
+from hsa_train.data.render import CONTENT_SENTINEL, Segments, TemplateRendering
+from hsa_train.data.toolcalls import TOOLS_FALLBACK_NOTE, TemplateInput
 from hsa_train.types import SemanticTypes
+
+__all__ = [
+    "CONTENT_SENTINEL",
+    "IGNORE_INDEX",
+    "TOOLS_FALLBACK_NOTE",
+    "Encoding",
+    "Piece",
+    "Segments",
+    "SemanticTokenizer",
+]
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
-# Stands in for a message's content to find where a template puts it: letters only, so trims and escapes keep it.
-CONTENT_SENTINEL = "HSAxCONTENTxSENTINELxQZ"
-
-
-class Segments(NamedTuple):
-    """A conversation's full render and where its parts lie, in characters."""
-
-    text: str
-    starts: list[int]  # where each message's segment starts
-    trained: list[tuple[int, int] | None]  # per message: an assistant turn's text after its generation prompt
-    plain: list[tuple[int, int]]  # contents that spell special tokens, to tokenize as plain text
 
 
 class Piece(NamedTuple):
@@ -47,7 +51,15 @@ class Piece(NamedTuple):
     firsts: list[int]
 
 
-class SemanticTokenizer:
+class Encoding(NamedTuple):
+    """One encoded conversation (`SemanticTokenizer.encode_detailed`)."""
+
+    features: dict[str, list[int]]  # input_ids, attention_mask, labels, semantic_ids
+    answer: tuple[int, int] | None  # the final answer's token span (see `encode_with_answer`)
+    message_index: list[int]  # per token: the record message whose segment holds its first character, -1 for none
+
+
+class SemanticTokenizer(TemplateRendering):
     def __init__(
         self,
         tokenizer: Any,
@@ -68,11 +80,9 @@ class SemanticTokenizer:
         self.tokenizer = tokenizer
         self.types = SemanticTypes.from_names(types, default_type)
         self.train_on = train_on
-        self.max_length = max_length
-        self._compiled: tuple[str, Any] | None = None  # (template source, compiled template) for the fast path
-        self._fast_ok = True
-        self._specials: tuple[int, frozenset[int], re.Pattern | None] | None = None  # (vocab size, ids, regex)
+        self.max_length = max_length  # None: no limit here (truncation to data.cutoff_len happens before)
         self._marks_start: bool | None = None
+        self._init_rendering()
 
     @classmethod
     def from_model(
@@ -85,128 +95,6 @@ class SemanticTokenizer:
         types = model_types(model)
         return cls(tokenizer, types.names, types.default, train_on, max_length)
 
-    # -- rendering ---------------------------------------------------------------------------------------------
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
-        """The chat template applied to `messages` (the empty string for none)."""
-        if not messages and not add_generation_prompt:
-            return ""
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                plain, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except Exception as exc:  # jinja raises its own errors (e.g. "roles must alternate")
-            raise ValueError(f"the chat template failed on the first {len(plain)} messages: {exc}") from None
-        if not isinstance(text, str):
-            raise ValueError("the chat template did not render to a string")
-        return text
-
-    def _fast_render(self):
-        """A renderer for the many prefix renders of one conversation, or None.
-
-        `apply_chat_template` spends most of its time copying the conversation into plain data; our messages are
-        plain already, so the compiled template is called directly with the same arguments (about 5x faster).
-        `segments` checks every conversation's full render against `apply_chat_template` and falls back for good
-        on any difference, so the fast path can never change a result."""
-        if not self._fast_ok:
-            return None
-        source = self.tokenizer.chat_template
-        if self._compiled is None or self._compiled[0] != source:
-            try:
-                from transformers.utils.chat_template_utils import _compile_jinja_template
-
-                self._compiled = (source, _compile_jinja_template(source))
-            except Exception:  # a transformers without this helper: use the public path
-                self._fast_ok = False
-                return None
-        compiled, special = self._compiled[1], dict(self.tokenizer.special_tokens_map)
-
-        def render(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
-            if not messages and not add_generation_prompt:
-                return ""
-            plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-            try:
-                return compiled.render(
-                    messages=plain, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **special
-                )
-            except Exception as exc:
-                raise ValueError(f"the chat template failed on the first {len(plain)} messages: {exc}") from None
-
-        return render
-
-    def segments(self, messages: Sequence[Mapping[str, Any]]) -> Segments:
-        """The full render and where its parts lie (see `Segments`), from prefix renders: the template decides
-        where each message begins, where each assistant turn's generation prompt ends, and where content lies."""
-        render = self._fast_render() or self.render
-        renders = [render(messages[:j]) for j in range(len(messages) + 1)]
-        if render is not self.render and renders[-1] != self.render(messages):
-            self._fast_ok = False  # for good: this template renders differently outside apply_chat_template
-            render = self.render
-            renders = [render(messages[:j]) for j in range(len(messages) + 1)]
-        for j in range(1, len(renders)):
-            if not renders[j].startswith(renders[j - 1]):
-                raise ValueError(
-                    f"the chat template is not prefix-stable: rendering {j} messages changes the text of the first "
-                    f"{j - 1}; hsa_train needs a template where adding a message only appends text"
-                )
-        starts = [len(renders[j]) for j in range(len(messages))]
-        trained: list[tuple[int, int] | None] = []
-        for j, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                trained.append(None)
-                continue
-            prompt = render(messages[:j], add_generation_prompt=True)
-            if not (renders[j + 1].startswith(prompt) and len(prompt) >= len(renders[j])):
-                raise ValueError(
-                    f"the chat template's generation prompt is not a prefix of assistant message {j}'s render; "
-                    "cannot tell the header from the content"
-                )
-            trained.append((len(prompt), len(renders[j + 1])))
-        specials = self._special_tokens()[1]
-        plain = []
-        for j, msg in enumerate(messages):
-            found = specials.search(msg["content"]) if specials and isinstance(msg["content"], str) else None
-            if found:
-                plain.append(self._locate_content(messages, j, found.group(), render, renders))
-        return Segments(renders[-1], starts, trained, plain)
-
-    def _locate_content(
-        self, messages: Sequence[Mapping[str, Any]], j: int, special: str, render, renders: list[str]
-    ) -> tuple[int, int]:
-        """The character span of message j's content in the full render.
-
-        The template's text around the content (header, footer) is what it renders around a sentinel content. The
-        template may trim or cut the content, but not add text of its own between them: then the text there is
-        all content, and tokenizing it as plain text cannot swallow a token of the template."""
-        probe = render([*messages[:j], {"role": messages[j]["role"], "content": CONTENT_SENTINEL}])
-        segment = renders[j + 1][len(renders[j]) :]
-        around = probe[len(renders[j]) :].split(CONTENT_SENTINEL)
-        if probe.startswith(renders[j]) and len(around) == 2:
-            header, footer = around
-            end = len(segment) - len(footer)
-            if segment.startswith(header) and segment.endswith(footer) and end >= len(header):
-                if segment[len(header) : end] in messages[j]["content"]:
-                    return len(renders[j]) + len(header), len(renders[j]) + end
-        raise ValueError(
-            f"message {j}: its content holds the special-token text {special!r}, but the chat template rewrites the "
-            "content, so it cannot be told apart from the template's own tokens; remove that text from the content"
-        )
-
-    def _special_tokens(self) -> tuple[frozenset[int], re.Pattern | None]:
-        """The ids of the tokenizer's special tokens (and eos), and a regex matching their text (None for none).
-
-        Only special tokens are control tokens here: `split_special_tokens` leaves other added tokens (Qwen3's
-        `<think>`) as tokens, inside content too."""
-        size = len(self.tokenizer)
-        if self._specials is None or self._specials[0] != size:
-            added = {i: t.content for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
-            eos = self.tokenizer.eos_token_id
-            ids = frozenset(added) | ({eos} if eos is not None else set())
-            texts = sorted(set(added.values()), key=len, reverse=True)
-            pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
-            self._specials = (size, ids, pattern)
-        return self._specials[1], self._specials[2]
-
     # -- tokenizing --------------------------------------------------------------------------------------------
     def tokenize(self, seg: Segments) -> list[Piece]:
         """The rendered text as tokens, cut where inference cuts it: at the end of each assistant message's
@@ -217,23 +105,25 @@ class SemanticTokenizer:
         cuts = sorted({0, len(seg.text), *(c for span in seg.trained if span is not None for c in span)})
         bounds = list(zip(cuts, cuts[1:]))
         pieces = []
-        for (a, b), (ids, offsets) in zip(bounds, self._encode(seg.text, bounds, plain=False)):
+        for (a, b), (ids, offsets, shift) in zip(bounds, self._encode(seg.text, bounds, plain=False)):
             if any(x < b and a < y for x, y in seg.plain):
-                ids, offsets = self._with_plain_content(seg, a, b, ids, offsets)
-            pieces.append(Piece(a, b, ids, [first for first, _ in offsets]))
+                ids, firsts = self._with_plain_content(seg, a, b, ids, offsets, shift)
+            else:
+                firsts = [x + shift for x, _ in offsets]
+            pieces.append(Piece(a, b, ids, firsts))
         return pieces
 
     def _with_plain_content(
-        self, seg: Segments, a: int, b: int, ids: list[int], offsets: list[tuple[int, int]]
-    ) -> tuple[list[int], list[tuple[int, int]]]:
+        self, seg: Segments, a: int, b: int, ids: list[int], offsets: list[tuple[int, int]], shift: int
+    ) -> tuple[list[int], list[int]]:
         """Piece [a, b) again, with content as plain text: the special tokens of the template's own text stay,
         the text between them is tokenized with `split_special_tokens` (exactly the normal tokenization of it
-        when no content spells a special token there)."""
+        when no content spells a special token there). Returns the ids and their first characters."""
         special_ids = self._special_tokens()[0]
         anchors = [
-            (x, y, tok)
+            (x + shift, y + shift, tok)
             for tok, (x, y) in zip(ids, offsets)
-            if tok in special_ids and not any(p < y and x < q for p, q in seg.plain)
+            if tok in special_ids and not any(p < y + shift and x + shift < q for p, q in seg.plain)
         ]
         ends = [*anchors, (b, b, None)]
         stretches, pos = [], a
@@ -241,43 +131,58 @@ class SemanticTokenizer:
             stretches.append((pos, max(pos, x)))
             pos = max(pos, y)
         out_ids: list[int] = []
-        out_offsets: list[tuple[int, int]] = []
-        for (more_ids, more_offsets), (x, y, tok) in zip(self._encode(seg.text, stretches, plain=True), ends):
+        out_firsts: list[int] = []
+        for (more_ids, more_offsets, more_shift), (x, _, tok) in zip(
+            self._encode(seg.text, stretches, plain=True), ends
+        ):
             out_ids += more_ids
-            out_offsets += more_offsets
+            out_firsts += [first + more_shift for first, _ in more_offsets]
             if tok is not None:
                 out_ids.append(tok)
-                out_offsets.append((x, y))
-        return out_ids, out_offsets
+                out_firsts.append(x)
+        return out_ids, out_firsts
 
     def _encode(
         self, text: str, bounds: list[tuple[int, int]], plain: bool
-    ) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """Ids and character offsets (in `text`) of each text[a:b], tokenized as the continuation of what precedes
-        it; `plain` tokenizes special-token text as ordinary text.
+    ) -> list[tuple[list[int], list[tuple[int, int]], int]]:
+        """Ids, character offsets and the shift that puts those offsets in `text`, of each text[a:b], tokenized as
+        the continuation of what precedes it; `plain` tokenizes special-token text as ordinary text.
 
         A tokenizer that marks the start of every text it is given (SentencePiece's "▁" prefix) is given each
         piece after a newline, whose tokens are dropped again (the trick transformers' chat encoding uses);
         byte-level BPEs mark nothing, and get the piece as it is."""
         lead = "\n" if self._marks_text_start() else ""
         texts = [text[a:b] if a == 0 else lead + text[a:b] for a, b in bounds]
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain)
-        lead_ids = (
-            self.tokenizer(lead, add_special_tokens=False, split_special_tokens=plain)["input_ids"] if lead else []
-        )
+        encoded = self._tokenize_batch(texts, plain)
+        lead_ids = self._tokenize_batch([lead], plain)[0][0] if lead else []
         out = []
-        for (a, b), ids, offsets in zip(bounds, enc["input_ids"], enc["offset_mapping"]):
+        for (a, b), (ids, offsets) in zip(bounds, encoded):
             shift = a - (len(lead) if a else 0)
             if a and lead:
                 if ids[: len(lead_ids)] == lead_ids:
                     ids, offsets = ids[len(lead_ids) :], offsets[len(lead_ids) :]
                 else:  # the newline merged into the piece: take the piece alone
-                    alone = self.tokenizer(
-                        text[a:b], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain
-                    )
-                    ids, offsets, shift = alone["input_ids"], alone["offset_mapping"], a
-            out.append((list(ids), [(x + shift, y + shift) for x, y in offsets]))
+                    (ids, offsets), shift = self._tokenize_batch([text[a:b]], plain)[0], a
+            out.append((ids, offsets, shift))
         return out
+
+    def _tokenize_batch(self, texts: list[str], plain: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Ids and offsets of each text (no special tokens added). Through the tokenizers backend when it has no
+        truncation or padding set (what `tokenizer(...)` does, without building a BatchEncoding per piece: that
+        was a third of encode's time on long conversations), else through `tokenizer(...)`."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        settings = (getattr(backend, "truncation", 0), getattr(backend, "padding", 0))
+        if backend is None or settings != (None, None):
+            enc = self.tokenizer(
+                texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain
+            )
+            return list(zip(enc["input_ids"], enc["offset_mapping"]))
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = plain
+        try:
+            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = before
 
     def _marks_text_start(self) -> bool:
         """Whether the tokenizer adds something at the start of every text (then "x" twice does not decode as
@@ -288,15 +193,18 @@ class SemanticTokenizer:
         return self._marks_start
 
     def _decode(self, ids: list[int]) -> str:
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None:  # what tokenizer.decode does without clean-up, minus its copy of the ids
+            return backend.decode(ids, skip_special_tokens=False)
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # -- encoding ----------------------------------------------------------------------------------------------
-    def encode(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> dict[str, list[int]]:
         """{"input_ids", "attention_mask", "labels", "semantic_ids"}: lists of int, one entry per token."""
-        return self.encode_with_answer(messages)[0]
+        return self.encode_detailed(messages, tools).features
 
     def encode_with_answer(
-        self, messages: Sequence[Mapping[str, Any]]
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None
     ) -> tuple[dict[str, list[int]], tuple[int, int] | None]:
         """`encode`, plus the token span [start, end) of the final answer: what greedy decoding after the last
         assistant message's generation prompt must produce, i.e. its tokens up to and including the first special
@@ -304,40 +212,47 @@ class SemanticTokenizer:
         text after it (ChatML's "\n", trained but never generated); all of the turn when the template ends turns
         in plain text. None without an assistant message. The span does not depend on `train_on`, so exact-match
         evaluation means the same thing either way."""
+        encoding = self.encode_detailed(messages, tools)
+        return encoding.features, encoding.answer
+
+    def encode_detailed(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> Encoding:
+        """`encode_with_answer`'s features and answer, and each token's message (`Encoding`).
+
+        `messages`: dicts with role, content (str), semantic_type (a type name, None for `default_type`), and
+        optionally spans [(start, end, type name)] in content characters and tool_calls (OpenAI style); `tools`:
+        the record's function schemas. Tool messages are trained only with train_on="all"."""
         if not messages:
             raise ValueError("empty conversation: there are no messages to encode")
-        seg_types = []
-        for k, msg in enumerate(messages):
-            try:
-                seg_types.append(self.types.id_of(msg.get("semantic_type")))
-            except KeyError as exc:
-                raise ValueError(f"message {k}: {exc.args[0]}") from None
-        seg = self.segments(messages)
+        inp = self.prepare(messages, tools)
+        own, spans = self._message_types(messages, inp)
+        seg = self._segments(inp, {k for k, s in enumerate(spans) if s})
         pieces = self.tokenize(seg)
+        positions, mark_types, mark_messages = self._type_marks(seg, inp, own, spans)
         trained_spans = {span for span in seg.trained if span is not None}
-        default_id = self.types.default_id
 
         input_ids: list[int] = []
-        semantic_ids: list[int] = []
         labels: list[int] = []
         first_token: list[int] = []  # each piece's first token index
+        any_trained = False
         for piece in pieces:
             first_token.append(len(input_ids))
-            trained = self.train_on == "all" or (piece.start, piece.end) in trained_spans
-            for tok, first in zip(piece.ids, piece.firsts):
-                seg_index = bisect_right(seg.starts, first) - 1
-                semantic_ids.append(seg_types[seg_index] if seg_index >= 0 else default_id)
-                labels.append(tok if trained else IGNORE_INDEX)
             input_ids += piece.ids
+            trained = self.train_on == "all" or (piece.start, piece.end) in trained_spans
+            labels += piece.ids if trained else [IGNORE_INDEX] * len(piece.ids)
+            any_trained = any_trained or (trained and bool(piece.ids))
+        firsts = np.fromiter(chain.from_iterable(piece.firsts for piece in pieces), np.int64, len(input_ids))
+        marks = np.searchsorted(np.asarray(positions), firsts, side="right") - 1  # the last mark at or before
+        semantic_ids = np.asarray(mark_types)[marks].tolist()
+        message_index = np.asarray(mark_messages)[marks].tolist()
 
-        if len(input_ids) != len(semantic_ids) or len(input_ids) != len(labels):
+        if not (len(input_ids) == len(semantic_ids) == len(labels) == len(message_index)):
             raise AssertionError("SemanticTokenizer: input_ids, semantic_ids and labels differ in length")
         if self._decode(input_ids) != seg.text:
             raise ValueError(
                 "the tokenizer does not round-trip the rendered conversation (decode(encode(text)) != text); "
                 "token types would be misaligned: use a tokenizer without normalisation"
             )
-        if all(label == IGNORE_INDEX for label in labels):
+        if not any_trained:
             raise ValueError("nothing to train on: the conversation has no assistant message content to learn")
         if self.max_length is not None and len(input_ids) > self.max_length:
             raise ValueError(
@@ -350,7 +265,77 @@ class SemanticTokenizer:
             "labels": labels,
             "semantic_ids": semantic_ids,
         }
-        return features, self._answer_span(seg, pieces, first_token)
+        return Encoding(features, self._answer_span(seg, pieces, first_token), message_index)
+
+    def _message_types(
+        self, messages: Sequence[Mapping[str, Any]], inp: TemplateInput
+    ) -> tuple[list[int], list[list[tuple[int, int, int]]]]:
+        """Per rendered message: its type id, and its non-empty typed spans (start, end, type id), sorted and
+        checked; the inserted tools system message has the default type and no spans."""
+        own: list[int] = []
+        spans: list[list[tuple[int, int, int]]] = []
+        for i in inp.source:
+            if i < 0:
+                own.append(self.types.default_id)
+                spans.append([])
+                continue
+            msg = messages[i]
+            try:
+                own.append(self.types.id_of(msg.get("semantic_type")))
+                spans.append(self._spans_of(msg))
+            except KeyError as exc:
+                raise ValueError(f"message {i}: {exc.args[0]}") from None
+            except ValueError as exc:
+                raise ValueError(f"message {i}: {exc}") from None
+        return own, spans
+
+    def _spans_of(self, msg: Mapping[str, Any]) -> list[tuple[int, int, int]]:
+        """A message's typed spans: [(start, end, type id)], non-empty, sorted, not overlapping. A span is
+        (start, end, type name) or {"start", "end", "semantic_type"}; a type name None means `default_type`."""
+        raw = msg.get("spans")
+        if not raw:
+            return []
+        size, out = len(msg["content"]), []
+        for span in raw:
+            if isinstance(span, Mapping):
+                start, end, name = span.get("start"), span.get("end"), span.get("semantic_type")
+            elif isinstance(span, (list, tuple)) and len(span) == 3:
+                start, end, name = span
+            else:
+                raise ValueError(f"a span is (start, end, type), not {span!r}")
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= size):
+                raise ValueError(f"span {span!r} is not a character range of the content (length {size})")
+            if start < end:
+                out.append((start, end, self.types.id_of(name)))
+        out.sort()
+        for (_, end, _), (start, _, _) in zip(out, out[1:]):
+            if start < end:
+                raise ValueError(f"spans overlap at character {start} of the content")
+        return out
+
+    @staticmethod
+    def _type_marks(
+        seg: Segments, inp: TemplateInput, own: list[int], spans: list[list[tuple[int, int, int]]]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Where types change in the render: (positions, type ids, record message indices), sorted by position; a
+        character takes the entry of the last position <= it (segment starts, then span starts and ends)."""
+        positions: list[int] = []
+        types: list[int] = []
+        owners: list[int] = []
+        for k, start in enumerate(seg.starts):
+            owner = inp.source[k]
+            positions.append(start)
+            types.append(own[k])
+            owners.append(owner)
+            if spans[k]:
+                begin, end, shift = seg.content[k]
+                for a, b, type_id in spans[k]:
+                    x, y = max(begin, begin + a - shift), min(end, begin + b - shift)
+                    if x < y:
+                        positions += (x, y)
+                        types += (type_id, own[k])
+                        owners += (owner, owner)
+        return positions, types, owners
 
     def _answer_span(self, seg: Segments, pieces: list[Piece], first_token: list[int]) -> tuple[int, int] | None:
         """The final answer's token span (see `encode_with_answer`): the last assistant turn's piece, cut after

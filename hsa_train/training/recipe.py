@@ -19,7 +19,8 @@ import yaml
 
 from hsa_train.config import RunConfig
 from hsa_train.data import SemanticCollator, SemanticTokenizer
-from hsa_train.data.dataset import SampleStream, encode_files, eval_batches, rank_micro_batches, split_eval
+from hsa_train.data.dataset import SampleStream, eval_batches, rank_micro_batches
+from hsa_train.data.pipeline import load_run_data
 from hsa_train.model import enable_hsa
 from hsa_train.model.export import export_model
 from hsa_train.model.loading import build_model, check_model_source, enable_activation_checkpointing, load_tokenizer
@@ -31,7 +32,7 @@ from hsa_train.training.device import pick_autocast, pick_device, seed_everythin
 from hsa_train.training.evaluate import eval_sums, summarize
 from hsa_train.training.optim import build_optimizer, build_scheduler
 from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_summary
-from hsa_train.training.resume import check_resume, data_fingerprint
+from hsa_train.training.resume import check_resume
 from hsa_train.training.rundir import claim, require_fresh
 from hsa_train.training.step import StepResult, make_forward, optimizer_step
 from hsa_train.types import SemanticTypes
@@ -101,24 +102,21 @@ class Recipe:
         self.tokenizer = load_tokenizer(
             run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code, run.model.chat_template
         )
-        st = SemanticTokenizer(self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on, data.max_length)
-        encode = lambda files: encode_files(files, st, data.on_error, ignore_keys=tuple(data.ignore_keys))  # noqa: E731
-        self.train_samples, self.report = encode(data.train_files)
-        self.eval_report = None
-        if data.eval_files:
-            self.eval_samples, self.eval_report = encode(data.eval_files)
-        else:
-            self.train_samples, self.eval_samples = split_eval(self.train_samples, data.eval_ratio, run.seed)
-        self.extra_evals = {name: encode(files) for name, files in data.eval_sets.items()}
+        st = SemanticTokenizer(self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on)
         self.collator = SemanticCollator.from_tokenizer(st, data.pad_to_multiple_of)
+        self.data = load_run_data(data, st, self.collator, run.seed, on_main=lambda fn: D.on_main(fn, self.info))
+        self.eval_samples, self.extra_evals = self.data.eval, self.data.eval_sets
+        if not st.renders_tools and self.data.uses_tools:
+            self._notes.append(f"note: {st.tools_note}")
         self.global_batch = self.cfg.micro_batch_size * self.cfg.grad_accum * self.info.world
-        self.stream = SampleStream(len(self.train_samples), seed=run.seed)
-        n = len(self.train_samples)
+        n = len(self.data.train)  # rows: samples, or packed rows of several
+        self.stream = SampleStream(n, seed=run.seed)
         self.max_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * n / self.global_batch))
-        self.data_fingerprint = data_fingerprint(self.train_samples)
+        self.data_fingerprint = self.data.fingerprint
+        unit = "packed rows" if self.data.train.packed else "samples"
         if self.global_batch > n:
             self._notes.append(
-                f"warning: the global batch ({self.global_batch} samples) is larger than the training set ({n}): "
+                f"warning: the global batch ({self.global_batch} {unit}) is larger than the training set ({n}): "
                 "every step repeats samples; lower train.micro_batch_size or train.grad_accum"
             )
         if self.cfg.warmup_steps >= self.max_steps:
@@ -212,12 +210,14 @@ class Recipe:
             f"{'bf16 autocast' if self.autocast_dtype else 'fp32'}, HSA "
             + (f"backend={hsa_cfg.backend} λ={dict(hsa_cfg.lambdas)}" if hsa_cfg.enabled else "off")
         )
+        for line in self.data.summary_lines():
+            self.console.print(line)
+        train = self.data.train
+        rows = f"{len(train)} packed rows ({train.efficiency:.1%} tokens, not padding)" if train.packed else ""
         self.console.print(
-            f"data: train {self.report.summary()}"
-            + (f", eval {self.eval_report.summary()}" if self.eval_report else "")
-            + "".join(f", {name} {rep.summary()}" for name, (_, rep) in self.extra_evals.items())
-            + f" -> {len(self.train_samples)} train / {len(self.eval_samples)} eval samples; {self.max_steps} steps "
-            f"of {self.global_batch} samples ({cfg.micro_batch_size} x {cfg.grad_accum} accum x {info.world} ranks)"
+            f"data: {len(train.ids)} train / {len(self.eval_samples)} eval samples{' in ' + rows if rows else ''}; "
+            f"{self.max_steps} steps of {self.global_batch} {'rows' if train.packed else 'samples'} "
+            f"({cfg.micro_batch_size} x {cfg.grad_accum} accum x {info.world} ranks)"
         )
         for note in self._notes:
             self.console.print(note)
@@ -234,7 +234,7 @@ class Recipe:
         t_step = time.perf_counter()
         cfg, info, p = self.cfg, self.info, self.progress
         picked = rank_micro_batches(self.stream.take(self.global_batch), cfg.micro_batch_size, info.world, info.rank)
-        micro = [self.collator([self.train_samples[i].features for i in chunk]) for chunk in picked]
+        micro = [self.data.train.batch(chunk) for chunk in picked]
         result = optimizer_step(
             self.model,
             self.optimizer,
@@ -246,7 +246,7 @@ class Recipe:
             step=p.step + 1,
             max_grad_norm=cfg.max_grad_norm,
             skip_nonfinite=cfg.skip_nonfinite,
-            where=lambda: [self.train_samples[i].where for chunk in picked for i in chunk],
+            where=lambda: [w for chunk in picked for w in self.data.train.where(chunk)],
             stop_signal=stop_signal,
         )
         p.step += 1
@@ -291,7 +291,7 @@ class Recipe:
         """The held-out split, then each of data.eval_sets: evaluated, printed (`label` after each name) and
         logged at the current step."""
         result = self.evaluate_samples(self.eval_samples)
-        set_results = {name: self.evaluate_samples(samples) for name, (samples, _) in self.extra_evals.items()}
+        set_results = {name: self.evaluate_samples(samples) for name, samples in self.extra_evals.items()}
         for name, res in [("eval", result), *set_results.items()]:
             if res is not None:
                 self.console.print(eval_line(name + label, res))
@@ -337,16 +337,16 @@ class Recipe:
             )
         if info.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
-        skipped_records = len(self.report.skipped) + (len(self.eval_report.skipped) if self.eval_report else 0)
-        skipped_records += sum(len(rep.skipped) for _, rep in self.extra_evals.values())
+        skipped_records = sum(len(rep.load.skipped) for rep in self.data.reports.values())
         metrics = {
             "steps": self.max_steps,
             "world_size": info.world,
             "distributed": info.mode,
             "resumed_from": self.resumed_from,
-            "samples_train": len(self.train_samples),
+            "samples_train": len(self.data.train.ids),
             "samples_eval": len(self.eval_samples),
             "skipped_records": skipped_records,
+            "data": self.data.metrics(),
             "skipped_steps": p.skipped_steps,
             "params": self.n_params,
             "params_trained": self.n_trainable,

@@ -10,11 +10,8 @@ such as `hsa.lambdas`; `data` for the training data) for users who mean them.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
-
-import numpy as np
 
 from hsa_train.config import flatten
 
@@ -45,17 +42,6 @@ SAFE_TO_CHANGE = (
     "objective",
 )
 DATA = "data"  # the pseudo-key of the training data fingerprint
-
-
-def data_fingerprint(samples: Iterable[Any]) -> dict[str, Any]:
-    """{"samples": N, "sha256": ...} over every training sample's token ids, labels and types, in order."""
-    digest, n = hashlib.sha256(), 0
-    for sample in samples:
-        for key in ("input_ids", "labels", "semantic_ids"):
-            digest.update(np.ascontiguousarray(sample.features[key], dtype=np.int32).tobytes())
-            digest.update(b"|")
-        n += 1
-    return {"samples": n, "sha256": digest.hexdigest()}
 
 
 def _covered(key: str, prefixes: Iterable[str]) -> bool:

@@ -20,10 +20,19 @@ class NonFiniteError(RuntimeError):
 
 
 def make_forward(model, device: torch.device, autocast_dtype: torch.dtype | None, use_hsa: bool):
-    """batch -> logits, on `device`, under autocast when asked; semantic_ids go in only when HSA is on."""
+    """batch -> logits, on `device`, under autocast when asked; semantic_ids go in only when HSA is on.
+
+    A packed batch (PackedCollator: it carries `position_ids`) goes in with its position ids and no attention
+    mask: transformers finds the documents from the restarting positions only without a mask (and without a
+    cache: masking_utils._preprocess_mask_arguments / find_packed_sequence_indices) and confines attention to
+    each, the padding tail being a document of its own; HSA's bias is confined by the same position ids
+    (model.context.documents_of). The batch's attention_mask then only counts tokens."""
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "position_ids" in batch:
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        else:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if use_hsa:
             inputs["semantic_ids"] = batch["semantic_ids"]
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}

@@ -1,0 +1,243 @@
+"""What a run trains and evaluates on, from its config: every dataset prepared (rank 0 builds what the cache lacks,
+the other ranks then read it), a seeded eval split, dataset weights, and the training rows (one sample each, or
+several packed into rows of cutoff_len).
+
+The training set is never a Python list of samples: it is an array of sample ids into memory-mapped Arrow files,
+and rows are arrays of those ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsa_train.data import cache
+from hsa_train.data.collator import PackedCollator, SemanticCollator
+from hsa_train.data.packing import efficiency, pack
+from hsa_train.data.prepare import Prepared, Preprocess, Reports, prepare
+from hsa_train.data.spec import DatasetSpec, resolve_datasets
+from hsa_train.data.store import Sample
+from hsa_train.data.tokenizer import SemanticTokenizer
+from hsa_train.data.typing import TypingReport
+
+
+class Pool(Sequence[Sample]):
+    """The samples of several prepared datasets under one numbering (dataset after dataset)."""
+
+    def __init__(self, parts: Sequence[Prepared]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p.samples) for p in self.parts]).astype(np.int64)
+        self.lengths = np.concatenate([p.samples.lengths for p in self.parts]) if parts else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k].samples[int(i - self.starts[k])]
+
+    def ids_of(self, k: int) -> np.ndarray:
+        return np.arange(self.starts[k], self.starts[k + 1], dtype=np.int64)
+
+
+class View(Sequence[Sample]):
+    """Some samples of a pool, by id."""
+
+    def __init__(self, pool: Pool, ids: np.ndarray):
+        self.pool, self.ids = pool, np.asarray(ids, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.pool[int(j)] for j in self.ids[i]]
+        return self.pool[int(self.ids[i])]
+
+
+def weighted_ids(ids: np.ndarray, weight: float, seed: int) -> np.ndarray:
+    """`weight` times the ids: whole copies, then a seeded share of them for the fraction (0.5: a seeded half)."""
+    whole, frac = int(weight), weight - int(weight)
+    extra = round(frac * len(ids))
+    picked = np.sort(np.random.default_rng(seed).permutation(len(ids))[:extra]) if extra else np.zeros(0, np.int64)
+    return np.concatenate([np.tile(ids, whole), ids[picked]]).astype(np.int64)
+
+
+def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded hold-out of `ratio` of n ids (at least one when ratio > 0), order kept in both parts: the same
+    choice `dataset.split_eval` makes over a list."""
+    if ratio <= 0:
+        return np.arange(n, dtype=np.int64), np.zeros(0, np.int64)
+    n_eval = max(1, round(n * ratio))
+    if n_eval >= n:
+        raise ValueError(f"data.eval_ratio={ratio} leaves no training records out of {n}")
+    held = np.zeros(n, dtype=bool)
+    held[random.Random(seed).sample(range(n), n_eval)] = True
+    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
+
+
+class TrainRows:
+    """The rows training steps draw from: one sample each, or (packing) several samples packed best-fit
+    decreasing into rows of `capacity` tokens, documents kept apart by their position ids."""
+
+    def __init__(self, pool: Pool, ids: np.ndarray, collator: SemanticCollator, capacity: int | None = None):
+        self.pool, self.ids, self.collator = pool, ids, collator
+        self.packed = capacity is not None
+        self.capacity = capacity
+        lengths = pool.lengths[ids]
+        self.tokens = int(lengths.sum())
+        if self.packed:
+            bins = pack(lengths.tolist(), capacity)
+            self.rows = [ids[np.asarray(b, dtype=np.int64)] for b in bins]
+            self.efficiency = efficiency(lengths.tolist(), bins, capacity)
+            pad = collator.pad_values
+            self._packer = PackedCollator(pad["input_ids"], pad["semantic_ids"], capacity)
+        else:
+            self.rows = None
+            self.efficiency = None
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.packed else len(self.ids)
+
+    def samples(self, row: int) -> list[int]:
+        return [int(i) for i in self.rows[row]] if self.packed else [int(self.ids[row])]
+
+    def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return self._packer([[self.pool[i].features for i in self.samples(r)] for r in rows])
+        return self.collator([self.pool[int(self.ids[r])].features for r in rows])
+
+    def where(self, rows: Sequence[int]) -> list[str]:
+        return [self.pool[i].where for r in rows for i in self.samples(r)]
+
+    def fingerprint(self, digests: Sequence[str]) -> dict:
+        """{"samples", "rows", "sha256"}: the datasets' contents (their digests) and which samples form which
+        row in which order, so a resumed run sees exactly the data it was written with."""
+        h = hashlib.sha256("|".join(digests).encode())
+        h.update(self.ids.tobytes())
+        if self.packed:
+            for row in self.rows:
+                h.update(row.tobytes() + b"|")
+        return {"samples": len(self.ids), "rows": len(self), "sha256": h.hexdigest()}
+
+
+@dataclass
+class RunData:
+    train: TrainRows
+    eval: Sequence[Sample]
+    eval_sets: dict[str, Sequence[Sample]]
+    reports: dict[str, Reports]  # by dataset name (train and eval)
+    fingerprint: dict
+    notes: list[str] = field(default_factory=list)  # where each dataset came from (cache or built)
+
+    @property
+    def uses_tools(self) -> bool:
+        return any(rep.tool_records for rep in self.reports.values())
+
+    def summary_lines(self) -> list[str]:
+        """Per dataset: records kept / skipped, truncation, cache; then the types of the training tokens and by
+        which rule they got them."""
+        lines = []
+        for (name, rep), note in zip(self.reports.items(), self.notes):
+            lines.append(f"data: {name}: {rep.load.summary()}; {rep.truncation.summary()}; {note}")
+        typing = TypingReport()
+        for rep in self.reports.values():
+            typing.merge(rep.typing)
+        total = max(typing.total, 1)
+        by_type: dict[str, dict[str, int]] = {}
+        for (name, rule), n in typing.counts.items():
+            by_type.setdefault(name, {})[rule] = n
+        parts = []
+        for name, rules in sorted(by_type.items(), key=lambda kv: -sum(kv[1].values())):
+            detail = ", ".join(f"{rule} {n / total:.1%}" for rule, n in sorted(rules.items(), key=lambda kv: -kv[1]))
+            parts.append(f"{name} {sum(rules.values()) / total:.1%} ({detail})")
+        lines.append("types of all tokens (by rule): " + "; ".join(parts))
+        return lines
+
+    def metrics(self) -> dict:
+        """The data figures for metrics.json."""
+        train = self.train
+        return {
+            "datasets": {name: rep.counts() for name, rep in self.reports.items()},
+            "train_tokens": train.tokens,
+            "train_rows": len(train),
+            "packing_efficiency": train.efficiency,
+        }
+
+
+def _specs(files: Sequence[str], entries: Sequence, dataset_info: str | None, types, key: str) -> list[DatasetSpec]:
+    return resolve_datasets(list(files), None, types, key) + resolve_datasets(list(entries), dataset_info, types, key)
+
+
+def load_run_data(
+    data_cfg,
+    st: SemanticTokenizer,
+    collator: SemanticCollator,
+    seed: int,
+    on_main: Callable = lambda fn: fn(),
+) -> RunData:
+    """Prepares every dataset the data config names and assembles the run's data. `on_main(fn)` runs fn on rank 0
+    only (then every rank prepares again and finds rank 0's cache)."""
+    d = data_cfg
+    pre = Preprocess(d.cutoff_len, d.overlong, tuple(d.keep_types), d.on_error, tuple(d.ignore_keys))
+    root = None
+    if d.cache:
+        root = Path(d.cache_dir).expanduser() if d.cache_dir else cache.default_root()
+    types = st.types
+    train_specs = _specs(d.train_files, d.datasets, d.dataset_info, types, "data.datasets")
+    eval_specs = _specs(d.eval_files, d.eval_datasets, d.dataset_info, types, "data.eval_datasets")
+    set_specs = {
+        name: _specs([], entries, d.dataset_info, types, f"data.eval_sets.{name}")
+        for name, entries in d.eval_sets.items()
+    }
+    everything = train_specs + eval_specs + [s for specs in set_specs.values() for s in specs]
+
+    def build_all() -> list[Prepared]:
+        digests = cache.FileDigests(root)
+        return [prepare(spec, st, pre, root, d.num_proc, digests) for spec in everything]
+
+    built = on_main(build_all) if root is not None else None  # rank 0 fills the cache; the others wait for it
+    prepared = build_all()
+    was_cached = [p.cached for p in built] if built is not None else [p.cached for p in prepared]
+    n_train, n_eval = len(train_specs), len(eval_specs)
+    train_pool = Pool(prepared[:n_train])
+    reports: dict[str, Reports] = {}
+    notes: dict[str, str] = {}
+    seen: set[str] = set()
+    for p, cached in zip(prepared, was_cached):
+        if p.key in seen:  # the same dataset named twice (say, train and an eval set) is reported once
+            continue
+        seen.add(p.key)
+        reports.setdefault(p.name, Reports()).merge(p.reports)
+        notes[p.name] = f"{'from the cache' if cached else 'prepared'} ({p.key[:12]})"
+
+    train_ids_per_set = [train_pool.ids_of(k) for k in range(n_train)]
+    if eval_specs:
+        eval_view: Sequence[Sample] = Pool(prepared[n_train : n_train + n_eval])
+    else:
+        kept, held = split_ids(len(train_pool), d.eval_ratio, seed)
+        eval_view = View(train_pool, held)
+        keep = np.zeros(len(train_pool), dtype=bool)
+        keep[kept] = True
+        train_ids_per_set = [ids[keep[ids]] for ids in train_ids_per_set]
+    ids = np.concatenate(
+        [weighted_ids(ids, spec.weight, seed + k) for k, (ids, spec) in enumerate(zip(train_ids_per_set, train_specs))]
+    )
+    if len(ids) == 0:
+        raise ValueError("no training samples left: every record was held out, skipped or dropped")
+    train = TrainRows(train_pool, ids, collator, d.cutoff_len if d.packing else None)
+    pos = n_train + n_eval
+    eval_sets: dict[str, Sequence[Sample]] = {}
+    for name, specs in set_specs.items():
+        eval_sets[name] = Pool(prepared[pos : pos + len(specs)])
+        pos += len(specs)
+    digests = [p.digest for p in prepared[:n_train]]
+    return RunData(train, eval_view, eval_sets, reports, train.fingerprint(digests), list(notes.values()))
