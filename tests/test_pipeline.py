@@ -58,9 +58,7 @@ def test_cache_hit_and_each_invalidation(tmp_path, tokenizer):
     assert prepare(spec_of(path), st, Preprocess(), root).key == first.key
 
     def key_after(**change) -> str:
-        p = prepare(
-            change.get("spec", spec_of(path)), change.get("st", st), change.get("pre", Preprocess()), root
-        )
+        p = prepare(change.get("spec", spec_of(path)), change.get("st", st), change.get("pre", Preprocess()), root)
         assert not p.cached
         return p.key
 
