@@ -100,7 +100,7 @@ def main() -> None:
     def plain() -> int:
         tokens = 0
         for i in range(0, len(timed), 64):
-            enc = tokenizer(texts[i : i + 64], add_special_tokens=False)
+            enc = tokenizer(texts[i : min(i + 64, len(timed))], add_special_tokens=False)
             tokens += sum(map(len, enc["input_ids"]))
         return tokens
 

@@ -56,7 +56,7 @@ def sample_text(sample, tokenizer, styles: dict[int, str], max_tokens: int | Non
     return text
 
 
-def token_table(samples, type_names: Sequence[str], styles: dict[int, str]) -> Table:
+def token_table(samples, type_names: Sequence[str], styles: dict[int, str], title: str) -> Table:
     """Tokens per type over `samples`: all of them, the trained ones, and their shares."""
     n_types = len(type_names)
     all_counts = np.zeros(n_types, dtype=np.int64)
@@ -65,7 +65,7 @@ def token_table(samples, type_names: Sequence[str], styles: dict[int, str]) -> T
         sem = sample.features["semantic_ids"]
         all_counts += np.bincount(sem, minlength=n_types)[:n_types]
         trained += np.bincount(sem[sample.features["labels"] != -100], minlength=n_types)[:n_types]
-    table = Table(title="tokens per semantic type", title_justify="left")
+    table = Table(title=f"tokens per semantic type ({title})", title_justify="left")
     for col in ("type", "tokens", "share", "trained", "share"):
         table.add_column(col, justify="left" if col == "type" else "right")
     total, total_trained = max(int(all_counts.sum()), 1), max(int(trained.sum()), 1)
@@ -103,7 +103,7 @@ def figures_table(data: RunData) -> Table:
 
 def rules_table(data: RunData) -> Table:
     """Which rule typed how many tokens, per type."""
-    table = Table(title="where the types came from (tokens)", title_justify="left")
+    table = Table(title="where the types came from (tokens of every record kept, eval included)", title_justify="left")
     for col in ("type", "rule", "tokens"):
         table.add_column(col, justify="right" if col == "tokens" else "left")
     merged: dict[tuple[str, str], int] = {}
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(sample_text(sample, tokenizer, styles, args.max_tokens))
     console.rule()
     shown = data.eval if args.eval else [data.train.pool[int(i)] for i in data.train.ids]
-    console.print(token_table(shown, names, styles))
+    console.print(token_table(shown, names, styles, "eval samples" if args.eval else "training samples"))
     console.print(figures_table(data))
     console.print(rules_table(data))
     if args.svg:

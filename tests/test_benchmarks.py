@@ -35,3 +35,11 @@ def test_hsa_cost_benchmark_runs_every_variant(tmp_path):
     run_script("hsa_cost.py", "--steps", "1", "--repeats", "1", "--out", str(out), tmp_path=tmp_path)
     variants = json.loads(out.read_text())["variants"]
     assert len(variants) == 5 and all(v["tokens_per_s_median"] > 0 for v in variants.values())
+
+
+def test_preprocess_benchmark_runs(tmp_path):
+    out = tmp_path / "pre.json"
+    run_script("preprocess.py", "--conversations", "12", "--repeats", "1", "--out", str(out), tmp_path=tmp_path)
+    result = json.loads(out.read_text())
+    assert set(result["ways"]) == {"full", "plain", "seeds"} and result["full_vs_plain_speed_ratio_median"] > 0
+    assert result["prepare_cached_s"] < result["prepare_build_s"]
