@@ -14,6 +14,20 @@ from hsa_train.types import DEFAULT_TYPE, DEFAULT_TYPES
 TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "semantic_ids")
 
 
+def pad_values(who: str, pad_token_id: int | None, default_type_id: int, pad_to_multiple_of: int | None) -> dict:
+    """Each per-token field's padding value (SPEC §2), after checking what a collator is given."""
+    if pad_token_id is None:
+        raise ValueError(f"{who}: the tokenizer has no pad token; set tokenizer.pad_token first")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"{who}: pad_to_multiple_of={pad_to_multiple_of} must be >= 1")
+    return {
+        "input_ids": int(pad_token_id),
+        "attention_mask": 0,
+        "labels": IGNORE_INDEX,
+        "semantic_ids": int(default_type_id),
+    }
+
+
 class SemanticCollator:
     """Right- (or left-) pads `input_ids` with the pad id, `labels` with -100, `attention_mask` with 0 and
     `semantic_ids` with the default type's id, to the longest row or a multiple of `pad_to_multiple_of`."""
@@ -25,18 +39,9 @@ class SemanticCollator:
         pad_to_multiple_of: int | None = None,
         padding_side: str = "right",
     ):
-        if pad_token_id is None:
-            raise ValueError("SemanticCollator: the tokenizer has no pad token; set tokenizer.pad_token first")
         if padding_side not in ("right", "left"):
             raise ValueError(f"SemanticCollator: padding_side={padding_side!r}; use 'right' or 'left'")
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"SemanticCollator: pad_to_multiple_of={pad_to_multiple_of} must be >= 1")
-        self.pad_values = {
-            "input_ids": int(pad_token_id),
-            "attention_mask": 0,
-            "labels": IGNORE_INDEX,
-            "semantic_ids": int(default_type_id),
-        }
+        self.pad_values = pad_values("SemanticCollator", pad_token_id, default_type_id, pad_to_multiple_of)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
 
@@ -104,18 +109,9 @@ class PackedCollator:
         capacity: int | None = None,
         pad_to_multiple_of: int | None = None,
     ):
-        if pad_token_id is None:
-            raise ValueError("PackedCollator: the tokenizer has no pad token; set tokenizer.pad_token first")
         if capacity is not None and capacity < 1:
             raise ValueError(f"PackedCollator: capacity={capacity} must be >= 1")
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"PackedCollator: pad_to_multiple_of={pad_to_multiple_of} must be >= 1")
-        self.pad_values = {
-            "input_ids": int(pad_token_id),
-            "attention_mask": 0,
-            "labels": IGNORE_INDEX,
-            "semantic_ids": int(default_type_id),
-        }
+        self.pad_values = pad_values("PackedCollator", pad_token_id, default_type_id, pad_to_multiple_of)
         self.capacity = capacity
         self.pad_to_multiple_of = pad_to_multiple_of
 
