@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         console.rule(f"sample {k}: {sample.where}, {len(sample)} tokens, {trained} trained")
         console.print(sample_text(sample, tokenizer, styles, args.max_tokens))
     console.rule()
-    shown = data.eval if args.eval else [data.train.pool[int(i)] for i in data.train.ids]
+    shown = data.eval if args.eval else (data.train.pool[int(i)] for i in data.train.ids)  # one at a time
     console.print(token_table(shown, names, styles, "eval samples" if args.eval else "training samples"))
     console.print(figures_table(data))
     console.print(rules_table(data))

@@ -68,6 +68,21 @@ def demo_subset(path: Path, n: int) -> Path:
     return path
 
 
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
+    """`python -m hsa_train *args` in a subprocess, as users run it (output captured, text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "hsa_train", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def cli_env() -> dict[str, str]:
     """The environment for `python -m hsa_train` subprocesses: offline, no wandb (torchrun sets one thread per
     worker itself)."""

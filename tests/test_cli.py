@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, demo_subset
+from conftest import demo_subset, run_cli
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -24,17 +21,6 @@ SMALL = [
     "train.warmup_steps=2",
     "logging.progress=plain",
 ]
-
-
-def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hsa_train", *overrides],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

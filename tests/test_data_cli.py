@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
 
-from conftest import PEER_DATA, cli_env
+from conftest import PEER_DATA, run_cli
 
 from hsa_train.inspect import main as inspect_main
 
@@ -23,27 +21,18 @@ PEER = [
 
 def test_peer_datasets_train_packed_from_dataset_info(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hsa_train",
-            *PEER,
-            "data.packing=true",
-            "data.eval_ratio=0.02",
-            "train.max_steps=2",
-            "train.micro_batch_size=2",
-            "train.eval_batch_size=8",
-            "logging.progress=plain",
-            "train.save_model=false",
-            f"hydra.run.dir={run_dir}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ],
+    proc = run_cli(
+        *PEER,
+        "data.packing=true",
+        "data.eval_ratio=0.02",
+        "train.max_steps=2",
+        "train.micro_batch_size=2",
+        "train.eval_batch_size=8",
+        "logging.progress=plain",
+        "train.save_model=false",
+        f"hydra.run.dir={run_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
         cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr

@@ -4,12 +4,14 @@ written, and warnings for settings that defeat themselves."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 from conftest import cli_env, demo_subset
 from test_training import tiny_run
@@ -19,16 +21,7 @@ from hsa_train.model.loading import check_model_source
 from hsa_train.training.rundir import RunDirError, claim
 from hsa_train.types import SemanticTypes
 
-
-def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hsa_train", *args],
-        cwd=cwd,
-        env=env or cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+run_cli = functools.partial(conftest.run_cli, timeout=300)
 
 
 def one_line(proc: subprocess.CompletedProcess) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from types import SimpleNamespace
 
@@ -14,8 +15,8 @@ import pytest
 from conftest import PEER_DATA, demo_subset
 
 from hsa_train.data import DataError, SemanticCollator, SemanticTokenizer
-from hsa_train.data.dataset import encode_files, split_eval
-from hsa_train.data.pipeline import load_run_data, split_ids, weighted_ids
+from hsa_train.data.dataset import encode_files, split_ids
+from hsa_train.data.pipeline import load_run_data, weighted_ids
 from hsa_train.data.prepare import Preprocess, prepare
 from hsa_train.data.spec import resolve_datasets
 from hsa_train.model.loading import load_tokenizer
@@ -126,9 +127,8 @@ def test_weights_and_split():
     half = weighted_ids(ids, 0.5, 1)
     assert len(half) == 5 and len(set(half)) == 5
     kept, held = split_ids(40, 0.1, seed=3)
-    items = list(range(40))
-    train, evals = split_eval(items, 0.1, seed=3)  # the same choice as the list version
-    assert list(kept) == train and list(held) == evals
+    chosen = sorted(random.Random(3).sample(range(40), 4))  # a seeded choice of round(40 * 0.1) ids
+    assert list(held) == chosen and list(kept) == [i for i in range(40) if i not in chosen]
 
 
 def data_cfg(**over):

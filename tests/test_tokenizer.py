@@ -65,21 +65,6 @@ PREAMBLE_TEMPLATE = (
 )
 
 
-def token_start_chars(tokenizer, ids: list[int], text: str) -> list[int]:
-    """The character index where each token starts, from the tokens' bytes (no offset mapping involved)."""
-    decoder = {c: b for b, c in vocabs.byte_to_unicode().items()}  # GPT-2's table, not the code under test's
-    special = set(tokenizer.all_special_tokens) | {str(t) for t in tokenizer.added_tokens_decoder.values()}
-    byte_to_char = []
-    for ci, ch in enumerate(text):
-        byte_to_char.extend([ci] * len(ch.encode("utf-8")))
-    starts, pos = [], 0
-    for piece in tokenizer.convert_ids_to_tokens(ids):
-        starts.append(byte_to_char[pos])
-        pos += len(piece.encode("utf-8")) if piece in special else len(bytes(decoder[c] for c in piece))
-    assert pos == len(text.encode("utf-8"))
-    return starts
-
-
 def render(tokenizer, msgs, gen=False):
     """The chat template applied to `msgs`, through transformers (not the code under test)."""
     if not msgs and not gen:
@@ -121,7 +106,7 @@ def expected(tokenizer, messages, preamble=None):
         if m["role"] == "assistant":
             trained.append((len(render(tokenizer, messages[:j], gen=True)), bounds[j]))
     ids = chatml_ids(tokenizer, messages, preamble)
-    starts = token_start_chars(tokenizer, ids, full)
+    starts = vocabs.token_start_chars(tokenizer, ids, full)
     exp_types, exp_labels = [], []
     for tok, c in zip(ids, starts):
         seg = next(j for j, end in enumerate(bounds) if c < end)

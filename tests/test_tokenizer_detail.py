@@ -108,20 +108,6 @@ def render_ref(tokenizer, messages, tools=None, gen=False) -> str:
     return tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=gen)
 
 
-def token_starts(tokenizer, ids: list[int], text: str) -> list[int]:
-    """The character each token starts at: the decoded byte length of each prefix of the tokens, mapped to
-    characters (byte-level BPEs: a token's bytes through GPT-2's byte table; special tokens as their text)."""
-    decoder = {c: b for b, c in vocabs.byte_to_unicode().items()}
-    special = {str(t) for t in tokenizer.added_tokens_decoder.values()}
-    byte_to_char = [ci for ci, ch in enumerate(text) for _ in ch.encode("utf-8")]
-    starts, pos = [], 0
-    for piece in tokenizer.convert_ids_to_tokens(ids):
-        starts.append(byte_to_char[pos])
-        pos += len(piece.encode("utf-8")) if piece in special else len(bytes(decoder[c] for c in piece))
-    assert pos == len(text.encode("utf-8"))
-    return starts
-
-
 def char_types(tokenizer, messages, tools=None, trims=False, source=None) -> tuple[str, list[int], list[int]]:
     """The full render, and per character its type id and its message (`source[j]` for rendered message j).
     A segment is what one more message adds; a span's characters are found by locating the (trimmed) content in
@@ -149,7 +135,7 @@ def char_types(tokenizer, messages, tools=None, trims=False, source=None) -> tup
 
 def expected_per_token(tokenizer, ids, messages, tools=None, trims=False, source=None):
     full, types, owner = char_types(tokenizer, messages, tools, trims, source)
-    starts = token_starts(tokenizer, ids, full)
+    starts = vocabs.token_start_chars(tokenizer, ids, full)
     return [types[c] for c in starts], [owner[c] for c in starts], starts
 
 
@@ -303,7 +289,7 @@ def test_spans_in_content_the_template_rewrites_are_refused_in_one_line(tokenize
     st = SemanticTokenizer(tok)
     fine = [{"role": "user", "content": "xyz", "spans": [(0, 1, "KEY_EVENT")]}, {"role": "assistant", "content": "a"}]
     enc = st.encode_detailed(fine)
-    starts = token_starts(tok, enc.features["input_ids"], st.render(fine))
+    starts = vocabs.token_start_chars(tok, enc.features["input_ids"], st.render(fine))
     assert enc.features["semantic_ids"][starts.index(len("<|im_start|>user\n"))] == K  # "x" is placed
     bad = [{"role": "user", "content": "data", "spans": [(0, 1, "KEY_EVENT")]}, {"role": "assistant", "content": "a"}]
     with pytest.raises(ValueError, match="message 0: the chat template rewrites its content") as error:

@@ -184,3 +184,18 @@ def metaspace_bpe(vocab_size: int = 4_000) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>")
     tokenizer.chat_template = TEMPLATES["mistral"]
     return tokenizer
+
+
+def token_start_chars(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The character index where each token starts, from the tokens' bytes (no offset mapping involved)."""
+    decoder = {c: b for b, c in byte_to_unicode().items()}  # GPT-2's table, not the code under test's
+    special = set(tokenizer.all_special_tokens) | {str(t) for t in tokenizer.added_tokens_decoder.values()}
+    byte_to_char = []
+    for ci, ch in enumerate(text):
+        byte_to_char.extend([ci] * len(ch.encode("utf-8")))
+    starts, pos = [], 0
+    for piece in tokenizer.convert_ids_to_tokens(ids):
+        starts.append(byte_to_char[pos])
+        pos += len(piece.encode("utf-8")) if piece in special else len(bytes(decoder[c] for c in piece))
+    assert pos == len(text.encode("utf-8"))
+    return starts

@@ -7,6 +7,7 @@ import math
 import random
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from hsa_train.data.collator import SemanticCollator
@@ -15,7 +16,16 @@ from hsa_train.data.prepare import Preprocess, RecordEncoder, Reports
 from hsa_train.data.store import Sample
 from hsa_train.data.tokenizer import SemanticTokenizer
 
-__all__ = ["Sample", "SampleStream", "encode_files", "eval_batches", "filler_batch", "rank_micro_batches", "split_eval"]
+__all__ = [
+    "Sample",
+    "SampleStream",
+    "encode_files",
+    "eval_batches",
+    "filler_batch",
+    "rank_micro_batches",
+    "split_eval",
+    "split_ids",
+]
 
 
 def encode_files(
@@ -37,21 +47,25 @@ def encode_files(
     return [samples[id(r)] for r in records], report
 
 
-def split_eval(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A seeded hold-out of `ratio` of the samples (at least one when ratio > 0), order kept in both parts."""
+def split_eval(samples: Sequence[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """`split_ids` over a list of samples (at least one held out when ratio > 0, order kept in both parts)."""
+    try:
+        kept, held = split_ids(len(samples), ratio, seed)
+    except ValueError as exc:
+        raise DataError(samples[0].where.rsplit(":", 1)[0], 1, str(exc)) from None
+    return [samples[i] for i in kept], [samples[i] for i in held]
+
+
+def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded hold-out of `ratio` of n ids (at least one when ratio > 0), order kept in both parts."""
     if ratio <= 0:
-        return samples, []
-    n_eval = max(1, round(len(samples) * ratio))
-    if n_eval >= len(samples):
-        raise DataError(
-            samples[0].where.rsplit(":", 1)[0],
-            1,
-            f"data.eval_ratio={ratio} leaves no training records out of {len(samples)}",
-        )
-    held = set(random.Random(seed).sample(range(len(samples)), n_eval))
-    train = [s for i, s in enumerate(samples) if i not in held]
-    evals = [s for i, s in enumerate(samples) if i in held]
-    return train, evals
+        return np.arange(n, dtype=np.int64), np.zeros(0, np.int64)
+    n_eval = max(1, round(n * ratio))
+    if n_eval >= n:
+        raise ValueError(f"data.eval_ratio={ratio} leaves no training records out of {n}")
+    held = np.zeros(n, dtype=bool)
+    held[random.Random(seed).sample(range(n), n_eval)] = True
+    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
 
 
 class SampleStream:

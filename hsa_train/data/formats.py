@@ -154,6 +154,14 @@ def _system(obj: Mapping[str, Any], ctx: FormatContext) -> str | None:
     return value
 
 
+def _json(text: str, problem: str, hint: str = "") -> Any:
+    """`text` parsed, or ValueError: `problem (what the parser said at column N)hint`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{problem} ({exc.msg} at column {exc.colno}){hint}") from None
+
+
 def parse_tools(obj: Mapping[str, Any], ctx: FormatContext) -> list[dict[str, Any]] | None:
     """The record's tool definitions (a JSON string or a list of objects), or None when it has none."""
     col = ctx.columns.get("tools")
@@ -161,13 +169,7 @@ def parse_tools(obj: Mapping[str, Any], ctx: FormatContext) -> list[dict[str, An
     if raw in (None, ""):
         return None
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"tools not JSON: column {col!r} is not JSON ({exc.msg} at column {exc.colno}); "
-                "give a JSON list of function descriptions"
-            ) from None
+        raw = _json(raw, f"tools not JSON: column {col!r} is not JSON", "; give a JSON list of function descriptions")
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
         got = type(raw).__name__ if not isinstance(raw, list) else "a list with non-objects"
         raise ValueError(
@@ -237,13 +239,7 @@ def _tool_call(where: str, call: Any, ctx: FormatContext) -> dict[str, Any]:
     if args in (None, ""):
         args = {}
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"tool call not JSON: {where} ({name}) has arguments that are not JSON "
-                f"({exc.msg} at column {exc.colno})"
-            ) from None
+        args = _json(args, f"tool call not JSON: {where} ({name}) has arguments that are not JSON")
     if not isinstance(args, dict):
         raise ValueError(
             f"malformed tool call: {where} ({name}) has arguments of type {type(args).__name__}; give an object"
@@ -265,13 +261,11 @@ def _tool_calls(k: int, calls: Any, ctx: FormatContext) -> list[dict[str, Any]]:
 def _function_turn(k: int, raw: Any, ctx: FormatContext) -> list[dict[str, Any]]:
     """A ShareGPT function_call turn: its value is JSON {"name", "arguments"} (or a list of them)."""
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"tool call not JSON: message {k} ({ctx.tags['function_tag']}) has a value that is not JSON "
-                f'({exc.msg} at column {exc.colno}); give {{"name": ..., "arguments": {{...}}}}'
-            ) from None
+        raw = _json(
+            raw,
+            f"tool call not JSON: message {k} ({ctx.tags['function_tag']}) has a value that is not JSON",
+            '; give {"name": ..., "arguments": {...}}',
+        )
     return _tool_calls(k, raw, ctx)
 
 

@@ -9,7 +9,6 @@ and rows are arrays of those ids.
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,9 @@ import torch
 
 from hsa_train.data import cache
 from hsa_train.data.collator import PackedCollator, SemanticCollator
+from hsa_train.data.dataset import split_ids
 from hsa_train.data.packing import efficiency, pack
-from hsa_train.data.prepare import Prepared, Preprocess, Reports, prepare
+from hsa_train.data.prepare import Prepared, Preprocess, Reports, prepare_all
 from hsa_train.data.spec import DatasetSpec, resolve_datasets
 from hsa_train.data.store import Sample
 from hsa_train.data.tokenizer import SemanticTokenizer
@@ -69,19 +69,6 @@ def weighted_ids(ids: np.ndarray, weight: float, seed: int) -> np.ndarray:
     extra = round(frac * len(ids))
     picked = np.sort(np.random.default_rng(seed).permutation(len(ids))[:extra]) if extra else np.zeros(0, np.int64)
     return np.concatenate([np.tile(ids, whole), ids[picked]]).astype(np.int64)
-
-
-def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded hold-out of `ratio` of n ids (at least one when ratio > 0), order kept in both parts: the same
-    choice `dataset.split_eval` makes over a list."""
-    if ratio <= 0:
-        return np.arange(n, dtype=np.int64), np.zeros(0, np.int64)
-    n_eval = max(1, round(n * ratio))
-    if n_eval >= n:
-        raise ValueError(f"data.eval_ratio={ratio} leaves no training records out of {n}")
-    held = np.zeros(n, dtype=bool)
-    held[random.Random(seed).sample(range(n), n_eval)] = True
-    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
 
 
 class TrainRows:
@@ -201,8 +188,7 @@ def load_run_data(
     everything = train_specs + eval_specs + [s for specs in set_specs.values() for s in specs]
 
     def build_all() -> list[Prepared]:
-        digests = cache.FileDigests(root)
-        return [prepare(spec, st, pre, root, d.num_proc, digests) for spec in everything]
+        return prepare_all(everything, st, pre, root, d.num_proc)
 
     built = on_main(build_all) if root is not None else None  # rank 0 fills the cache; the others wait for it
     prepared = build_all()
