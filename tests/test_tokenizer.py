@@ -210,19 +210,23 @@ def test_prefix_unstable_template_is_refused(tokenizer):
 
 
 def test_fast_render_is_used_and_falls_back_on_any_difference(tokenizer):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
     messages = CONVERSATIONS["multi_turn"]
     fast = SemanticTokenizer(tokenizer)
     reference = fast.encode(messages)
     assert fast._fast_ok  # the shipped template renders the same through both paths
 
-    class Different:
+    class NotATemplate:
         def render(self, **kwargs):
             return "not what apply_chat_template renders"
 
-    broken = SemanticTokenizer(tokenizer)
-    broken._compiled = (tokenizer.chat_template, Different())
-    assert broken.encode(messages) == reference
-    assert not broken._fast_ok
+    other = _compile_jinja_template(tokenizer.chat_template.replace("<|im_end|>", "<|im_end|> "))
+    for compiled in (other, NotATemplate()):
+        broken = SemanticTokenizer(tokenizer)
+        broken._compiled = (tokenizer.chat_template, compiled)
+        assert broken.encode(messages) == reference
+        assert not broken._fast_ok
 
 
 # -- real-size vocabularies: token boundaries follow inference, content is plain text ----------------------------

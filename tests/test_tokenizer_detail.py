@@ -367,6 +367,26 @@ def test_a_tool_aware_template_renders_tools_itself(request, vocab):
     assert st.encode_detailed(TOOL_CONVERSATION, [WEATHER, CLOCK]) == enc
 
 
+def test_the_fast_render_is_checked_per_template_with_and_without_tools(gpt2_bpe):
+    """The compiled template run directly is compared with apply_chat_template on each template's first
+    conversations without tools and, separately, with tools: a difference only with tools is caught there."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    tok = with_template(gpt2_bpe, "qwen25")
+    plain = [TOOL_CONVERSATION[0], {"role": "assistant", "content": "Which city?"}]
+    reference = SemanticTokenizer(tok)
+    expected = [reference.encode_detailed(plain), reference.encode_detailed(TOOL_CONVERSATION, TOOLS)]
+
+    st = SemanticTokenizer(tok)  # its compiled template differs from the real one only when tools are given
+    st._compiled = (tok.chat_template, _compile_jinja_template("{% if tools %} {% endif %}" + tok.chat_template))
+    for _ in range(4):
+        assert st.encode_detailed(plain) == expected[0]
+    checks = st._template_checks(tok.chat_template)
+    assert st._fast_ok and checks.fast_checks == [0, 3]  # three compared, the fourth trusted
+    assert st.encode_detailed(TOOL_CONVERSATION, TOOLS) == expected[1]
+    assert not st._fast_ok
+
+
 def hermes(content, calls) -> str:
     if not calls:
         return content

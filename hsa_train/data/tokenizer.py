@@ -18,8 +18,8 @@ Two things follow inference rather than the one-text tokenization:
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
-from itertools import chain
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,13 +42,44 @@ IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
 
 
-class Piece(NamedTuple):
-    """The tokens of the text between two cuts, and the character each token starts at."""
+class Piece:
+    """The tokens of the text between two cuts, [start, end) of the render, and where each token starts: read from
+    the tokenizer's `Encoding` only where asked (building every token's offsets in Python was a fifth of encode's
+    time), or given as a list of first characters (the plain-content path)."""
 
-    start: int
-    end: int
-    ids: list[int]
-    firsts: list[int]
+    __slots__ = ("start", "end", "ids", "_encoding", "_skip", "_shift", "_firsts")
+
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        ids: list[int],
+        encoding: Any = None,
+        skip: int = 0,
+        shift: int = 0,
+        firsts: list[int] | None = None,
+    ):
+        self.start, self.end, self.ids = start, end, ids
+        self._encoding, self._skip, self._shift, self._firsts = encoding, skip, shift, firsts
+
+    def tokens_before(self, pos: int) -> int:
+        """How many of the piece's tokens start before character `pos` of the render (token starts never decrease
+        along a text)."""
+        if pos <= self.start:
+            return 0
+        if pos >= self.end:
+            return len(self.ids)
+        if self._firsts is not None:
+            return bisect_left(self._firsts, pos)
+        at, q = self._encoding.token_to_chars, pos - self._shift
+        lo, hi = self._skip, self._skip + len(self.ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(mid)[0] < q:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - self._skip
 
 
 class Encoding(NamedTuple):
@@ -105,24 +136,21 @@ class SemanticTokenizer(TemplateRendering):
         cuts = sorted({0, len(seg.text), *(c for span in seg.trained if span is not None for c in span)})
         bounds = list(zip(cuts, cuts[1:]))
         pieces = []
-        for (a, b), (ids, offsets, shift) in zip(bounds, self._encode(seg.text, bounds, plain=False)):
-            if any(x < b and a < y for x, y in seg.plain):
-                ids, firsts = self._with_plain_content(seg, a, b, ids, offsets, shift)
+        for (a, b), (encoding, skip, shift) in zip(bounds, self._encode(seg.text, bounds, plain=False)):
+            if seg.plain and any(x < b and a < y for x, y in seg.plain):
+                pieces.append(self._with_plain_content(seg, a, b, encoding, skip, shift))
             else:
-                firsts = [x + shift for x, _ in offsets]
-            pieces.append(Piece(a, b, ids, firsts))
+                pieces.append(Piece(a, b, encoding.ids[skip:] if skip else encoding.ids, encoding, skip, shift))
         return pieces
 
-    def _with_plain_content(
-        self, seg: Segments, a: int, b: int, ids: list[int], offsets: list[tuple[int, int]], shift: int
-    ) -> tuple[list[int], list[int]]:
+    def _with_plain_content(self, seg: Segments, a: int, b: int, encoding: Any, skip: int, shift: int) -> Piece:
         """Piece [a, b) again, with content as plain text: the special tokens of the template's own text stay,
         the text between them is tokenized with `split_special_tokens` (exactly the normal tokenization of it
-        when no content spells a special token there). Returns the ids and their first characters."""
+        when no content spells a special token there)."""
         special_ids = self._special_tokens()[0]
         anchors = [
             (x + shift, y + shift, tok)
-            for tok, (x, y) in zip(ids, offsets)
+            for tok, (x, y) in zip(encoding.ids[skip:], encoding.offsets[skip:])
             if tok in special_ids and not any(p < y + shift and x + shift < q for p, q in seg.plain)
         ]
         ends = [*anchors, (b, b, None)]
@@ -130,57 +158,54 @@ class SemanticTokenizer(TemplateRendering):
         for x, y, _ in ends:
             stretches.append((pos, max(pos, x)))
             pos = max(pos, y)
-        out_ids: list[int] = []
-        out_firsts: list[int] = []
-        for (more_ids, more_offsets, more_shift), (x, _, tok) in zip(
-            self._encode(seg.text, stretches, plain=True), ends
-        ):
-            out_ids += more_ids
-            out_firsts += [first + more_shift for first, _ in more_offsets]
+        ids: list[int] = []
+        firsts: list[int] = []
+        for (more, more_skip, more_shift), (x, _, tok) in zip(self._encode(seg.text, stretches, plain=True), ends):
+            ids += more.ids[more_skip:]
+            firsts += [first + more_shift for first, _ in more.offsets[more_skip:]]
             if tok is not None:
-                out_ids.append(tok)
-                out_firsts.append(x)
-        return out_ids, out_firsts
+                ids.append(tok)
+                firsts.append(x)
+        return Piece(a, b, ids, firsts=firsts)
 
-    def _encode(
-        self, text: str, bounds: list[tuple[int, int]], plain: bool
-    ) -> list[tuple[list[int], list[tuple[int, int]], int]]:
-        """Ids, character offsets and the shift that puts those offsets in `text`, of each text[a:b], tokenized as
-        the continuation of what precedes it; `plain` tokenizes special-token text as ordinary text.
+    def _encode(self, text: str, bounds: list[tuple[int, int]], plain: bool) -> list[tuple[Any, int, int]]:
+        """Each text[a:b] tokenized as the continuation of what precedes it: (the tokenizers `Encoding`, how many
+        of its first tokens are not the piece's, the shift that puts its offsets in `text`); `plain` tokenizes
+        special-token text as ordinary text.
 
         A tokenizer that marks the start of every text it is given (SentencePiece's "▁" prefix) is given each
-        piece after a newline, whose tokens are dropped again (the trick transformers' chat encoding uses);
-        byte-level BPEs mark nothing, and get the piece as it is."""
-        lead = "\n" if self._marks_text_start() else ""
-        texts = [text[a:b] if a == 0 else lead + text[a:b] for a, b in bounds]
-        encoded = self._tokenize_batch(texts, plain)
-        lead_ids = self._tokenize_batch([lead], plain)[0][0] if lead else []
+        piece after a newline, whose tokens are skipped (the trick transformers' chat encoding uses); byte-level
+        BPEs mark nothing, and get the piece as it is."""
+        pieces = [text[a:b] for a, b in bounds]
+        if not self._marks_text_start():
+            return [(encoding, 0, a) for (a, _), encoding in zip(bounds, self._tokenize_batch(pieces, plain))]
+        lead = "\n"
+        lead_ids = self._tokenize_batch([lead], plain)[0].ids
+        encoded = self._tokenize_batch(
+            [piece if a == 0 else lead + piece for (a, _), piece in zip(bounds, pieces)], plain
+        )
         out = []
-        for (a, b), (ids, offsets) in zip(bounds, encoded):
-            shift = a - (len(lead) if a else 0)
-            if a and lead:
-                if ids[: len(lead_ids)] == lead_ids:
-                    ids, offsets = ids[len(lead_ids) :], offsets[len(lead_ids) :]
-                else:  # the newline merged into the piece: take the piece alone
-                    (ids, offsets), shift = self._tokenize_batch([text[a:b]], plain)[0], a
-            out.append((ids, offsets, shift))
+        for (a, _), piece, encoding in zip(bounds, pieces, encoded):
+            if not a:
+                out.append((encoding, 0, a))
+            elif encoding.ids[: len(lead_ids)] == lead_ids:
+                out.append((encoding, len(lead_ids), a - len(lead)))
+            else:  # the newline merged into the piece: take the piece alone
+                out.append((self._tokenize_batch([piece], plain)[0], 0, a))
         return out
 
-    def _tokenize_batch(self, texts: list[str], plain: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """Ids and offsets of each text (no special tokens added). Through the tokenizers backend when it has no
-        truncation or padding set (what `tokenizer(...)` does, without building a BatchEncoding per piece: that
-        was a third of encode's time on long conversations), else through `tokenizer(...)`."""
+    def _tokenize_batch(self, texts: list[str], plain: bool) -> list[Any]:
+        """The tokenizers `Encoding` of each text (no special tokens added). Through the tokenizers backend when it
+        has no truncation or padding set (what `tokenizer(...)` does, without building a BatchEncoding per piece:
+        that was a third of encode's time on long conversations), else through `tokenizer(...)`."""
         backend = getattr(self.tokenizer, "_tokenizer", None)
         settings = (getattr(backend, "truncation", 0), getattr(backend, "padding", 0))
         if backend is None or settings != (None, None):
-            enc = self.tokenizer(
-                texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain
-            )
-            return list(zip(enc["input_ids"], enc["offset_mapping"]))
+            return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=plain).encodings
         before = backend.encode_special_tokens
         backend.encode_special_tokens = plain
         try:
-            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+            return backend.encode_batch(texts, add_special_tokens=False)
         finally:
             backend.encode_special_tokens = before
 
@@ -240,10 +265,19 @@ class SemanticTokenizer(TemplateRendering):
             trained = self.train_on == "all" or (piece.start, piece.end) in trained_spans
             labels += piece.ids if trained else [IGNORE_INDEX] * len(piece.ids)
             any_trained = any_trained or (trained and bool(piece.ids))
-        firsts = np.fromiter(chain.from_iterable(piece.firsts for piece in pieces), np.int64, len(input_ids))
-        marks = np.searchsorted(np.asarray(positions), firsts, side="right") - 1  # the last mark at or before
-        semantic_ids = np.asarray(mark_types)[marks].tolist()
-        message_index = np.asarray(mark_messages)[marks].tolist()
+        # A token takes the entry of the last mark at or before its first character: mark k covers the tokens from
+        # the first one starting at or after it to the next mark's.
+        piece_starts = [piece.start for piece in pieces]
+        bounds = []
+        for pos in positions:
+            k = bisect_right(piece_starts, pos) - 1
+            bounds.append(first_token[k] + pieces[k].tokens_before(pos) if k >= 0 else 0)
+        bounds.append(len(input_ids))
+        counts = np.diff(bounds)
+        if bounds[0] != 0 or (counts < 0).any():
+            raise AssertionError("SemanticTokenizer: type marks out of order")
+        semantic_ids = np.repeat(mark_types, counts).tolist()
+        message_index = np.repeat(mark_messages, counts).tolist()
 
         if not (len(input_ids) == len(semantic_ids) == len(labels) == len(message_index)):
             raise AssertionError("SemanticTokenizer: input_ids, semantic_ids and labels differ in length")

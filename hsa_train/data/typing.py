@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from hsa_train.data.spec import DatasetSpec
 from hsa_train.types import SemanticTypes
 
@@ -84,8 +86,12 @@ class TypingReport:
         """Counts one encoded record: per token, the message it came from (-1: none) and its type id."""
         if len(message_index) != len(semantic_ids):
             raise ValueError(f"typing report: {len(message_index)} message indices for {len(semantic_ids)} type ids")
-        for (mi, sid), n in Counter(zip(map(int, message_index), map(int, semantic_ids))).items():
-            name = type_names[sid]
+        width = len(type_names)
+        keys = (np.asarray(message_index, dtype=np.int64) + 1) * width + np.asarray(semantic_ids, dtype=np.int64)
+        tally = np.bincount(keys) if len(keys) else np.zeros(0, dtype=np.int64)
+        for key in np.flatnonzero(tally).tolist():
+            mi, sid = divmod(key, width)
+            mi, n, name = mi - 1, int(tally[key]), type_names[sid]
             if mi < 0:
                 rule = "template"
             else:
