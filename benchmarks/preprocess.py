@@ -14,7 +14,7 @@ Reports conversations/s and tokens/s per way (medians), the median per-repeat ra
 pipeline's cost per message grows with the number of messages (linear = flat), and the time to prepare the set
 into the cache and to find it there again (a cached rerun). Writes JSON with --out.
 
-    python benchmarks/preprocess.py --conversations 20000 --out benchmarks/results/preprocess_cpu.json
+    python benchmarks/preprocess.py --conversations 20000 --chunk 5000 --out benchmarks/results/preprocess_cpu.json
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -126,6 +127,7 @@ def main() -> None:
             t0 = time.perf_counter()
             tokens[name] = ways[name]()
             times[name].append(time.perf_counter() - t0)
+            print(f"repeat {r + 1} {name}: {times[name][-1]:.1f} s", flush=True)
     n = len(timed)
     result = {
         "conversations": n,
@@ -158,6 +160,10 @@ def main() -> None:
         elapsed = time.perf_counter() - t0
         per_message[label] = 1e6 * elapsed / max(1, sum(map(len, group)))
     result["full_us_per_message_by_length"] = per_message
+    for name, w in result["ways"].items():
+        print(f"{name:>6}: {w['conversations_per_s']:8.1f} conversations/s {w['tokens_per_s']:12,.0f} tokens/s")
+    print(f"full / plain speed (median of repeats): {result['full_vs_plain_speed_ratio_median']:.2f}")
+    print("full, µs per message by conversation length:", {k: round(v, 1) for k, v in per_message.items()}, flush=True)
 
     # Preparing into the cache (one worker), then finding it there (a rerun).
     cache_root = workdir / "cache"
@@ -167,16 +173,16 @@ def main() -> None:
     t0 = time.perf_counter()
     again = prepare(spec, st, Preprocess(), cache_root)
     result["prepare_cached_s"] = time.perf_counter() - t0
-    assert again.cached and len(again.samples) == len(built.samples) == args.conversations
-
-    for name, w in result["ways"].items():
-        print(f"{name:>6}: {w['conversations_per_s']:8.1f} conversations/s {w['tokens_per_s']:12,.0f} tokens/s")
-    print(f"full / plain speed (median of repeats): {result['full_vs_plain_speed_ratio_median']:.2f}")
-    print("full, µs per message by conversation length:", {k: round(v, 1) for k, v in per_message.items()})
+    if not (again.cached and len(again.samples) == len(built.samples) == args.conversations):
+        raise SystemExit(
+            f"the rerun did not find the prepared set in the cache (cached={again.cached}, {len(again.samples)} vs "
+            f"{len(built.samples)} samples): was hsa_train/data edited meanwhile? (its source is part of the key)"
+        )
     print(f"prepare: build {result['prepare_build_s']:.1f} s, cached rerun {result['prepare_cached_s']:.2f} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
