@@ -85,7 +85,9 @@ class HSAConfig:
     default_type: str = MISSING
     lambdas: dict[str, float] = MISSING
     head_scaling: str = MISSING
-    learnable: bool = MISSING
+    learnable: Any = MISSING  # false | true | per_head
+    generated_type: Optional[str] = MISSING
+    debug: bool = MISSING
 
 
 @dataclass
@@ -124,6 +126,11 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    generate: bool = MISSING
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = MISSING
     project: str = MISSING
@@ -150,6 +157,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -255,7 +263,16 @@ def validate(cfg: DictConfig) -> RunConfig:
         not run.export.merge or m.lora.enabled, "export.merge=true merges a LoRA adapter: set model.lora.enabled=true"
     )
 
-    _choice("hsa.backend", h.backend, BACKENDS + ("auto",))
+    _choice("hsa.backend", h.backend, BACKENDS)
+    _check(
+        h.learnable in (False, True, "per_head") and isinstance(h.learnable, (bool, str)),
+        f"hsa.learnable={h.learnable!r}: use false, true (one λ per type) or per_head (one per head and type)",
+    )
+    _check(
+        h.generated_type is None or h.generated_type in h.types,
+        f"hsa.generated_type={h.generated_type!r} is not one of hsa.types {list(h.types)}; name one, or null for "
+        "hsa.default_type",
+    )
     _choice("hsa.head_scaling", h.head_scaling, HEAD_SCALINGS)
     try:
         SemanticTypes.from_names(h.types, h.default_type).lambda_vector(h.lambdas)
@@ -281,6 +298,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         f"train.device={t.device!r} is not allowed; use auto, cpu, cuda or cuda:N",
+    )
+    _check(
+        not (h.enabled and h.backend == "flex" and t.device == "cpu"),
+        "hsa.backend=flex cannot train on CPU (FlexAttention's backward needs CUDA): use hsa.backend=auto (sdpa on "
+        "CPU, flex on CUDA), sdpa or eager",
     )
     _check(t.log_every > 0, f"train.log_every={t.log_every} must be > 0")
     _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")

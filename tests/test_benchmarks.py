@@ -43,3 +43,17 @@ def test_preprocess_benchmark_runs(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["ways"]) == {"full", "plain", "seeds"} and result["full_vs_plain_speed_ratio_median"] > 0
     assert result["prepare_cached_s"] < result["prepare_build_s"]
+
+
+def test_attention_benchmark_runs_every_variant(tmp_path):
+    out = tmp_path / "attention.json"
+    run_script(
+        "attention.py", "--lengths", "64", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+        "--repeats", "1", "--out", str(out), tmp_path=tmp_path,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    rows = result["modes"]["forward"]
+    assert set(rows) == {"64", "128"}
+    for row in rows.values():
+        assert all(row[v]["seconds_median"] > 0 for v in row) and row["HSA flex"]["ratio_to_sdpa_causal"] > 0
+    assert "| 128 |" in out.with_suffix(".md").read_text()

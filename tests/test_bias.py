@@ -17,7 +17,7 @@ class FakeAttention(torch.nn.Module):
     """Stands in for a model's attention module: the functions only read `training`."""
 
 
-def brute_force(q, k, v, semantic_ids, padding, lambdas, head_scaling):
+def brute_force(q, k, v, semantic_ids, padding, lambdas, head_scaling, scale=None):
     """out[b, i, h] = Σ_j softmax_j(q·k/√d - λ[s_j]·m_h·(i-j)) v[j], over j ≤ i that are not padding. The Q
     queries are the last Q of the K key positions (a KV-cache step when Q < K)."""
     B, H, Q, D = q.shape
@@ -34,7 +34,7 @@ def brute_force(q, k, v, semantic_ids, padding, lambdas, head_scaling):
                         continue
                     dot = sum(float(q[b, h, row, d]) * float(k[b, h // (H // Hkv), j, d]) for d in range(D))
                     lam = lambdas[int(semantic_ids[b][j])] * m_h
-                    scores.append(dot / math.sqrt(D) - lam * (i - j))
+                    scores.append(dot * (scale if scale is not None else 1 / math.sqrt(D)) - lam * (i - j))
                     values.append(v[b, h // (H // Hkv), j].double())
                 if not scores:
                     continue
@@ -65,21 +65,21 @@ def test_bias_is_built_once_per_forward_and_shared_by_heads():
     ctx = HSAForwardContext(torch.zeros(1, 5, dtype=torch.long), torch.tensor(LAMBDAS), "none")
     mask = hsa_mask(batch_size=1, q_length=5, kv_length=5)
     q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
-    first = ctx.attention_bias(mask, q, k)
-    assert ctx.attention_bias(mask, q, k) is first
+    first = ctx.attention_bias(mask, q, k, torch.float32)
+    assert ctx.attention_bias(mask, q, k, torch.float32) is first
     assert first.shape == (1, 1, 5, 5)
     alibi = HSAForwardContext(torch.zeros(1, 5, dtype=torch.long), torch.tensor(LAMBDAS), "alibi")
-    assert alibi.attention_bias(mask, q, k).shape == (1, 4, 5, 5)
+    assert alibi.attention_bias(mask, q, k, torch.float32).shape == (1, 4, 5, 5)
 
 
 def test_fixed_lambdas_build_no_graph_learnable_ones_do():
     mask = hsa_mask(batch_size=1, q_length=4, kv_length=4)
     q, k = torch.randn(1, 2, 4, 8, requires_grad=True), torch.randn(1, 2, 4, 8)
     fixed = HSAForwardContext(torch.ones(1, 4, dtype=torch.long), torch.tensor(LAMBDAS), "none")
-    assert not fixed.attention_bias(mask, q, k).requires_grad
+    assert not fixed.attention_bias(mask, q, k, torch.float32).requires_grad
     lam = torch.tensor(LAMBDAS, requires_grad=True)
     learn = HSAForwardContext(torch.ones(1, 4, dtype=torch.long), lam, "none")
-    learn.attention_bias(mask, q, k).sum().backward()
+    learn.attention_bias(mask, q, k, torch.float32).sum().backward()
     # d/dλ[1] of Σ -λ[1]·(i-j) over the causal pairs of 4 tokens = -(1+2+3 + 1+2 + 1) = -10
     assert lam.grad.tolist() == [0.0, -10.0, 0.0]
 
@@ -122,7 +122,7 @@ def reference_bias(semantic_ids, lambdas, allowed, q_len, slopes):
 def test_lambda_gradient_matches_a_per_element_reference(head_scaling, q_len):
     """The bias' own backward (it keeps no saved tensors, for checkpointing) against autograd through the formula
     written element by element, for a random upstream gradient."""
-    from hsa_train.model.bias import head_slopes, hsa_bias
+    from hsa_train.model.bias import Span, head_slopes, hsa_bias
 
     torch.manual_seed(2)
     B, K, H = 2, 6, 4
@@ -131,7 +131,7 @@ def test_lambda_gradient_matches_a_per_element_reference(head_scaling, q_len):
     allowed = hsa_mask(batch_size=B, q_length=q_len, kv_length=K, q_offset=K - q_len, attention_mask=padding)
     slopes = head_slopes(H, head_scaling)
     lam = torch.tensor(LAMBDAS, requires_grad=True)
-    bias = hsa_bias(semantic_ids, lam, allowed, q_len, torch.float32, slopes=slopes)
+    bias = hsa_bias(semantic_ids, lam, allowed, Span(K - q_len, q_len, 0, K), torch.float32, slopes=slopes)
     upstream = torch.randn_like(bias)
     (bias * upstream).sum().backward()
     ours = lam.grad.clone()

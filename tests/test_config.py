@@ -46,6 +46,11 @@ def test_defaults_validate_and_point_at_bundled_data():
         ("data.datasets=[{path:a.json,semantic_type_rules:[{pattern:'(',type:KEY_EVENT}]}]", "does not compile"),
         ("data.datasets=[{path:a.json,semantic_type_by_role:{system:TASK}}]", "TASK"),
         ("data.train_files=[]", "no training data"),
+        ("hsa.learnable=per_type", "hsa.learnable='per_type': use false, true"),
+        ("hsa.generated_type=TOOL", "hsa.generated_type='TOOL' is not one of hsa.types"),
+        ("hsa.backend=flex train.device=cpu", "hsa.backend=flex cannot train on CPU"),
+        ("eval.generate=maybe", "eval.generate"),
+        ("+eval.max_new_tokens=4", "max_new_tokens"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, fragment):

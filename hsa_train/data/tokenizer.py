@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from hsa_train.data.prompt import GenerationPrompts
 from hsa_train.data.render import CONTENT_SENTINEL, Segments, TemplateRendering
 from hsa_train.data.toolcalls import TOOLS_FALLBACK_NOTE, TemplateInput
 from hsa_train.types import SemanticTypes
@@ -90,7 +91,7 @@ class Encoding(NamedTuple):
     message_index: list[int]  # per token: the record message whose segment holds its first character, -1 for none
 
 
-class SemanticTokenizer(TemplateRendering):
+class SemanticTokenizer(TemplateRendering, GenerationPrompts):
     def __init__(
         self,
         tokenizer: Any,

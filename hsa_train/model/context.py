@@ -1,21 +1,27 @@
 """What one forward pass of an HSA model carries to its attention layers.
 
 The model's forward pre-hook turns the `semantic_ids` argument into an `HSAForwardContext`, which transformers
-passes down to every attention call with the other keyword arguments. The context builds the bias on the first
-layer and hands the same tensor to the others, so the bias costs one build per forward, not one per layer.
+passes down to every attention call with the other keyword arguments. The context builds the bias (or the flex
+block mask and per-key slopes) on the first layer and hands the same tensors to the others, so they cost one build
+per forward and mask pattern, not one per layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
-from hsa_train.model.bias import head_slopes, hsa_bias
+from hsa_train.model.bias import Span, head_slopes, hsa_bias, key_decay, work_dtype
 
 
 class HSAForwardContext:
-    """`lambdas` is λ per type, read by the model's pre-hook before any decoder layer runs: FSDP2 prepends its own
-    pre-forward hook, so its parameters are gathered by then, and no op on λ happens inside a checkpointed layer
-    (a cached result computed there would be missing from that layer's recomputation)."""
+    """`semantic_ids` (B, T) types every token of the whole sequence: the cached ones and the `new_tokens` this
+    forward feeds. `lambdas` is λ per type (T,) or per head and type (H, T), read by the model's pre-hook before
+    any decoder layer runs: FSDP2 prepends its own pre-forward hook, so its parameters are gathered by then, and no
+    op on λ happens inside a checkpointed layer (a cached result computed there would be missing from that layer's
+    recomputation)."""
 
     def __init__(
         self,
@@ -23,57 +29,119 @@ class HSAForwardContext:
         lambdas: torch.Tensor,
         head_scaling: str,
         position_ids: torch.Tensor | None = None,
+        new_tokens: int | None = None,
+        cached: bool = False,
+        debug_names: list[str] | None = None,
     ):
         self.semantic_ids = semantic_ids
         self.lambdas = lambdas
         self.head_scaling = head_scaling
-        self.documents = documents_of(position_ids, semantic_ids)
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self.new_tokens = new_tokens
+        self.cached = cached
+        self.debug_names = debug_names
+        self.documents = documents_of(position_ids, semantic_ids) if not cached else None
+        self._memo: dict[tuple, Any] = {}
+
+    def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """`build()` once per forward for `key`; later layers get the same object."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def span(self, q_len: int, k_len: int) -> Span:
+        """Absolute positions of this call's queries (the last `q_len` tokens) and keys. Without a cache the keys
+        are the whole sequence; with one, a sliding-window layer holds only the last keys and a static cache holds
+        slots past the end."""
+        total = self.semantic_ids.shape[-1]
+        if (self.new_tokens is not None and q_len != self.new_tokens) or (not self.cached and k_len != total):
+            raise ValueError(
+                f"semantic_ids covers {total} tokens but attention spans {q_len} queries and {k_len} keys: HSA "
+                "applies to the model's own token sequence (one type per token), not to a sub-module's"
+            )
+        if q_len > k_len or q_len > total:
+            raise ValueError(f"attention has {q_len} queries over {k_len} keys and {total} typed tokens")
+        return Span(q_start=total - q_len, q_len=q_len, k_start=max(total - k_len, 0), k_len=k_len)
+
+    def key_types(self, span: Span, device: torch.device) -> torch.Tensor:
+        """(B, K) type of every key of `span`; slots past the end (a static cache's, always masked) get type 0."""
+        sem = self.semantic_ids.to(device)
+        types = sem[:, span.k_start : span.k_start + span.k_len]
+        if types.shape[-1] < span.k_len:
+            types = torch.nn.functional.pad(types, (0, span.k_len - types.shape[-1]))
+        return types
+
+    def key_documents(self, span: Span, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Document index of the queries (B, Q) and keys (B, K) of a packed row, or None."""
+        if self.documents is None:
+            return None
+        docs = self.documents.to(device)
+        return docs[:, span.q_start : span.q_start + span.q_len], docs[:, span.k_start : span.k_start + span.k_len]
+
+    def slopes(self, num_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """λ (T,) or (H, T) and the head scaling m_h (or None), checked against this layer's query heads."""
+        if self.lambdas.ndim == 2 and self.lambdas.shape[0] != num_heads:
+            raise ValueError(
+                f"hsa.learnable=per_head holds λ for {self.lambdas.shape[0]} heads, this attention layer has "
+                f"{num_heads} query heads"
+            )
+        return self.lambdas, head_slopes(num_heads, self.head_scaling, device=device)
+
+    def key_slopes(
+        self, span: Span, num_heads: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """λ_h of every key of `span`, (B, H|1, K), in float32 (float64 for a float64 model): what the flex
+        `score_mod` reads (O(N) memory)."""
+        lambdas, slopes = self.slopes(num_heads, device)
+        return key_decay(self.key_types(span, device), lambdas, slopes, work_dtype(dtype))
+
+    def debug_layer(self, module, backend: str, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Under hsa.debug, the layer's bias statistics, logged the first time it runs."""
+        if self.debug_names is None:
+            return
+        from hsa_train.model.debug import log_layer_once
+
+        span = self.span(query.shape[2], key.shape[2])
+        types = self.key_types(span, query.device)
+        slopes = self.key_slopes(span, query.shape[1], query.device)
+        log_layer_once(module, backend, types, slopes, span, self.debug_names)
 
     def attention_bias(
-        self, attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
+        self, attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
-        """The additive mask for this layer's (query, key): (B, H or 1, Q, K) in the query's dtype."""
+        """The additive mask for this layer's (query, key): (B, H or 1, Q, K) in `dtype`."""
         q_len, k_len, num_heads = query.shape[2], key.shape[2], query.shape[1]
-        slopes_heads = num_heads if self.head_scaling != "none" else 1
-        cache_key = (id(attention_mask), q_len, k_len, slopes_heads, query.dtype, query.device)
-        cached = self._cache.get(cache_key)
-        if cached is not None:
-            return cached
-        sem = self.semantic_ids
-        if sem.shape[-1] != k_len:
-            raise ValueError(
-                f"semantic_ids covers {sem.shape[-1]} tokens but attention spans {k_len} keys: pass one type per "
-                "token of the whole sequence"
-            )
-        sem = sem.to(query.device)
-        slopes = head_slopes(num_heads, self.head_scaling, device=query.device)
+        per_head = self.head_scaling != "none" or self.lambdas.ndim == 2
+        cache_key = ("bias", id(attention_mask), q_len, k_len, num_heads if per_head else 1, dtype, query.device)
+        return self.memo(cache_key, lambda: self._build_bias(attention_mask, query, key, dtype))
+
+    def _build_bias(self, attention_mask, query, key, dtype) -> torch.Tensor:
+        span = self.span(query.shape[2], key.shape[2])
+        lambdas, slopes = self.slopes(query.shape[1], query.device)
         allowed, additive = None, None
         if attention_mask is not None:
+            if attention_mask.shape[-1] != span.k_len:
+                raise ValueError(f"attention mask spans {attention_mask.shape[-1]} keys, attention spans {span.k_len}")
             if attention_mask.dtype == torch.bool:
                 allowed = attention_mask
             else:
                 additive = attention_mask
-            mask_k = attention_mask.shape[-1]
-            if mask_k != k_len:
-                raise ValueError(f"attention mask spans {mask_k} keys, attention spans {k_len}")
-        if self.documents is not None:  # packed rows: a query sees only its own document, whatever the mask said
-            docs = self.documents.to(query.device)
-            same = (docs[:, -q_len:, None] == docs[:, None, :])[:, None]  # (B, 1, Q, K)
+        docs = self.key_documents(span, query.device)
+        if docs is not None:  # packed rows: a query sees only its own document, whatever the mask said
+            same = (docs[0][:, :, None] == docs[1][:, None, :])[:, None]  # (B, 1, Q, K)
             if additive is not None:
-                additive = additive.masked_fill(~same, torch.finfo(query.dtype).min)
+                additive = additive.masked_fill(~same, torch.finfo(additive.dtype).min)
             else:
                 if allowed is None:
-                    qpos = torch.arange(k_len - q_len, k_len, device=query.device)
-                    allowed = (qpos[:, None] >= torch.arange(k_len, device=query.device)[None, :])[None, None]
+                    qpos = torch.arange(span.q_start, span.q_start + span.q_len, device=query.device)
+                    kpos = torch.arange(span.k_start, span.k_start + span.k_len, device=query.device)
+                    allowed = (qpos[:, None] >= kpos[None, :])[None, None]
                 allowed = allowed & same
-        bias = hsa_bias(sem, self.lambdas, allowed, q_len, query.dtype, slopes=slopes, additive_mask=additive)
-        self._cache[cache_key] = bias
-        return bias
+        types = self.key_types(span, query.device)
+        return hsa_bias(types, lambdas, allowed, span, dtype, slopes=slopes, additive_mask=additive)
 
 
 def documents_of(position_ids: torch.Tensor | None, semantic_ids: torch.Tensor) -> torch.Tensor | None:
-    """(B, K) document index per token when `position_ids` restart inside a row (packed documents), else None.
+    """(B, T) document index per token when `position_ids` restart inside a row (packed documents), else None.
     transformers detects packing only without an attention mask and without a cache; the bias needs it always,
     since SPEC §3 promises that attention never crosses a document. Only full-length 2D position ids are read
     (a decoding step's cover only the new tokens: no packing there)."""

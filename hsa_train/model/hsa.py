@@ -18,7 +18,10 @@ from torch import nn
 from hsa_train.model.attention import BACKENDS, register
 from hsa_train.model.bias import HEAD_SCALINGS
 from hsa_train.model.context import HSAForwardContext
+from hsa_train.model.generation import with_generation
 from hsa_train.types import DEFAULT_LAMBDAS, DEFAULT_TYPE, DEFAULT_TYPES, SemanticTypes
+
+LEARNABLE = (False, True, "per_head")
 
 
 @dataclass
@@ -27,8 +30,11 @@ class HSASettings:
     default_type: str = DEFAULT_TYPE
     lambdas: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LAMBDAS))
     head_scaling: str = "none"
-    backend: str = "sdpa"
-    learnable: bool = False
+    backend: str = "auto"
+    learnable: bool | str = False
+    generated_type: str | None = None
+    lambdas_per_head: dict[str, list[float]] | None = None
+    debug: bool = False
 
     def __post_init__(self) -> None:
         self.types = list(self.types)
@@ -36,39 +42,76 @@ class HSASettings:
         self.semantic_types.lambda_vector(self.lambdas)  # validates names and values
         if self.head_scaling not in HEAD_SCALINGS:
             raise ValueError(f"hsa.head_scaling={self.head_scaling!r}: use one of {', '.join(HEAD_SCALINGS)}")
-        if self.backend not in BACKENDS + ("auto",):
-            raise ValueError(f"hsa.backend={self.backend!r}: use one of {', '.join(BACKENDS + ('auto',))}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"hsa.backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.learnable not in LEARNABLE or not isinstance(self.learnable, (bool, str)):
+            raise ValueError(f"hsa.learnable={self.learnable!r}: use false, true (λ per type) or per_head")
+        if self.generated_type is not None and self.generated_type not in self.types:
+            raise ValueError(
+                f"hsa.generated_type={self.generated_type!r} is not one of hsa.types {self.types}; name one, or "
+                "null for the default type"
+            )
+        if self.lambdas_per_head is not None:
+            per_head = {str(k): [float(x) for x in v] for k, v in dict(self.lambdas_per_head).items()}
+            widths = {len(v) for v in per_head.values()}
+            if set(per_head) != set(self.types) or len(widths) != 1 or any(x < 0 for v in per_head.values() for x in v):
+                raise ValueError("hsa.lambdas_per_head: give the same number (>= 0) of per-head λ for every type")
+            self.lambdas_per_head = per_head
 
     @property
     def semantic_types(self) -> SemanticTypes:
         return SemanticTypes.from_names(self.types, self.default_type)
 
     @property
-    def resolved_backend(self) -> str:
-        return "sdpa" if self.backend == "auto" else self.backend
+    def generated_type_id(self) -> int:
+        return self.semantic_types.id_of(self.generated_type)
+
+    def lambda_tensor(self, num_heads: int) -> torch.Tensor:
+        """λ per type (T,), or per head and type (H, T) when learned per head (or being learned so)."""
+        if self.lambdas_per_head is not None:
+            table = torch.tensor([self.lambdas_per_head[t] for t in self.types], dtype=torch.float32).T
+            if table.shape[0] != num_heads:
+                raise ValueError(
+                    f"the model's HSA λ were learned for {table.shape[0]} heads, the model has {num_heads} "
+                    "attention heads"
+                )
+            return table.contiguous()
+        vector = torch.tensor(self.semantic_types.lambda_vector(self.lambdas), dtype=torch.float32)
+        return vector.expand(num_heads, -1).clone() if self.learnable == "per_head" else vector
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class HSALambdas(nn.Module):
-    """λ per type, in type-id order. A non-persistent buffer when fixed (the config holds the values), a parameter
-    when learnable (kept non-negative by clamping in `values()`)."""
+    """λ per type in type-id order, (T,) or per head (H, T). A non-persistent buffer when fixed (the config holds
+    the values), a parameter when learnable (kept non-negative by clamping in `values()`)."""
 
-    def __init__(self, values: list[float], learnable: bool):
+    def __init__(self, values: torch.Tensor, learnable: bool):
         super().__init__()
-        tensor = torch.tensor(values, dtype=torch.float32)
         self.learnable = learnable
         if learnable:
-            self.raw = nn.Parameter(tensor)
+            self.raw = nn.Parameter(values.clone())
         else:
-            self.register_buffer("raw", tensor, persistent=False)
+            self.register_buffer("raw", values.clone(), persistent=False)
 
     def values(self) -> torch.Tensor:
         return self.raw.clamp_min(0.0) if self.learnable else self.raw
 
     def extra_repr(self) -> str:
-        return f"lambdas={[round(v, 6) for v in self.values().tolist()]}, learnable={self.learnable}"
+        values = self.values().detach()
+        shown = [round(v, 6) for v in values.tolist()] if values.ndim == 1 else f"per head {tuple(values.shape)}"
+        return f"lambdas={shown}, learnable={self.learnable}"
+
+
+def _past_length(kwargs: dict) -> tuple[int, bool]:
+    """Tokens already in the forward's KV cache, and whether it has a cache at all."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0, False
+    if not hasattr(cache, "get_seq_length"):
+        raise ValueError(f"HSA needs a transformers Cache object as the KV cache, got {type(cache).__name__}")
+    return int(cache.get_seq_length()), True
 
 
 def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -88,20 +131,35 @@ def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     semantic_ids = torch.as_tensor(semantic_ids)
     if semantic_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"semantic_ids must be integer type ids, got dtype {semantic_ids.dtype}")
+    past, cached = _past_length(kwargs)
+    new_tokens = ref.shape[1] if ref is not None else None
     if semantic_ids.ndim != 2 or (
-        ref is not None and (semantic_ids.shape[0] != ref.shape[0] or semantic_ids.shape[1] < ref.shape[1])
+        ref is not None and (semantic_ids.shape[0] != ref.shape[0] or semantic_ids.shape[1] != past + new_tokens)
     ):
-        shape = tuple(ref.shape[:2]) if ref is not None else "?"
-        raise ValueError(f"semantic_ids has shape {tuple(semantic_ids.shape)}; expected (batch, seq_len) = {shape}")
+        shape = (ref.shape[0], past + new_tokens) if ref is not None else "?"
+        cover = f": the {past} cached tokens and the {new_tokens} new ones" if cached and ref is not None else ""
+        raise ValueError(
+            f"semantic_ids has shape {tuple(semantic_ids.shape)}; expected (batch, seq_len) = {shape}{cover}"
+        )
     hsa: HSALambdas = model.hsa
-    n_types = hsa.raw.numel()
+    n_types = hsa.raw.shape[-1]
     if semantic_ids.numel() and (int(semantic_ids.min()) < 0 or int(semantic_ids.max()) >= n_types):
         raise ValueError(
             f"semantic_ids holds ids outside [0, {n_types}): the model knows {n_types} types "
             f"({', '.join(model.config.hsa['types'])})"
         )
+    if model.config.hsa.get("debug"):
+        from hsa_train.model.debug import check_batch
+
+        check_batch(model, semantic_ids, kwargs, ref)
     kwargs["hsa_context"] = HSAForwardContext(
-        semantic_ids.long(), hsa.values(), model.config.hsa["head_scaling"], kwargs.get("position_ids")
+        semantic_ids.long(),
+        hsa.values(),
+        model.config.hsa["head_scaling"],
+        kwargs.get("position_ids"),
+        new_tokens=new_tokens,
+        cached=cached,
+        debug_names=model.config.hsa["types"] if model.config.hsa.get("debug") else None,
     )
     return args, kwargs
 
@@ -135,14 +193,20 @@ def enable_hsa(
     types: list[str] | None = None,
     default_type: str | None = None,
     head_scaling: str | None = None,
-    learnable: bool | None = None,
+    learnable: bool | str | None = None,
+    generated_type: str | None = None,
+    debug: bool | None = None,
 ) -> nn.Module:
     """Enables HSA on `model` in place and returns it. Arguments left as None keep what `model.config.hsa` holds
-    (after `from_pretrained` of an HSA model), else the SPEC defaults. `lambdas` may name only the types it changes."""
+    (after `from_pretrained` of an HSA model), else the SPEC defaults. `lambdas` may name only the types it
+    changes; giving any replaces λ learned per head. A generative model also learns `generate(semantic_ids=...)`
+    (`HSAGenerationMixin`)."""
     base = hsa_settings(model) or HSASettings()
     new_types = list(types) if types is not None else base.types
     merged = {k: v for k, v in base.lambdas.items() if k in new_types}
     merged.update(dict(lambdas or {}))
+    keep_per_head = base.lambdas_per_head if not lambdas and types is None else None
+    inherited_generated = base.generated_type if base.generated_type in new_types else None
     settings = replace(
         base,
         types=new_types,
@@ -151,21 +215,40 @@ def enable_hsa(
         head_scaling=head_scaling if head_scaling is not None else base.head_scaling,
         backend=backend if backend is not None else base.backend,
         learnable=learnable if learnable is not None else base.learnable,
+        generated_type=generated_type if generated_type is not None else inherited_generated,
+        lambdas_per_head=keep_per_head,
+        debug=debug if debug is not None else base.debug,
     )
-    name = register(settings.resolved_backend)
-    model.set_attn_implementation(name)
+    name = register(settings.backend)
+    try:
+        model.set_attn_implementation(name)
+    except ValueError as exc:  # transformers' own refusal, e.g. a model that declares no sdpa support
+        first = str(exc).strip().split(". ")[0]
+        raise ValueError(
+            f"hsa.backend={settings.backend} on {type(model).__name__}: {first}; use hsa.backend=auto"
+        ) from None
     if model.config._attn_implementation != name:
         raise RuntimeError(
             f"{type(model).__name__} did not accept attn_implementation={name!r}: its attention does not go "
             "through transformers' AttentionInterface, so HSA cannot reach it"
         )
     model.config.hsa = settings.to_dict()
-    vector = settings.semantic_types.lambda_vector(settings.lambdas)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.hsa = HSALambdas(vector, settings.learnable).to(device)
+    heads = attention_heads(model)
+    model.hsa = HSALambdas(settings.lambda_tensor(heads), bool(settings.learnable)).to(device)
     if getattr(model, "_hsa_hook", None) is None:
         model._hsa_hook = model.register_forward_pre_hook(_hsa_pre_hook, with_kwargs=True)
+    with_generation(model)
     return model
+
+
+def attention_heads(model: nn.Module) -> int:
+    """Query heads per attention layer, from the (text) config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not heads:
+        raise ValueError(f"{type(model).__name__}: its config names no num_attention_heads")
+    return int(heads)
 
 
 def sync_hsa_config(model: nn.Module, values: torch.Tensor | None = None) -> None:
@@ -174,6 +257,26 @@ def sync_hsa_config(model: nn.Module, values: torch.Tensor | None = None) -> Non
     hsa = getattr(model, "hsa", None)
     if not (getattr(model.config, "hsa", None) and isinstance(hsa, HSALambdas) and hsa.learnable):
         return
-    raw = values if values is not None else hsa.raw
-    learned = raw.detach().clamp_min(0.0).cpu().tolist()
-    model.config.hsa = {**model.config.hsa, "lambdas": dict(zip(model.config.hsa["types"], learned))}
+    raw = (values if values is not None else hsa.raw).detach().clamp_min(0.0).float().cpu()
+    types = model.config.hsa["types"]
+    if raw.ndim == 1:
+        model.config.hsa = {**model.config.hsa, "lambdas": dict(zip(types, raw.tolist()))}
+        return
+    # per head: the table, and its mean over heads as the per-type summary a reader sees first
+    per_head = {t: raw[:, i].tolist() for i, t in enumerate(types)}
+    mean = dict(zip(types, raw.mean(dim=0).tolist()))
+    model.config.hsa = {**model.config.hsa, "lambdas": mean, "lambdas_per_head": per_head}
+
+
+def learned_lambdas(model: nn.Module) -> dict[str, float] | None:
+    """Learnable λ as they stand (per type; the mean over heads for per-head λ), for logging; None when fixed.
+    Finds the λ module wherever wrappers (DDP, peft) put it; a sharded (FSDP) tensor is gathered."""
+    module = next((m for m in model.modules() if isinstance(m, HSALambdas)), None)
+    if module is None or not module.learnable:
+        return None
+    owner = next(m for m in model.modules() if getattr(m, "hsa", None) is module)
+    raw = module.raw.detach()
+    raw = raw.full_tensor() if hasattr(raw, "full_tensor") else raw
+    values = raw.clamp_min(0.0).float()
+    values = values.mean(dim=0) if values.ndim == 2 else values
+    return dict(zip(owner.config.hsa["types"], values.cpu().tolist()))

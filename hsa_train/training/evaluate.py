@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import torch
 
 from hsa_train.data.tokenizer import IGNORE_INDEX
+from hsa_train.model.generation import generate_batch
 from hsa_train.training.loss import next_token_targets, shift_left, token_losses
 
 # The sums `eval_sums` returns after the per-type ones, in this order (all ranks add theirs up).
@@ -71,3 +73,44 @@ def summarize(sums: list[float], type_names: list[str]) -> dict:
         "answer_token_accuracy": answer_correct / answer_tokens if answer_tokens else None,
         "answers": int(answers),
     }
+
+
+@torch.no_grad()
+def generated_answer_sums(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    pad_values: dict[str, int],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    synced: bool = False,
+) -> list[float]:
+    """ANSWER_SUMS by real decoding (`eval.generate=true`): each row's prompt (its tokens before the final answer)
+    left-padded, `generate` greedy with the KV cache (and the bias) for as many tokens as the answer has, scored
+    against it: exact when every generated token is the answer's, token accuracy position by position. Greedy
+    decoding from the true prompt reproduces a teacher-forced exact answer token for token, so exact match is
+    the teacher-forced one, now measured the way the model is used. `pad_values`: the collator's (input_ids and
+    semantic_ids pads); `synced`: ranks step together (FSDP)."""
+    answer = torch.zeros(len(ANSWER_SUMS), dtype=torch.float64)
+    for batch in batches:
+        spans = [(r, s, e) for r, (s, e) in enumerate(batch["answer_span"].tolist()) if s >= 1]
+        score = bool(spans)
+        if not score:  # a filler batch, or no answers: one token, one step, so ranks still step together
+            spans = [(0, 1, 2)]
+        prompts = [
+            {"input_ids": batch["input_ids"][r, :s].tolist(), "semantic_ids": batch["semantic_ids"][r, :s].tolist()}
+            for r, s, _ in spans
+        ]
+        new_tokens = max(e - s for _, s, e in spans)
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with ctx:
+            outs = generate_batch(
+                model, prompts, pad_values["input_ids"], pad_values["semantic_ids"],
+                max_new_tokens=new_tokens, do_sample=False, synced_gpus=synced,
+            )  # fmt: skip
+        if not score:
+            continue
+        for (r, s, e), out in zip(spans, outs):
+            generated = torch.tensor(out[: e - s] + [pad_values["input_ids"]] * (e - s - len(out[: e - s])))
+            correct = generated == batch["input_ids"][r, s:e]
+            answer += torch.tensor([1, bool(correct.all()), e - s, int(correct.sum())], dtype=torch.float64)
+    return answer.tolist()

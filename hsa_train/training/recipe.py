@@ -23,13 +23,15 @@ from hsa_train.data.dataset import SampleStream, eval_batches, rank_micro_batche
 from hsa_train.data.pipeline import load_run_data
 from hsa_train.model import enable_hsa
 from hsa_train.model.export import export_model
+from hsa_train.model.flex import LENGTH_BUCKET, runs_flex
+from hsa_train.model.hsa import learned_lambdas
 from hsa_train.model.loading import build_model, check_model_source, enable_activation_checkpointing, load_tokenizer
 from hsa_train.model.lora import apply_lora
 from hsa_train.training import checkpoint
 from hsa_train.training import distributed as D
 from hsa_train.training.console import Console, Tracker
 from hsa_train.training.device import pick_autocast, pick_device, seed_everything
-from hsa_train.training.evaluate import eval_sums, summarize
+from hsa_train.training.evaluate import eval_sums, generated_answer_sums, summarize
 from hsa_train.training.optim import build_optimizer, build_scheduler
 from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_summary
 from hsa_train.training.resume import check_resume
@@ -103,7 +105,10 @@ class Recipe:
             run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code, run.model.chat_template
         )
         st = SemanticTokenizer(self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on)
-        self.collator = SemanticCollator.from_tokenizer(st, data.pad_to_multiple_of)
+        multiple = data.pad_to_multiple_of
+        if multiple is None and run.hsa.enabled and runs_flex(run.hsa.backend, self.device):
+            multiple = LENGTH_BUCKET  # few distinct lengths: the compiled kernel is not rebuilt step after step
+        self.collator = SemanticCollator.from_tokenizer(st, multiple)
         self.data = load_run_data(data, st, self.collator, run.seed, on_main=lambda fn: D.on_main(fn, self.info))
         self.eval_samples, self.extra_evals = self.data.eval, self.data.eval_sets
         if not st.renders_tools and self.data.uses_tools:
@@ -139,10 +144,12 @@ class Recipe:
                 default_type=hsa_cfg.default_type,
                 head_scaling=hsa_cfg.head_scaling,
                 learnable=hsa_cfg.learnable,
+                generated_type=hsa_cfg.generated_type,
+                debug=hsa_cfg.debug,
             )
         self.lora = run.model.lora.enabled
         if self.lora:
-            model = apply_lora(model, run.model.lora, train_lambdas=hsa_cfg.enabled and hsa_cfg.learnable)
+            model = apply_lora(model, run.model.lora, train_lambdas=hsa_cfg.enabled and bool(hsa_cfg.learnable))
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         model.to(self.device)
@@ -264,10 +271,13 @@ class Recipe:
         step = self.progress.step
         log_now = step % self.cfg.log_every == 0 or step == self.max_steps or step == self.start_step + 1
         tps = self._window_tokens / max(time.perf_counter() - self._window_start, 1e-9)
-        self.console.step(step, {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps}, log_now)
+        learned = learned_lambdas(self.model) if log_now and self.run.hsa.enabled else None
+        shown = {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "lambdas": learned}
+        self.console.step(step, shown, log_now)
         if log_now:
             logged = {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "grad_norm": result.grad_norm}
             logged["tokens_seen"] = self.progress.tokens_seen
+            logged.update({f"lambda/{name}": value for name, value in (learned or {}).items()})
             self.tracker.log({f"train/{k}": v for k, v in logged.items()}, step)
             self.restart_throughput_window()
 
@@ -276,22 +286,38 @@ class Recipe:
         self._window_tokens, self._window_start = 0, time.perf_counter()
 
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def evaluate_samples(self, samples: list) -> dict | None:
+    def evaluate_samples(self, samples: list, generate: bool = False) -> dict | None:
         """Loss per type and final-answer metrics over `samples`, split over the ranks with the same number of
-        forwards on each, summed over all of them: the same numbers as one process."""
+        forwards on each, summed over all of them: the same numbers as one process. `generate`: the answer
+        metrics by real decoding (eval.generate) instead of teacher forcing."""
         if not samples:
             return None
         self.model.eval()
-        batches = eval_batches(samples, self.cfg.eval_batch_size, self.collator, self.info.rank, self.info.world)
-        totals = D.all_reduce_sum(eval_sums(self.forward, batches, len(self.type_names)), self.device, self.info)
-        self.model.train()
-        return summarize(totals, self.type_names)
 
-    def evaluate(self, label: str = "") -> tuple[dict | None, dict[str, dict | None]]:
+        def batches():
+            return eval_batches(samples, self.cfg.eval_batch_size, self.collator, self.info.rank, self.info.world)
+
+        sums = eval_sums(self.forward, batches(), len(self.type_names))
+        if generate:
+            answers = generated_answer_sums(
+                D.unwrap(self.model),
+                batches(),
+                self.collator.pad_values,
+                self.device,
+                self.autocast_dtype,
+                synced=self.info.mode == "fsdp",
+            )
+            sums = sums[: -len(answers)] + answers
+        totals = D.all_reduce_sum(sums, self.device, self.info)
+        self.model.train()
+        return {**summarize(totals, self.type_names), "answers_by": "generation" if generate else "teacher_forcing"}
+
+    def evaluate(self, label: str = "", final: bool = False) -> tuple[dict | None, dict[str, dict | None]]:
         """The held-out split, then each of data.eval_sets: evaluated, printed (`label` after each name) and
-        logged at the current step."""
-        result = self.evaluate_samples(self.eval_samples)
-        set_results = {name: self.evaluate_samples(samples) for name, samples in self.extra_evals.items()}
+        logged at the current step. The final evaluation decodes for real under eval.generate."""
+        generate = final and self.run.eval.generate
+        result = self.evaluate_samples(self.eval_samples, generate)
+        set_results = {name: self.evaluate_samples(samples, generate) for name, samples in self.extra_evals.items()}
         for name, res in [("eval", result), *set_results.items()]:
             if res is not None:
                 self.console.print(eval_line(name + label, res))
@@ -329,7 +355,7 @@ class Recipe:
     def finish(self) -> dict:
         """Final evaluation, export, config.yaml and metrics.json; returns the metrics."""
         run, info, p = self.run, self.info, self.progress
-        eval_result, set_results = self.evaluate()
+        eval_result, set_results = self.evaluate(final=True)
         exported = {}
         if self.cfg.save_model:
             exported = export_model(
@@ -361,6 +387,7 @@ class Recipe:
             "device": str(self.device),
             "precision": "bf16" if self.autocast_dtype else "fp32",
             "hsa": dict(run.hsa.lambdas) if run.hsa.enabled else None,
+            "hsa_learned": learned_lambdas(self.model) if run.hsa.enabled else None,
             "run_dir": str(self.run_dir),
             **exported,
         }

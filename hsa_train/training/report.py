@@ -15,8 +15,8 @@ def loss_summary(losses: list[float], window: int) -> dict[str, float]:
 
 def eval_summary(result: dict | None) -> dict:
     """The held-out split's metrics under their metrics.json names (eval_loss, eval_exact_match, ...)."""
-    keys = ("loss", "loss_per_type", "tokens_per_type", "exact_match", "answer_token_accuracy")
-    return {f"eval_{key}": (result[key] if result else None) for key in keys}
+    keys = ("loss", "loss_per_type", "tokens_per_type", "exact_match", "answer_token_accuracy", "answers_by")
+    return {f"eval_{key}": (result.get(key) if result else None) for key in keys}
 
 
 def eval_line(name: str, result: dict) -> str:
@@ -26,7 +26,8 @@ def eval_line(name: str, result: dict) -> str:
     line = f"{name}: loss {result['loss']:.4f} over {result['tokens']} tokens | per type: {per_type}"
     if result["exact_match"] is not None:
         line += (
-            f" | final answer: exact match {result['exact_match']:.3f} of {result['answers']}, "
+            f" | final answer{' (generated)' if result.get('answers_by') == 'generation' else ''}: "
+            f"exact match {result['exact_match']:.3f} of {result['answers']}, "
             f"token accuracy {result['answer_token_accuracy']:.3f}"
         )
     return line

@@ -34,6 +34,9 @@ SAFE_TO_CHANGE = (
     "train.compile",
     "train.gradient_checkpointing",
     "hsa.backend",  # the same formula, another kernel
+    "hsa.debug",  # logs and checks only
+    "hsa.generated_type",  # generation only
+    "eval",  # how the final evaluation scores answers
     "data.eval_files",  # evaluation only; a change to the training split shows in the data fingerprint
     "data.eval_sets",
     "data.pad_to_multiple_of",

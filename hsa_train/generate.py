@@ -1,0 +1,196 @@
+"""Generate with the bias: the next assistant message of each conversation in a file, or a chat.
+
+    python -m hsa_train.generate outputs/<run>/model --input conversations.jsonl --output replies.jsonl
+    python -m hsa_train.generate outputs/<run>/adapter --chat
+
+The model folder is one hsa_train wrote (a full model, or a LoRA adapter whose base is loaded from its
+`base_model_name_or_path`) or any causal LM folder. Each conversation (the `messages` format, typed like training
+data) is rendered with the generation prompt and encoded as training encodes it; the model decodes with its KV
+cache and the bias, every generated token typed `hsa.generated_type`. A conversation that ends with an assistant
+message has that message regenerated: it is written out as the reference beside the new reply.
+
+In the chat, every user turn takes the current type (`/type KEY_EVENT` changes it; `/types` lists them);
+`/system TEXT` sets a system message, `/reset` starts over, `/quit` (or end of input) leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from hsa_train.data.loader import load_records
+from hsa_train.data.tokenizer import SemanticTokenizer
+from hsa_train.model.export import load_exported
+from hsa_train.model.generation import generate_batch
+from hsa_train.model.hsa import enable_hsa, hsa_settings
+from hsa_train.model.loading import DTYPES, load_tokenizer
+
+
+def load_for_generation(model_dir: str, device: str, dtype: str, backend: str | None):
+    """(model, SemanticTokenizer) of a trained folder, HSA enabled as trained (`backend` to switch kernels)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder")
+    model = load_exported(path, dtype=DTYPES[dtype])
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA adapter's base
+    if hsa_settings(base) is None:
+        print(f"note: {model_dir} was not trained with HSA; generating with the default λ")
+    if hsa_settings(base) is None or backend is not None:
+        enable_hsa(base, backend=backend)
+    model.to(device).eval()
+    tokenizer = load_tokenizer(str(path))
+    return model, SemanticTokenizer.from_model(model, tokenizer)
+
+
+def generation_options(args, st: SemanticTokenizer) -> dict:
+    options = {"max_new_tokens": args.max_new_tokens, "eos_token_id": st.stop_token_ids(), "do_sample": args.sample}
+    if args.sample:
+        options.update(temperature=args.temperature, top_p=args.top_p)
+    return options
+
+
+def reply_text(st: SemanticTokenizer, ids: list[int]) -> str:
+    return st.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate_file(model, st: SemanticTokenizer, args) -> int:
+    """Replies for every conversation of --input, written to --output (JSONL) in input order; returns the count."""
+    from rich.progress import Progress
+
+    records, report = load_records([args.input], st.types)
+    generated = hsa_settings(model).generated_type
+    jobs = []
+    for record in records:
+        messages = [dict(m) for m in record.messages]
+        reference = messages.pop() if messages[-1]["role"] == "assistant" and len(messages) > 1 else None
+        prompt = st.encode_prompt(messages, record.tools, generated_type=generated)
+        jobs.append((record, messages, reference, prompt))
+    options = generation_options(args, st)
+    pad_type = st.types.default_id
+    out_path = Path(args.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][3]["input_ids"]))  # similar lengths batch together
+    replies: dict[int, str] = {}
+    with Progress(transient=True) as progress:
+        task = progress.add_task("generating", total=len(jobs))
+        for start in range(0, len(order), args.batch_size):
+            chunk = order[start : start + args.batch_size]
+            outs = generate_batch(model, [jobs[i][3] for i in chunk], st.tokenizer.pad_token_id, pad_type, **options)
+            for i, ids in zip(chunk, outs):
+                replies[i] = reply_text(st, ids)
+            progress.advance(task, len(chunk))
+    with out_path.open("w", encoding="utf-8") as f:
+        for i, (record, messages, reference, prompt) in enumerate(jobs):
+            row = {
+                "source": record.where,
+                "messages": [_plain(m) for m in messages],
+                "reply": {"role": "assistant", "content": replies[i], "semantic_type": generated or st.types.default},
+                "prompt_tokens": len(prompt["input_ids"]),
+            }
+            if reference is not None:
+                row["reference"] = reference.get("content")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(jobs)
+
+
+def _plain(message: dict) -> dict:
+    """A message as written in data files (the loader's bookkeeping keys dropped)."""
+    return {k: v for k, v in message.items() if k in ("role", "content", "semantic_type", "tool_calls", "spans")}
+
+
+def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
+    """The interactive loop: typed user turns, replies generated with the bias."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    generated = hsa_settings(model).generated_type
+    options = generation_options(args, st)
+    kind = args.user_type or st.types.default
+    messages: list[dict] = []
+    system = None
+    print(
+        f"chat with {args.model}: /type NAME sets the user turns' type ({', '.join(st.types.names)}), /quit", file=out
+    )
+    while True:
+        print(f"[{kind}] you> ", end="", file=out, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command == "/quit":
+                break
+            if command == "/type":
+                if rest.strip() not in st.types.names:
+                    print(f"unknown type {rest.strip()!r}; one of {', '.join(st.types.names)}", file=out)
+                else:
+                    kind = rest.strip()
+            elif command == "/types":
+                print(", ".join(st.types.names), file=out)
+            elif command == "/system":
+                system = {"role": "system", "content": rest, "semantic_type": st.types.names[0]}
+                print(f"system message set ({system['semantic_type']})", file=out)
+            elif command == "/reset":
+                messages = []
+                print("conversation reset", file=out)
+            else:
+                print("commands: /type NAME, /types, /system TEXT, /reset, /quit", file=out)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line, "semantic_type": kind})
+        conversation = ([system] if system else []) + messages
+        prompt = st.encode_prompt(conversation, generated_type=generated)
+        ids = generate_batch(model, [prompt], st.tokenizer.pad_token_id, st.types.default_id, **options)[0]
+        reply = reply_text(st, ids)
+        messages.append({"role": "assistant", "content": reply, "semantic_type": generated})
+        print(f"model> {reply}", file=out, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hsa_train.generate", description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("model", help="a folder hsa_train wrote (<run>/model or <run>/adapter), or a causal LM folder")
+    parser.add_argument("--input", help="JSON/JSONL conversations (messages format, typed) to reply to")
+    parser.add_argument("--output", help="JSONL to write (default: <input stem>.replies.jsonl beside it)")
+    parser.add_argument("--chat", action="store_true", help="chat interactively instead")
+    parser.add_argument("--user-type", default=None, help="the chat's initial user-turn type (default_type)")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations per generate call (8)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (256)")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7, help="with --sample (0.7)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="with --sample (0.9)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    parser.add_argument("--backend", default=None, help="attention backend: auto | eager | sdpa | flex (as trained)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (float32)")
+    args = parser.parse_args(argv)
+    try:
+        if args.chat == bool(args.input):
+            raise ValueError("give --input FILE (replies to a file) or --chat, one of them")
+        if args.batch_size < 1 or args.max_new_tokens < 1:
+            raise ValueError("--batch-size and --max-new-tokens must be >= 1")
+        if args.input and not args.output:
+            args.output = str(Path(args.input).with_suffix("")) + ".replies.jsonl"
+        torch.manual_seed(args.seed)
+        model, st = load_for_generation(args.model, args.device, args.dtype, args.backend)
+        if args.user_type is not None and args.user_type not in st.types.names:
+            raise ValueError(f"--user-type {args.user_type!r}: use one of {', '.join(st.types.names)}")
+        if args.chat:
+            chat(model, st, args)
+            return 0
+        n = generate_file(model, st, args)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+        print(f"hsa_train.generate: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} replies to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

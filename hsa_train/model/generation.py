@@ -1,0 +1,93 @@
+"""Generation with the bias: `model.generate(input_ids, attention_mask=..., semantic_ids=...)` on an HSA model.
+
+transformers' `generate` refuses keyword arguments the model's forward does not name, and extends only the
+inputs it knows (attention mask, position ids) as tokens are generated. `enable_hsa` therefore gives a generative
+model the class `HSAGenerationMixin` + its own class (same name, so saved configs and FSDP's class naming stay as
+they were): `semantic_ids` passes the check, and every generated token appends `hsa.generated_type` to them, so the
+forward of each step sees one type per token of the whole sequence and the KV cache's keys keep their types.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_CLASSES: dict[type, type] = {}
+
+
+class HSAGenerationMixin:
+    """`semantic_ids` as a generation input, extended by one `hsa.generated_type` id per generated token."""
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        semantic_ids = model_kwargs.pop("semantic_ids", None)
+        if semantic_ids is None:
+            raise ValueError(
+                "generate() on an HSA model needs semantic_ids=... for the prompt (one type id per prompt token: "
+                "SemanticTokenizer.encode_prompt gives them)"
+            )
+        super()._validate_model_kwargs(model_kwargs)
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1
+    ) -> dict:
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        semantic_ids = model_kwargs.get("semantic_ids")
+        if semantic_ids is not None:
+            semantic_ids = torch.as_tensor(semantic_ids)
+            fill = semantic_ids.new_full((semantic_ids.shape[0], num_new_tokens), generated_type_id(self))
+            model_kwargs["semantic_ids"] = torch.cat([semantic_ids, fill], dim=-1)
+        return model_kwargs
+
+
+def generated_type_id(model: nn.Module) -> int:
+    from hsa_train.model.hsa import hsa_settings
+
+    return hsa_settings(model).generated_type_id
+
+
+def with_generation(model: nn.Module) -> None:
+    """Gives a generative model (one with `generate`) the HSA generation mixin, once."""
+    cls = type(model)
+    if not hasattr(model, "generate") or issubclass(cls, HSAGenerationMixin):
+        return
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(
+            cls.__name__, (HSAGenerationMixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__}
+        )
+    model.__class__ = _CLASSES[cls]
+
+
+@torch.no_grad()
+def generate_batch(
+    model: nn.Module,
+    prompts: list[dict[str, list[int]]],
+    pad_token_id: int,
+    pad_type_id: int,
+    **generate_kwargs,
+) -> list[list[int]]:
+    """The tokens `model.generate` adds after each prompt ({"input_ids", "semantic_ids"}, e.g. from
+    `SemanticTokenizer.encode_prompt`), the prompts left-padded into one batch; padding after a row's stop token
+    removed. `semantic_ids` go in when the model has HSA."""
+    device = next(model.parameters()).device
+    width = max(len(p["input_ids"]) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    semantic_ids = torch.full((len(prompts), width), pad_type_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt["input_ids"])
+        input_ids[row, width - n :] = torch.as_tensor(prompt["input_ids"])
+        semantic_ids[row, width - n :] = torch.as_tensor(prompt["semantic_ids"])
+        attention_mask[row, width - n :] = 1
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if getattr(model.config, "hsa", None):
+        inputs["semantic_ids"] = semantic_ids.to(device)
+    out = model.generate(**inputs, pad_token_id=pad_token_id, **generate_kwargs)
+    stops = generate_kwargs.get("eos_token_id")
+    stops = set(stops if isinstance(stops, (list, tuple)) else [stops] if stops is not None else [])
+    replies = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
+        replies.append(row[:cut])
+    return replies
