@@ -40,6 +40,17 @@ def test_flex_matches_the_formula(monkeypatch, compiled, head_scaling, q_len):
     torch.testing.assert_close(out.double()[real], ref[real], atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_heads_that_are_not_a_power_of_two():
+    """28 query heads over 4 key/value heads is a 7B layout: 6 over 2 here, no key/value copies."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 6, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    sem, padding = torch.tensor([[0, 2, 1, 2, 1]]), torch.ones(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        out, _ = run_flex(q, k, v, sem, padding, LAMBDAS, "alibi")
+    ref = brute_force(q, k, v, sem, padding, LAMBDAS, "alibi")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_soft_capping_comes_before_the_bias(monkeypatch):
     """Gemma 2: logits = cap·tanh(q·k·scale / cap) - λ·(i - j); checked against eager."""
     from hsa_train.model.attention import hsa_eager_attention, hsa_mask

@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from hsa_train.model.bias import work_dtype
 from hsa_train.model.context import HSAForwardContext
-from hsa_train.model.flex import FlexMaskPlan, hsa_flex_attention, hsa_flex_mask, repeat_kv
+from hsa_train.model.flex import FlexMaskPlan, hsa_flex_attention, hsa_flex_mask
 
 BACKENDS = ("eager", "sdpa", "flex", "auto")
 
@@ -54,6 +54,14 @@ def hsa_mask(
         use_vmap=use_vmap,
         device=device,
     )
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Key / value heads repeated to the query's head count (grouped-query attention)."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 def forward_context(kwargs: dict) -> HSAForwardContext:

@@ -144,7 +144,10 @@ def hsa_flex_attention(
 
     ctx = forward_context(kwargs)
     if dropout > 0 and module.training:
-        raise ValueError("hsa backend 'flex' has no attention dropout: set the model's attention_dropout to 0")
+        raise ValueError(
+            "hsa backend 'flex' has no attention dropout and this model trains with one: set its attention dropout "
+            "to 0 (model.arch / the checkpoint's config), or use hsa.backend=sdpa"
+        )
     if not isinstance(attention_mask, FlexMaskPlan):
         raise RuntimeError(
             "hsa backend 'flex' got no flex mask plan from the mask step: the model builds its masks outside "
@@ -168,9 +171,6 @@ def hsa_flex_attention(
         slope = lam[b, h, kv_idx] if per_head else lam[b, kv_idx]
         return score - slope * (q_idx + shift - kv_idx)
 
-    if num_heads & (num_heads - 1):  # the kernels' grouped-query path wants a power-of-two head count
-        n_rep = num_heads // key.shape[1]
-        key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lam))
     if query.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         raise RuntimeError(
@@ -210,11 +210,3 @@ def _flex(device: torch.device, needs_grad: bool):
         dynamic = None if device.type == "cuda" else False
         _compiled_flex[device.type] = torch.compile(flex_attention, dynamic=dynamic)
     return _compiled_flex[device.type]
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Key / value heads repeated to the query's head count (grouped-query attention)."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
