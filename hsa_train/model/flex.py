@@ -48,7 +48,6 @@ class FlexMaskPlan(BlockMask):
     kv_offset: int
     mask_function: Any
     padding: torch.Tensor | None
-    device: torch.device
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -80,7 +79,6 @@ def hsa_flex_mask(
         kv_offset=int(kv_offset),
         mask_function=mask_function or causal_mask_function,
         padding=padding,
-        device=torch.device(device),
     )
 
 
@@ -171,8 +169,9 @@ def hsa_flex_attention(
         slope = lam[b, h, kv_idx] if per_head else lam[b, kv_idx]
         return score - slope * (q_idx + shift - kv_idx)
 
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lam))
-    if query.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+    inputs_need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    needs_grad = inputs_need_grad or (torch.is_grad_enabled() and lam.requires_grad)
+    if query.device.type == "cpu" and inputs_need_grad:
         raise RuntimeError(
             "hsa backend 'flex' cannot train on CPU (FlexAttention's backward needs CUDA): use hsa.backend=auto "
             "(sdpa on CPU, flex on CUDA), sdpa or eager"
