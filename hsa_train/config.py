@@ -52,6 +52,8 @@ class ModelConfig:
     trust_remote_code: bool = MISSING
     dtype: str = MISSING
     arch: Optional[dict[str, Any]] = MISSING
+    freeze_vision: Optional[bool] = MISSING
+    image_processor: dict[str, Any] = MISSING
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -250,6 +252,10 @@ def validate(cfg: DictConfig) -> RunConfig:
     _choice("model.dtype", m.dtype, tuple(DTYPES))
     if not m.name_or_path:
         _check(bool(m.arch) and "type" in m.arch, "model.arch.type must be set when model.name_or_path is null")
+    _check(
+        all(isinstance(k, str) for k in m.image_processor),
+        "model.image_processor: give settings by name, e.g. {max_pixels: 200704}",
+    )
     if m.lora.enabled:
         _check(bool(m.name_or_path), "model.lora.enabled=true needs a pretrained base: set model.name_or_path")
         _check(m.lora.r > 0 and m.lora.alpha > 0, f"model.lora: r={m.lora.r} and alpha={m.lora.alpha} must be > 0")

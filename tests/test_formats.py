@@ -1,6 +1,7 @@
 """Dataset formats (messages, sharegpt, alpaca) on the LLaMA-Factory peer files and on every kind of bad record."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,15 +88,22 @@ def test_v1_parts_and_loss_weights(peer_data):
     assert [r.line for r in records[:3]] == [1, 2, 3]
 
 
-def test_mllm_demo_images_are_an_error(peer_data):
+def test_mllm_demo_images_go_to_the_messages_that_hold_their_placeholders(peer_data):
+    """LLaMA-Factory's multimodal layout: the record's `images`, one per `<image>` in order, each attached to its
+    message with its path made absolute against the dataset's folder."""
     info = str(peer_data / "dataset_info.json")
     (spec,) = resolve_datasets(["mllm_demo"], dataset_info=info, types=TYPES)
-    with pytest.raises(DataError, match=r"mllm_demo.json:2: images not supported: .*vision comes with a later issue"):
-        list(iter_records(spec, TYPES))
-    report = LoadReport()
-    assert list(iter_records(spec, TYPES, "skip", report)) == []
-    assert len(report.skipped) == len(json.loads((peer_data / "mllm_demo.json").read_text()))
-    assert "images not supported" in report.summary()
+    records = list(iter_records(spec, TYPES))
+    rows = json.loads((peer_data / "mllm_demo.json").read_text())
+    assert len(records) == len(rows)
+    for record, row in zip(records, rows):
+        expected = [str(peer_data / p) for p in row["images"]]
+        attached = [img for m in record.messages for img in m.get("images", [])]
+        assert attached == expected and all(Path(p).is_file() for p in attached)
+        for m in record.messages:
+            assert m["content"].count("<image>") == len(m.get("images", []))
+    first = records[0].messages
+    assert [len(m.get("images", [])) for m in first] == [1, 0, 1, 0]  # "<image>Who are they?" / "...doing?<image>"
 
 
 def test_dataset_info_entries(peer_data):
@@ -228,8 +236,18 @@ BAD = [
     ),
     (
         "messages",
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-        "image part: an image part in a text-only run; vision comes with a later issue \\(message 0 part 0",
+        {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+        "malformed image part: message 0 part 0 needs exactly one of image, image_url, path, url, it has none",
+    ),
+    (
+        "messages",
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]},
+        "video part: videos are not supported yet",
+    ),
+    (
+        "messages",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "see <image>"}]}]},
+        "placeholder in a text part: message 0 part 0 holds <image>",
     ),
     (
         "messages",
@@ -246,7 +264,8 @@ BAD = [
         {"messages": [{"role": "user", "content": "q", "tool_calls": [{"name": "f"}]}]},
         "malformed tool call: message 0 \\(user\\) has tool_calls",
     ),
-    ("messages", {**GOOD, "images": ["a.jpg"]}, "unused key: the record has 'images'.*vision comes with a later issue"),
+    ("messages", {**GOOD, "images": ["a.jpg"]}, "placeholder count: the messages hold 0 <image> placeholders and col"),
+    ("messages", {**GOOD, "videos": ["a.mp4"]}, "video not supported: the record has videos in column 'videos'"),
 ]
 
 

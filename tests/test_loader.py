@@ -45,7 +45,7 @@ BAD = [
     ({"messages": [{"role": "user", "content": ["x"]}]}, "non-string content"),
     ({"messages": [{"role": "user", "content": "x", "semantic_type": "URGENT"}]}, "unknown semantic_type"),
     ({"messages": [{"role": "user", "content": "a question only"}]}, "nothing to train on"),
-    ({**GOOD, "images": ["a.jpg"]}, "unused key: the record has 'images', not used by training"),
+    ({**GOOD, "images": ["a.jpg"]}, "placeholder count: the messages hold 0 <image> placeholders"),
     (
         {"messages": [GOOD["messages"][0], {"role": "assistant", "tool_calls": [{"name": "f", "arguments": "{x"}]}]},
         "tool call not JSON: message 1 call 0 (f) has arguments that are not JSON",
@@ -98,16 +98,14 @@ def test_split_is_seeded_and_disjoint(tmp_path, tokenizer):
     assert not {s.where for s in ev1} & {s.where for s in tr1}
 
 
-def test_peer_image_file_fails_clearly_unless_images_are_declared_metadata(peer_data, tokenizer):
-    """mllm_demo.json's `images` would be dropped and its `<image>` trained as text: refused, not ignored."""
+def test_peer_image_file_in_a_text_only_run_fails_clearly(peer_data, tokenizer):
+    """mllm_demo.json's images cannot be seen by a text model: refused with file and line, or skipped and counted;
+    never trained as the text "<image>"."""
     path = peer_data / "mllm_demo.json"
-    with pytest.raises(DataError, match=r"mllm_demo.json:2: unused key: the record has 'images'.*vision data"):
+    with pytest.raises(DataError, match=r"mllm_demo.json:2: image in a text-only model: message 0 holds images"):
         encode_files([path], SemanticTokenizer(tokenizer))
-    with pytest.raises(ValueError, match="no usable records"):
+    with pytest.raises(ValueError, match="no usable records .*image in a text-only model"):
         encode_files([path], SemanticTokenizer(tokenizer), on_error="skip")
-    samples, report = encode_files([path], SemanticTokenizer(tokenizer), ignore_keys=("id", "images"))
-    assert report.kept == len(json.loads(path.read_text())) and not report.skipped
-    assert all(set(s.features["semantic_ids"]) == {TYPES.default_id} for s in samples)
 
 
 @pytest.mark.parametrize(
@@ -131,8 +129,6 @@ def test_peer_files_in_other_formats_fail_clearly(peer_data, tokenizer, name, li
 @pytest.mark.parametrize(
     "extra, hint",
     [
-        ({"images": ["a.jpg"]}, "vision data is not supported yet"),
-        ({"videos": ["a.mp4"]}, "vision data is not supported yet"),
         ({"audios": ["a.wav"]}, "audio data is not supported yet"),
         ({"chosen": "a better answer"}, "preference data is not supported"),
         ({"system": "Be brief."}, "role 'system'"),

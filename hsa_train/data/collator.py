@@ -14,6 +14,21 @@ from hsa_train.types import DEFAULT_TYPE, DEFAULT_TYPES
 TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "semantic_ids")
 
 
+def add_vision(batch: dict[str, torch.Tensor], samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """The samples' images, in token order (rows in order, documents in order within a row: the order the model
+    meets their image tokens in the flattened batch): `pixel_values` (patches, dim) and `image_grid_thw`
+    (images, 3), concatenated. A batch without images gets neither."""
+    with_images = [s for s in samples if s.get("image_grid_thw") is not None and len(s["image_grid_thw"])]
+    if with_images:
+        batch["pixel_values"] = torch.cat(
+            [torch.as_tensor(s["pixel_values"], dtype=torch.float32) for s in with_images]
+        )
+        batch["image_grid_thw"] = torch.cat(
+            [torch.as_tensor(s["image_grid_thw"], dtype=torch.long) for s in with_images]
+        )
+    return batch
+
+
 def pad_values(who: str, pad_token_id: int | None, default_type_id: int, pad_to_multiple_of: int | None) -> dict:
     """Each per-token field's padding value (SPEC §2), after checking what a collator is given."""
     if pad_token_id is None:
@@ -71,7 +86,7 @@ class SemanticCollator:
                 else:
                     out[row, width - len(values) :] = values
             batch[f] = out
-        return batch
+        return add_vision(batch, features)
 
 
 def check_fields(features: Sequence[Mapping[str, Any]], fields: list[str], who: str, what: str) -> list[int]:
@@ -159,4 +174,4 @@ class PackedCollator:
             batch["attention_mask"][row, :start] = 1
             positions[row, start:] = torch.arange(width - start)  # the padding: a pseudo-document of its own
         batch["position_ids"] = positions
-        return batch
+        return add_vision(batch, samples)

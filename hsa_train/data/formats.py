@@ -31,8 +31,9 @@ Message = dict[str, Any]
 Converter = Callable[[Any], tuple[list[Message], list[dict[str, Any]] | None]]
 
 # Why a key the run does not use is refused (the data it carries would be dropped), by key.
-_VISION = "vision data is not supported yet (vision comes with a later issue)"
+_VISION = "images and videos go in the record's images / videos columns (columns.images), one per placeholder"
 _AUDIO = "audio data is not supported yet"
+IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 _WEIGHTS = "per-record and per-message loss weights are not supported; roles and data.train_on decide what trains"
 _PREFERENCE = "preference data is not supported (hsa_train trains on conversations: supervised fine-tuning)"
 UNUSED_HINTS = {
@@ -59,12 +60,12 @@ _MEDIA_PART_TYPES = {"image": ("image", "image_url", "input_image"), "video": ("
 _MEDIA_PART_TYPES["audio"] = ("audio", "input_audio", "audio_url")
 MEDIA_PARTS = {ptype: kind for kind, ptypes in _MEDIA_PART_TYPES.items() for ptype in ptypes}
 _MEDIA_PHRASE = {
-    "image": "an image part in a text-only run; vision comes with a later issue",
-    "video": "a video part in a text-only run; vision comes with a later issue",
-    "audio": "an audio part in a text-only run; audio is not supported",
+    "video": "videos are not supported yet (Qwen2-VL's video processor needs torchvision and a video decoder)",
+    "audio": "audio is not supported",
 }
 _MESSAGE_KEYS = ("semantic_type", "tool_calls", "loss_weight")
 _PART_KEYS = frozenset({"type", "text", "value", "semantic_type"})
+_IMAGE_KEYS = ("image", "image_url", "path", "url")  # where an image part holds its picture
 _EMPTY = (None, "", [], {})
 
 
@@ -133,15 +134,56 @@ def _explicit_type(value: Any, types: SemanticTypes, where: str) -> str | None:
 
 
 def _record_keys(obj: Mapping[str, Any], ctx: FormatContext) -> None:
-    """Media columns with data are errors; other keys the format does not read are refused unless ignored."""
-    for key in MEDIA_COLUMNS:
+    """Audio and video columns with data are errors; other keys the format does not read are refused unless
+    ignored."""
+    for key in ("videos", "audios"):
         col = ctx.columns.get(key)
         if col and obj.get(col) not in _EMPTY:
-            what = "audio" if key == "audios" else key
-            later = "audio is not supported" if key == "audios" else "vision comes with a later issue"
-            raise ValueError(f"{what} not supported: the record has {what} in column {col!r}; {later}")
+            what = "audio" if key == "audios" else "video"
+            raise ValueError(f"{what} not supported: the record has {key} in column {col!r}; {_MEDIA_PHRASE[what]}")
     used = {col for col in ctx.columns.values() if col}
     unused_keys(obj, used, ctx.ignore, "the record")
+
+
+def _attach_images(obj: Mapping[str, Any], messages: list[Message], ctx: FormatContext) -> None:
+    """The record's `images` column, one per `<image>` placeholder in order over the messages: each message gets
+    the images of its own placeholders (`images`: a list of references), so truncation that drops a turn drops
+    its images with it. Placeholders and images must match in number; a record without images keeps `<image>`
+    as text only when it has no image column at all."""
+    col = ctx.columns.get("images")
+    images = obj.get(col) if col else None
+    if images in _EMPTY:
+        return
+    if any(m.get("images") for m in messages):
+        raise ValueError(f"images given twice: column {col!r} and image content parts; use one of them")
+    if not isinstance(images, list):
+        images = [images]
+    counts = [m["content"].count(IMAGE_PLACEHOLDER) for m in messages]
+    if sum(counts) != len(images):
+        raise ValueError(
+            f"placeholder count: the messages hold {sum(counts)} {IMAGE_PLACEHOLDER} placeholders and column "
+            f"{col!r} has {len(images)} images; put one {IMAGE_PLACEHOLDER} in the text for each image"
+        )
+    start = 0
+    for msg, n in zip(messages, counts):
+        if n:
+            msg["images"] = images[start : start + n]
+            start += n
+
+
+def _image_part(where: str, part: Mapping[str, Any], ctx: FormatContext) -> Any:
+    """The picture of an image part: `{"type": "image", "image": path}` (or image_url: {"url": ...})."""
+    keys = [key for key in _IMAGE_KEYS if part.get(key) not in _EMPTY]
+    if len(keys) != 1:
+        raise ValueError(
+            f"malformed image part: {where} needs exactly one of {', '.join(_IMAGE_KEYS)}, it has "
+            f"{', '.join(keys) or 'none'}"
+        )
+    ref = part[keys[0]]
+    if isinstance(ref, Mapping) and "url" in ref:
+        ref = ref["url"]
+    unused_keys(part, ("type", *_IMAGE_KEYS, "semantic_type"), ctx.ignore, where)
+    return ref
 
 
 def _system(obj: Mapping[str, Any], ctx: FormatContext) -> str | None:
@@ -178,14 +220,16 @@ def parse_tools(obj: Mapping[str, Any], ctx: FormatContext) -> list[dict[str, An
     return raw or None
 
 
-def _content(k: int, raw: Any, ctx: FormatContext) -> tuple[str, list[tuple[int, int, str]] | None]:
-    """A message's text and its typed spans: a string, or text parts joined with ""."""
+def _content(k: int, raw: Any, ctx: FormatContext) -> tuple[str, list[tuple[int, int, str]] | None, list[Any]]:
+    """A message's text, its typed spans and its images: a string, or parts joined with "" (an image part becomes
+    an `<image>` placeholder in the text, its picture the message's next image)."""
     if isinstance(raw, str):
-        return raw, None
+        return raw, None, []
     if not isinstance(raw, list):
         raise ValueError(f"non-string content: message {k} has content of type {type(raw).__name__}")
     texts: list[str] = []
     spans: list[tuple[int, int, str]] = []
+    images: list[Any] = []
     pos = 0
     for p, part in enumerate(raw):
         where = f"message {k} part {p}"
@@ -195,6 +239,14 @@ def _content(k: int, raw: Any, ctx: FormatContext) -> tuple[str, list[tuple[int,
                 '{"type": "text", "text": ...}'
             )
         ptype = part.get("type") or "text"
+        if MEDIA_PARTS.get(ptype) == "image":
+            images.append(_image_part(where, part, ctx))
+            stype = _explicit_type(part.get("semantic_type"), ctx.types, where)
+            if stype is not None:
+                spans.append((pos, pos + len(IMAGE_PLACEHOLDER), stype))
+            texts.append(IMAGE_PLACEHOLDER)
+            pos += len(IMAGE_PLACEHOLDER)
+            continue
         if ptype in MEDIA_PARTS:
             kind = MEDIA_PARTS[ptype]
             raise ValueError(f"{kind} part: {_MEDIA_PHRASE[kind]} ({where} has type {ptype!r})")
@@ -211,9 +263,14 @@ def _content(k: int, raw: Any, ctx: FormatContext) -> tuple[str, list[tuple[int,
         unused_keys(part, _PART_KEYS, ctx.ignore, where)
         if stype is not None and text:
             spans.append((pos, pos + len(text), stype))
+        if IMAGE_PLACEHOLDER in text:
+            raise ValueError(
+                f"placeholder in a text part: {where} holds {IMAGE_PLACEHOLDER}; with content parts, give each "
+                'image as its own part {"type": "image", "image": path}'
+            )
         texts.append(text)
         pos += len(text)
-    return "".join(texts), spans or None
+    return "".join(texts), spans or None, images
 
 
 def _tool_call(where: str, call: Any, ctx: FormatContext) -> dict[str, Any]:
@@ -291,13 +348,14 @@ def _turn(k: int, msg: Any, ctx: FormatContext) -> Message:
         raise ValueError(f"unknown role: message {k} has {role_key} {tag!r} (known: {', '.join(ctx.role_of)})")
     raw = msg.get(content_key)
     calls = None
+    images: list[Any] = []
     if role == "function":
         role, text, spans = "assistant", "", None
         calls = _function_turn(k, raw, ctx)
     else:
         if raw is None and role == "assistant" and msg.get("tool_calls"):
             raw = ""  # OpenAI: content null beside tool_calls
-        text, spans = _content(k, raw, ctx)
+        text, spans, images = _content(k, raw, ctx)
     stype = _explicit_type(msg.get("semantic_type"), ctx.types, f"message {k}")
     if msg.get("tool_calls") not in _EMPTY:
         if role != "assistant" or calls:
@@ -310,6 +368,8 @@ def _turn(k: int, msg: Any, ctx: FormatContext) -> Message:
         out["spans"] = spans
     if calls:
         out["tool_calls"] = calls
+    if images:
+        out["images"] = images
     return out
 
 
@@ -338,6 +398,7 @@ def convert_conversation(obj: Any, ctx: FormatContext) -> tuple[list[Message], l
             col = ctx.columns["system"]
             raise ValueError(f"system given twice: column {col!r} and a first system message; keep one")
         messages.insert(0, {"role": "system", "content": system, "semantic_type": None})
+    _attach_images(obj, messages, ctx)
     return messages, parse_tools(obj, ctx)
 
 
@@ -390,6 +451,7 @@ def convert_alpaca(obj: Any, ctx: FormatContext) -> tuple[list[Message], list[di
     user = "\n".join(text for text in (prompt, query) if text)  # LLaMA-Factory joins exactly so
     messages.append({"role": "user", "content": user, "semantic_type": None})
     messages.append({"role": "assistant", "content": response, "semantic_type": None})
+    _attach_images(obj, messages, ctx)
     return messages, parse_tools(obj, ctx)
 
 

@@ -121,6 +121,7 @@ def _records(
             if isinstance(obj, DataError):
                 raise obj
             messages, tools = convert(obj)
+            resolve_images(messages, source)
             record = Record(rules.apply(messages), source, line, tools)
             if check is not None:
                 check(record)
@@ -140,6 +141,26 @@ def _records(
         yield record
         if spec.max_samples is not None and kept >= spec.max_samples:
             return
+
+
+def resolve_images(messages: list[dict[str, Any]], source: str) -> None:
+    """Image paths relative to the dataset's folder (LLaMA-Factory's layout: `mllm_demo_data/1.jpg` beside
+    `mllm_demo.json`) made absolute; absolute paths, in-memory pictures and `{"path", "bytes"}` dicts (a datasets
+    Image column) stay as they are. A URL is refused: nothing is downloaded while preparing data."""
+    base = Path(source).expanduser().parent if Path(source).expanduser().is_file() else None
+    for k, msg in enumerate(messages):
+        refs = msg.get("images")
+        if not refs:
+            continue
+        out = []
+        for ref in refs:
+            if isinstance(ref, str):
+                if ref.startswith(("http://", "https://")):
+                    raise ValueError(f"remote image: message {k} names {ref}; download it and give a local path")
+                path = Path(ref).expanduser()
+                ref = str(base / path) if base is not None and not path.is_absolute() else str(path)
+            out.append(ref)
+        msg["images"] = out
 
 
 def load_records(

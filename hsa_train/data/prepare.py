@@ -143,6 +143,9 @@ class RecordEncoder:
         self.reports.typing.add(messages, encoding.message_index, feats["semantic_ids"], st.types.names)
         arrays = {name: np.asarray(feats[name], dtype=np.int32) for name in ("input_ids", "labels", "semantic_ids")}
         arrays["attention_mask"] = np.ones(len(arrays["input_ids"]), dtype=np.int32)
+        for name in ("pixel_values", "image_grid_thw"):
+            if name in feats:
+                arrays[name] = feats[name]
         return Sample(arrays, encoding.answer, record.where)
 
 
@@ -205,6 +208,7 @@ def dataset_key(spec: DatasetSpec, st: SemanticTokenizer, pre: Preprocess, diges
             "train_on": st.train_on,
             "pre": [pre.cutoff_len, pre.overlong, list(pre.keep_types), pre.on_error, sorted(pre.ignore_keys)],
             "code": cache.code_digest(),
+            "vision": st.vision_config() if hasattr(st, "vision_config") else None,
         }
     )
 
@@ -248,6 +252,10 @@ def content_digest(samples: EncodedSet) -> str:
         for key in ("input_ids", "labels", "semantic_ids"):
             digest.update(sample.features[key].tobytes())
             digest.update(b"|")
+        for key in ("image_grid_thw", "pixel_values"):  # text samples digest as before: old checkpoints resume
+            if key in sample.features:
+                digest.update(sample.features[key].tobytes())
+                digest.update(b"|")
     return digest.hexdigest()
 
 

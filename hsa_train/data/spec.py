@@ -24,7 +24,8 @@ COLUMN_KEYS += PREFERENCE_COLUMNS
 TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
 
 # The columns each format reads, with their default names (LLaMA-Factory's, plus `system` / `history` / `tools`,
-# read when a record has them). Media columns are read only where configured: data in them is an error.
+# read when a record has them). `images` / `videos` (LLaMA-Factory's names) hold the media of `<image>` / `<video>`
+# placeholders; `audios` is read only where configured, and data in it is an error.
 DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
     "messages": {"messages": "messages", "system": None, "tools": "tools"},
     "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
@@ -38,7 +39,7 @@ DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
     },
 }
 for _cols in DEFAULT_COLUMNS.values():
-    _cols.update(dict.fromkeys(MEDIA_COLUMNS))
+    _cols.update({"images": "images", "videos": "videos", "audios": None})
 DEFAULT_TAGS: dict[str, dict[str, str | None]] = {
     "messages": {
         "role_tag": "role",

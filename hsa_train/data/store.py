@@ -18,6 +18,8 @@ SCHEMA = pa.schema(
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
         ("semantic_ids", pa.list_(pa.int32())),
+        ("image_grid_thw", pa.list_(pa.int32())),  # 3 per image (t, h, w patches); empty without images
+        ("pixel_values", pa.list_(pa.float32())),  # the images' patches, flattened (patches x dim)
         ("answer_start", pa.int32()),  # -1: no final answer
         ("answer_end", pa.int32()),
         ("where", pa.string()),  # file:line of the record
@@ -53,7 +55,9 @@ class Writer:
         f = sample.features
         start, end = sample.answer or (-1, -1)
         tokens = [np.asarray(f[name], dtype=np.int32) for name in TOKEN_COLUMNS]
-        self._rows.append((*tokens, start, end, sample.where, index))
+        grid = np.asarray(f.get("image_grid_thw", ()), dtype=np.int32).reshape(-1)
+        pixels = np.asarray(f.get("pixel_values", ()), dtype=np.float32).reshape(-1)
+        self._rows.append((*tokens, grid, pixels, start, end, sample.where, index))
         if len(self._rows) >= BATCH_ROWS:
             self._flush()
 
@@ -93,6 +97,7 @@ class EncodedSet(Sequence[Sample]):
             tables.append(pa.ipc.open_file(source).read_all())
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
         self._tokens = {name: _chunk_arrays(table.column(name)) for name in TOKEN_COLUMNS}
+        self._vision = {name: _chunk_arrays(table.column(name)) for name in ("image_grid_thw", "pixel_values")}
         sizes = [len(c) for c in table.column("input_ids").chunks]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._answer = (
@@ -127,6 +132,13 @@ class EncodedSet(Sequence[Sample]):
             values, offsets = chunks[chunk]
             features[name] = values[offsets[j] : offsets[j + 1]].copy()  # not a view into the read-only map
         features["attention_mask"] = np.ones(len(features["input_ids"]), dtype=np.int32)
+        values, offsets = self._vision["image_grid_thw"][chunk]
+        if offsets[j + 1] > offsets[j]:
+            grid = values[offsets[j] : offsets[j + 1]].astype(np.int64).reshape(-1, 3)
+            values, offsets = self._vision["pixel_values"][chunk]
+            patches = int(np.prod(grid, axis=1).sum())
+            features["image_grid_thw"] = grid
+            features["pixel_values"] = values[offsets[j] : offsets[j + 1]].reshape(patches, -1).copy()
         start, end = (int(x) for x in self._answer[row])
         return Sample(features, None if start < 0 else (start, end), self._where[row].as_py())
 

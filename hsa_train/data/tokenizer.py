@@ -128,21 +128,25 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         return cls(tokenizer, types.names, types.default, train_on, max_length)
 
     # -- tokenizing --------------------------------------------------------------------------------------------
-    def tokenize(self, seg: Segments) -> list[Piece]:
+    def tokenize(self, seg: Segments, media: Sequence[tuple[int, int, list[int]]] = ()) -> list[Piece]:
         """The rendered text as tokens, cut where inference cuts it: at the end of each assistant message's
         generation prompt (the model generates from there on) and at the end of its turn (where it stops).
+        `media` (start, end, ids): stretches of the render that are given as tokens (an image's placeholder and
+        its vision tokens); their tokens all start at the stretch's first character.
 
         Each piece between cuts is tokenized as one text, so the template's text and the content merge as they
         would anyway; only pieces that hold special-token text of some content take the slow path."""
-        cuts = sorted({0, len(seg.text), *(c for span in seg.trained if span is not None for c in span)})
-        bounds = list(zip(cuts, cuts[1:]))
-        pieces = []
+        atoms = {(a, b): ids for a, b, ids in media}
+        cuts = {0, len(seg.text), *(c for span in seg.trained if span is not None for c in span)}
+        cuts = sorted(cuts | {c for bound in atoms for c in bound})
+        bounds = [bound for bound in zip(cuts, cuts[1:]) if bound not in atoms]
+        pieces = [Piece(a, b, ids, firsts=[a] * len(ids)) for (a, b), ids in atoms.items()]
         for (a, b), (encoding, skip, shift) in zip(bounds, self._encode(seg.text, bounds, plain=False)):
             if seg.plain and any(x < b and a < y for x, y in seg.plain):
                 pieces.append(self._with_plain_content(seg, a, b, encoding, skip, shift))
             else:
                 pieces.append(Piece(a, b, encoding.ids[skip:] if skip else encoding.ids, encoding, skip, shift))
-        return pieces
+        return sorted(pieces, key=lambda piece: piece.start)
 
     def _with_plain_content(self, seg: Segments, a: int, b: int, encoding: Any, skip: int, shift: int) -> Piece:
         """Piece [a, b) again, with content as plain text: the special tokens of the template's own text stay,
@@ -247,14 +251,34 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         `messages`: dicts with role, content (str), semantic_type (a type name, None for `default_type`), and
         optionally spans [(start, end, type name)] in content characters and tool_calls (OpenAI style); `tools`:
         the record's function schemas. Tool messages are trained only with train_on="all"."""
+        for k, msg in enumerate(messages):
+            if msg.get("images") or msg.get("videos"):
+                raise ValueError(
+                    f"image in a text-only model: message {k} holds images or videos; train a vision-language model "
+                    "(model=tiny_qwen2_vl, or model.name_or_path=Qwen/Qwen2-VL-2B-Instruct)"
+                )
+        return self._encode_detailed(messages, tools)
+
+    def _encode_detailed(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None, media: Any = None
+    ) -> Encoding:
+        """`encode_detailed`; `media(text)` gives the stretches of the render that are tokens already (see
+        `tokenize`): never trained, and decoded as their tokens' text."""
         if not messages:
             raise ValueError("empty conversation: there are no messages to encode")
         inp = self.prepare(messages, tools)
         own, spans = self._message_types(messages, inp)
         seg = self._segments(inp, {k for k, s in enumerate(spans) if s})
-        pieces = self.tokenize(seg)
+        atoms = media(seg.text) if media is not None else []
+        pieces = self.tokenize(seg, atoms)
+        atom_starts = {a for a, _, _ in atoms}
         positions, mark_types, mark_messages = self._type_marks(seg, inp, own, spans)
-        trained_spans = {span for span in seg.trained if span is not None}
+        trained_spans = sorted(span for span in seg.trained if span is not None)
+        span_starts = [a for a, _ in trained_spans]
+
+        def in_trained(piece: Piece) -> bool:  # pieces never straddle a span's ends: they are cuts
+            k = bisect_right(span_starts, piece.start) - 1
+            return k >= 0 and piece.end <= trained_spans[k][1] and piece.start not in atom_starts
 
         input_ids: list[int] = []
         labels: list[int] = []
@@ -263,7 +287,7 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         for piece in pieces:
             first_token.append(len(input_ids))
             input_ids += piece.ids
-            trained = self.train_on == "all" or (piece.start, piece.end) in trained_spans
+            trained = in_trained(piece) or (self.train_on == "all" and piece.start not in atom_starts)
             labels += piece.ids if trained else [IGNORE_INDEX] * len(piece.ids)
             any_trained = any_trained or (trained and bool(piece.ids))
         # A token takes the entry of the last mark at or before its first character: mark k covers the tokens from
@@ -282,7 +306,10 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
 
         if not (len(input_ids) == len(semantic_ids) == len(labels) == len(message_index)):
             raise AssertionError("SemanticTokenizer: input_ids, semantic_ids and labels differ in length")
-        if self._decode(input_ids) != seg.text:
+        expected = seg.text
+        for a, b, ids in reversed(atoms):
+            expected = expected[:a] + self._decode(ids) + expected[b:]
+        if self._decode(input_ids) != expected:
             raise ValueError(
                 "the tokenizer does not round-trip the rendered conversation (decode(encode(text)) != text); "
                 "token types would be misaligned: use a tokenizer without normalisation"
@@ -378,7 +405,7 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         last = next((span for span in reversed(seg.trained) if span is not None), None)
         special_ids = self._special_tokens()[0]
         for piece, start in zip(pieces, first_token):
-            if (piece.start, piece.end) == last and start > 0:
+            if last is not None and piece.start == last[0] and start > 0:
                 stop = next((n + 1 for n, tok in enumerate(piece.ids) if tok in special_ids), len(piece.ids))
                 return start, start + stop
         return None

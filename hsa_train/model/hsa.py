@@ -19,6 +19,7 @@ from hsa_train.model.attention import BACKENDS, register
 from hsa_train.model.bias import HEAD_SCALINGS
 from hsa_train.model.context import HSAForwardContext
 from hsa_train.model.generation import with_generation
+from hsa_train.model.vision import attn_implementation_for, text_attn_implementation
 from hsa_train.types import DEFAULT_LAMBDAS, DEFAULT_TYPE, DEFAULT_TYPES, SemanticTypes
 
 LEARNABLE = (False, True, "per_head")
@@ -156,12 +157,21 @@ def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         semantic_ids.long(),
         hsa.values(),
         model.config.hsa["head_scaling"],
-        kwargs.get("position_ids"),
+        text_positions(kwargs.get("position_ids")),
         new_tokens=new_tokens,
         cached=cached,
         debug_names=model.config.hsa["types"] if model.config.hsa.get("debug") else None,
     )
     return args, kwargs
+
+
+def text_positions(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The token positions that say where packed documents restart: the ids themselves, or for a vision-language
+    model's (4, B, L) rope positions their first row (transformers' convention: the text positions stacked over
+    the temporal / height / width ones). Distances always count tokens, never rope positions."""
+    if position_ids is not None and position_ids.ndim == 3:
+        return position_ids[0] if position_ids.shape[0] == 4 else None
+    return position_ids
 
 
 def hsa_settings(model: nn.Module) -> HSASettings | None:
@@ -220,14 +230,14 @@ def enable_hsa(
         debug=debug if debug is not None else base.debug,
     )
     name = register(settings.backend)
-    try:
-        model.set_attn_implementation(name)
+    try:  # the language model only: a vision tower keeps its own attention (SPEC §3)
+        model.set_attn_implementation(attn_implementation_for(model, name))
     except ValueError as exc:  # transformers' own refusal, e.g. a model that declares no sdpa support
         first = str(exc).strip().split(". ")[0]
         raise ValueError(
             f"hsa.backend={settings.backend} on {type(model).__name__}: {first}; use hsa.backend=auto"
         ) from None
-    if model.config._attn_implementation != name:
+    if text_attn_implementation(model) != name:
         raise RuntimeError(
             f"{type(model).__name__} did not accept attn_implementation={name!r}: its attention does not go "
             "through transformers' AttentionInterface, so HSA cannot reach it"

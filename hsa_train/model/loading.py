@@ -10,13 +10,64 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+from hsa_train.model.vision import VISION_TOKENS, is_vision_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def bundled_tokenizer_dir() -> Path:
     return Path(str(resources.files("hsa_train.assets") / "tokenizer"))
+
+
+def bundled_image_processor_dir() -> Path:
+    """The image processor a vision model built from `model.arch` uses: Qwen2-VL's settings, run by its Pillow
+    backend (no torchvision)."""
+    return Path(str(resources.files("hsa_train.assets") / "image_processor"))
+
+
+def model_config(model_cfg):
+    """The transformers config a run's model has: read from `name_or_path`, or built from `arch`."""
+    if model_cfg.name_or_path:
+        return AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    fields = {k: plain(v) for k, v in dict(model_cfg.arch).items() if k != "type"}
+    return AutoConfig.for_model(model_cfg.arch["type"], **fields)
+
+
+def plain(value: Any) -> Any:
+    """Config containers (OmegaConf's DictConfig / ListConfig) as plain dicts and lists: transformers' configs
+    check their fields' types."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [plain(v) for v in value]
+    return value
+
+
+def add_vision_tokens(tokenizer) -> None:
+    """The shipped tokenizer, extended with a vision model's special tokens (a model built from `arch` gets their
+    ids in its config)."""
+    missing = [tok for tok in VISION_TOKENS.values() if tok not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+
+
+def load_image_processor(model_cfg, overrides: Mapping[str, Any] | None = None):
+    """The image processor of `name_or_path` (its preprocessor_config.json), or the shipped one for a model built
+    from `arch`; `overrides` (model.image_processor, e.g. max_pixels) replace its settings. Pillow backend when
+    torchvision is not installed."""
+    from transformers import AutoImageProcessor
+
+    source = model_cfg.name_or_path or str(bundled_image_processor_dir())
+    kwargs = dict(overrides or {})
+    try:
+        return AutoImageProcessor.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    except Exception as exc:  # OSError (missing / offline), ValueError (unknown class or setting)
+        raise ValueError(
+            f"cannot load the image processor from {source} ({_first_line(exc)}); a vision-language model needs "
+            "its preprocessor_config.json beside the weights"
+        ) from None
 
 
 def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, chat_template: str | None = None):
@@ -51,11 +102,40 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
+def semantic_tokenizer(model_cfg, tokenizer, types, default_type, train_on: str = "assistant"):
+    """The SemanticTokenizer for the run's model: with its image processor when the model sees images (a
+    `vision_config`), the shipped tokenizer then extended with the vision tokens for a model built from `arch`."""
+    from hsa_train.data import SemanticTokenizer
+    from hsa_train.data.vision import VisionSemanticTokenizer
+
+    config = model_config(model_cfg)
+    if not is_vision_config(config):
+        return SemanticTokenizer(tokenizer, types, default_type, train_on)
+    if not model_cfg.name_or_path:
+        add_vision_tokens(tokenizer)
+    image_id = getattr(config, "image_token_id", None) if model_cfg.name_or_path else None
+    image_token = tokenizer.convert_ids_to_tokens(image_id) if image_id is not None else VISION_TOKENS["image_token_id"]
+    processor = load_image_processor(model_cfg, model_cfg.image_processor)
+    return VisionSemanticTokenizer(tokenizer, processor, types, default_type, train_on, image_token=image_token)
+
+
 def _is_causal_lm(config) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     auto_map = getattr(config, "auto_map", None) or {}
+    if is_vision_config(config):
+        return (
+            config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or "AutoModelForImageTextToText" in auto_map
+        )
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map
+
+
+def _auto_class(config):
+    """Text models load as causal LMs, vision-language ones (a `vision_config`) as image-text-to-text models."""
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
 
 
 def check_model_source(model_cfg, types) -> None:
@@ -64,7 +144,10 @@ def check_model_source(model_cfg, types) -> None:
     id that cannot be reached, or HSA types the checkpoint was trained with that differ from `types`
     (a SemanticTypes: one source of truth, or the ids would decay the wrong tokens; None when HSA is off)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     examples = "e.g. qwen2, llama, mistral, gemma2, phi3"
     name = model_cfg.name_or_path
@@ -76,10 +159,13 @@ def check_model_source(model_cfg, types) -> None:
             close = difflib.get_close_matches(str(arch_type), list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=3)
             hint = f"did you mean {', '.join(close)}?" if close else f"use a transformers model_type ({examples})"
             raise ValueError(f"model.arch.type={arch_type!r} is not an architecture transformers knows; {hint}")
-        if arch_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if (
+            arch_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and arch_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        ):
             raise ValueError(
                 f"model.arch.type={arch_type!r} is not a causal language model (AutoModelForCausalLM cannot build "
-                f"it); hsa_train trains text causal LMs ({examples}); vision-language models are not supported yet"
+                f"it); hsa_train trains causal LMs ({examples}) and vision-language models (qwen2_vl, qwen2_5_vl)"
             )
         return
     path = Path(name).expanduser()
@@ -98,7 +184,7 @@ def check_model_source(model_cfg, types) -> None:
     if not _is_causal_lm(config):
         raise ValueError(
             f"model.name_or_path={name} is a {config.model_type!r} model, not a causal language model "
-            "(AutoModelForCausalLM cannot load it); vision-language models are not supported yet"
+            "(AutoModelForCausalLM cannot load it) nor a vision-language one (AutoModelForImageTextToText)"
         )
     stored = getattr(config, "hsa", None)
     if types is not None and stored and "types" in stored:
@@ -124,23 +210,31 @@ def build_model(
     names the architecture, the rest are its config fields), sized to the tokenizer's vocabulary."""
     torch_dtype = DTYPES[dtype]
     if name_or_path:
-        return AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return _auto_class(config).from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if not arch or "type" not in arch:
         raise ValueError("model.arch.type is required when model.name_or_path is null (e.g. qwen2)")
-    fields = {k: v for k, v in arch.items() if k != "type"}
-    fields.setdefault("vocab_size", len(tokenizer))
-    if fields["vocab_size"] < len(tokenizer):
-        raise ValueError(f"model.arch.vocab_size={fields['vocab_size']} < tokenizer size {len(tokenizer)}")
-    fields.setdefault("pad_token_id", tokenizer.pad_token_id)
-    fields.setdefault("eos_token_id", tokenizer.eos_token_id)
-    fields.setdefault("bos_token_id", tokenizer.bos_token_id)
+    fields = {k: plain(v) for k, v in arch.items() if k != "type"}
+    # a vision-language config keeps the language model's fields in its text_config (transformers' layout)
+    text = fields
+    if "text_config" in fields:
+        text = fields["text_config"] = dict(fields["text_config"])
+    text.setdefault("vocab_size", len(tokenizer))
+    if text["vocab_size"] < len(tokenizer):
+        raise ValueError(f"model.arch.vocab_size={text['vocab_size']} < tokenizer size {len(tokenizer)}")
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        text.setdefault(key, getattr(tokenizer, key))
+    if "vision_config" in fields:
+        vocab = tokenizer.get_vocab()
+        for key, token in VISION_TOKENS.items():
+            if token not in vocab:
+                raise ValueError(f"model.arch: the tokenizer has no {token} for the vision model's {key}")
+            fields.setdefault(key, vocab[token])
     try:
         config = AutoConfig.for_model(arch["type"], **fields)
     except ValueError as exc:
         raise ValueError(f"model.arch.type={arch['type']!r}: {exc}") from None
-    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    return _auto_class(config).from_config(config, dtype=torch_dtype)
 
 
 def without_hsa_tensors(state: dict) -> dict:

@@ -17,17 +17,23 @@ def quiet_peft():
         yield
 
 
-def apply_lora(model: nn.Module, settings: Any, train_lambdas: bool) -> nn.Module:
+def apply_lora(model: nn.Module, settings: Any, train_lambdas: bool, skip: nn.Module | None = None) -> nn.Module:
     """`settings` has r, alpha, dropout, target_modules ("all-linear" or a list of module names). Only the
-    adapters train, plus HSA's λ when they are learnable."""
+    adapters train, plus HSA's λ when they are learnable. `skip`: a sub-module that gets no adapters (a frozen
+    vision tower: LoRA then adapts the language model only)."""
     from peft import LoraConfig, get_peft_model
 
     target = settings.target_modules
+    excluded = None
+    if skip is not None:
+        inner = {id(m) for m in skip.modules()}
+        excluded = [name for name, module in model.named_modules() if id(module) in inner]
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=target if isinstance(target, str) else list(target),
+        exclude_modules=excluded,
         task_type="CAUSAL_LM",
     )
     with quiet_peft():

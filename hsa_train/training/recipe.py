@@ -18,15 +18,23 @@ import transformers
 import yaml
 
 from hsa_train.config import RunConfig
-from hsa_train.data import SemanticCollator, SemanticTokenizer
+from hsa_train.data import SemanticCollator
 from hsa_train.data.dataset import SampleStream, eval_batches, rank_micro_batches
 from hsa_train.data.pipeline import load_run_data
+from hsa_train.data.vision import VisionSemanticTokenizer
 from hsa_train.model import enable_hsa
 from hsa_train.model.export import export_model
 from hsa_train.model.flex import LENGTH_BUCKET, runs_flex
 from hsa_train.model.hsa import learned_lambdas
-from hsa_train.model.loading import build_model, check_model_source, enable_activation_checkpointing, load_tokenizer
+from hsa_train.model.loading import (
+    build_model,
+    check_model_source,
+    enable_activation_checkpointing,
+    load_tokenizer,
+    semantic_tokenizer,
+)
 from hsa_train.model.lora import apply_lora
+from hsa_train.model.vision import freeze_vision, vision_tower
 from hsa_train.training import checkpoint
 from hsa_train.training import distributed as D
 from hsa_train.training.console import Console, Tracker
@@ -104,7 +112,8 @@ class Recipe:
         self.tokenizer = load_tokenizer(
             run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code, run.model.chat_template
         )
-        st = SemanticTokenizer(self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on)
+        st = semantic_tokenizer(run.model, self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on)
+        self.vision = isinstance(st, VisionSemanticTokenizer)
         multiple = data.pad_to_multiple_of
         if multiple is None and run.hsa.enabled and runs_flex(run.hsa.backend, self.device):
             multiple = LENGTH_BUCKET  # few distinct lengths: the compiled kernel is not rebuilt step after step
@@ -148,8 +157,16 @@ class Recipe:
                 debug=hsa_cfg.debug,
             )
         self.lora = run.model.lora.enabled
+        frozen_vision = run.model.freeze_vision if run.model.freeze_vision is not None else self.lora
+        if frozen_vision and freeze_vision(model):
+            self._notes.append("note: the vision tower is frozen (model.freeze_vision); the language model trains")
         if self.lora:
-            model = apply_lora(model, run.model.lora, train_lambdas=hsa_cfg.enabled and bool(hsa_cfg.learnable))
+            model = apply_lora(
+                model,
+                run.model.lora,
+                train_lambdas=hsa_cfg.enabled and bool(hsa_cfg.learnable),
+                skip=vision_tower(model) if frozen_vision else None,
+            )
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         model.to(self.device)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hsa_train.model.vision import vision_inputs
 from hsa_train.training import distributed as D
 from hsa_train.training.loss import label_count, next_token_targets, token_loss_sum
 
@@ -35,6 +36,7 @@ def make_forward(model, device: torch.device, autocast_dtype: torch.dtype | None
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if use_hsa:
             inputs["semantic_ids"] = batch["semantic_ids"]
+        inputs.update(vision_inputs(model, batch))  # images: pixels, grids, token kinds, packed rope positions
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:

@@ -1,0 +1,218 @@
+"""Images in conversations: each `<image>` placeholder becomes the model's vision tokens, typed like its message.
+
+A message's `images` (formats.py attaches them, one per placeholder, in order) are opened with Pillow and run
+through the model's image processor (`pixel_values`: one row per patch; `image_grid_thw`: each image's patch grid).
+The placeholder is swapped for a same-length stretch of private-use characters before the chat template renders
+the conversation, and that stretch is then given as tokens: the template's vision wrapper (`<|vision_start|>` ...
+`<|vision_end|>` for Qwen2-VL) around one image token per merged patch. Every one of those tokens starts at the
+stretch's first character, so it takes the type of the message or span holding the placeholder (SPEC §3), and
+none is ever a label.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hsa_train.data.formats import IMAGE_PLACEHOLDER
+from hsa_train.data.tokenizer import Encoding, SemanticTokenizer
+
+# Stands in for a placeholder while the template renders: as long as "<image>" so typed spans keep their offsets,
+# made of private-use characters no tokenizer merges with the text around them (the stretch is never tokenized).
+SENTINEL = "\ue000" + "\ue001" * (len(IMAGE_PLACEHOLDER) - 2) + "\ue002"
+_PROBE_TEXT = "probe"
+IMAGE_CACHE_SIZE = 256  # processed images kept per process (a trajectory often shows the same picture again)
+
+
+def open_image(ref: Any):
+    """A picture as an RGB PIL image: a path, a PIL image, or a datasets Image dict {"path", "bytes"}."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    if isinstance(ref, Mapping):
+        if ref.get("bytes"):
+            ref = io.BytesIO(ref["bytes"])
+        elif ref.get("path"):
+            ref = ref["path"]
+        else:
+            raise ValueError(f"an image dict needs 'path' or 'bytes', got keys {sorted(ref)}")
+    where = ref if isinstance(ref, str) else "the image bytes"
+    if isinstance(ref, str) and not Path(ref).is_file():
+        raise FileNotFoundError(ref)
+    try:
+        with Image.open(ref) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(
+            f"unreadable image: {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        ) from None
+
+
+def image_key(ref: Any) -> Any:
+    """What identifies a picture for the per-process cache (None: do not cache it)."""
+    if isinstance(ref, str):
+        path = Path(ref)
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return (str(path), stat.st_size, stat.st_mtime_ns)
+    return None
+
+
+class ImageProcessing:
+    """Pictures -> (pixel_values (patches, dim) float32, image_grid_thw (images, 3) int64) through the model's
+    image processor; a picture already seen in this process is not decoded again."""
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+        self.merge = int(getattr(image_processor, "merge_size", 1) or 1)
+        self._cache: OrderedDict[Any, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def config(self) -> dict[str, Any]:
+        """The processor's settings (what decides the pixels and grids: part of the data cache key)."""
+        return {"class": type(self.image_processor).__name__, **self.image_processor.to_dict()}
+
+    def one(self, ref: Any) -> tuple[np.ndarray, np.ndarray]:
+        key = image_key(ref)
+        if key is not None and key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        image = open_image(ref)
+        try:
+            out = self.image_processor(images=[image], return_tensors="np")
+        except ValueError as exc:  # e.g. an aspect ratio the processor cannot resize
+            raise ValueError(f"image not processable: {str(exc).splitlines()[0][:160]}") from None
+        pixels = np.asarray(out["pixel_values"], dtype=np.float32)
+        grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+        if key is not None:
+            self._cache[key] = (pixels, grid)
+            if len(self._cache) > IMAGE_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return pixels, grid
+
+    def tokens_of(self, grid: np.ndarray) -> int:
+        """Vision tokens of one image: its patches, merged `merge` x `merge`."""
+        return int(np.prod(grid)) // (self.merge * self.merge)
+
+
+def vision_wrapper(tokenizer: Any, image_token: str) -> tuple[str, str]:
+    """The text the template puts around an image's tokens: what it renders for an image part, when its template
+    renders content parts ("<|vision_start|>", "<|vision_end|>" for Qwen2-VL); else the tokenizer's
+    `<|vision_start|>` / `<|vision_end|>` when it has them; else nothing."""
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE_TEXT}]}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that reads content as a string only
+        text = ""
+    if isinstance(text, str) and image_token in text and _PROBE_TEXT in text:
+        before, after = text.split(image_token, 1)
+        after = after.split(_PROBE_TEXT, 1)[0]
+        special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+        prefix = next((tok for tok in special if tok and before.endswith(tok)), "")
+        suffix = next((tok for tok in special if tok and after.startswith(tok)), "")
+        return prefix, suffix
+    vocab = tokenizer.get_vocab()
+    start, end = "<|vision_start|>", "<|vision_end|>"
+    return (start, end) if start in vocab and end in vocab else ("", "")
+
+
+class VisionSemanticTokenizer(SemanticTokenizer):
+    """A SemanticTokenizer for a vision-language model: messages may hold `images` (one per `<image>` in their
+    content); `encode_detailed` adds `pixel_values` and `image_grid_thw` to the features."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any,
+        types: Sequence[str] | None = None,
+        default_type: str | None = None,
+        train_on: str = "assistant",
+        max_length: int | None = None,
+        image_token: str = "<|image_pad|>",
+    ):
+        super().__init__(tokenizer, types, default_type, train_on, max_length)
+        self.images = ImageProcessing(image_processor)
+        vocab = tokenizer.get_vocab()
+        if image_token not in vocab:
+            raise ValueError(
+                f"the tokenizer has no image token {image_token!r}: it is not a vision-language model's tokenizer"
+            )
+        self.image_token = image_token
+        self.image_token_id = vocab[image_token]
+        prefix, suffix = vision_wrapper(tokenizer, image_token)
+        self.prefix_ids = [vocab[prefix]] if prefix else []
+        self.suffix_ids = [vocab[suffix]] if suffix else []
+
+    def vision_config(self) -> dict[str, Any]:
+        """What, besides the tokenizer, decides an encoded sample (for the data cache key)."""
+        return {"processor": self.images.config(), "wrapper": [self.prefix_ids, self.image_token_id, self.suffix_ids]}
+
+    def encode_detailed(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> Encoding:
+        rendered: list[Mapping[str, Any]] = []
+        refs: list[tuple[int, int, Any]] = []  # (message, image within it, picture)
+        for k, msg in enumerate(messages):
+            if msg.get("videos"):
+                raise ValueError(f"video: message {k} holds videos; videos are not supported yet")
+            content = msg.get("content")
+            images = list(msg.get("images") or [])
+            if not isinstance(content, str):
+                rendered.append(msg)
+                continue
+            if any(ch in content for ch in set(SENTINEL)):
+                raise ValueError(f"message {k}: its content holds private-use characters U+E000-U+E002")
+            count = content.count(IMAGE_PLACEHOLDER)
+            if count != len(images):
+                raise ValueError(
+                    f"placeholder count: message {k} has {count} {IMAGE_PLACEHOLDER} placeholders and "
+                    f"{len(images)} images"
+                )
+            if count:
+                msg = {**msg, "content": content.replace(IMAGE_PLACEHOLDER, SENTINEL)}
+                msg.pop("images")
+                refs += [(k, i, ref) for i, ref in enumerate(images)]
+            rendered.append(msg)
+        pixels, grids, ids = [], [], []
+        for k, i, ref in refs:
+            where = f"message {k} image {i}"
+            try:
+                p, g = self.images.one(ref)
+            except FileNotFoundError as exc:
+                raise ValueError(f"missing image: {where} is {exc.args[0]}, no such file") from None
+            except ValueError as exc:
+                raise ValueError(
+                    f"{str(exc).split(':', 1)[0]}: {where}: {str(exc).split(':', 1)[-1].strip()}"
+                ) from None
+            pixels.append(p)
+            grids.append(g)
+            ids.append(self.prefix_ids + [self.image_token_id] * self.tokens_of(g) + self.suffix_ids)
+
+        def media(text: str) -> list[tuple[int, int, list[int]]]:
+            out, pos = [], 0
+            for token_ids in ids:
+                at = text.find(SENTINEL, pos)
+                if at < 0:
+                    break
+                out.append((at, at + len(SENTINEL), token_ids))
+                pos = at + len(SENTINEL)
+            if len(out) != len(ids) or text.find(SENTINEL, pos) >= 0:
+                raise ValueError(
+                    f"the chat template rendered {text.count(SENTINEL)} of the conversation's {len(ids)} image "
+                    "placeholders: it changes or drops message content"
+                )
+            return out
+
+        encoding = self._encode_detailed(rendered, tools, media if ids else None)
+        if ids:
+            encoding.features["pixel_values"] = np.concatenate(pixels)
+            encoding.features["image_grid_thw"] = np.concatenate(grids)
+        return encoding
+
+    def tokens_of(self, grid: np.ndarray) -> int:
+        return self.images.tokens_of(grid)
