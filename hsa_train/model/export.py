@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hsa_train.model.hsa import enable_hsa, sync_hsa_config
-from hsa_train.model.loading import raw_lambdas, save_pretrained, without_hsa_tensors
+from hsa_train.model.loading import load_pretrained, raw_lambdas, save_pretrained, without_hsa_tensors
 from hsa_train.model.lora import quiet_peft
 from hsa_train.training import distributed as D
 
@@ -65,14 +65,12 @@ def _write_adapter(model: nn.Module, tokenizer, adapter_dir: Path, state: dict) 
 def load_exported(path: str | Path, merge: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
     """A model folder or a LoRA adapter folder written by hsa_train, loaded with HSA enabled as it was trained.
     For an adapter the base comes from its `base_model_name_or_path`; `merge=True` folds the adapter in."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        base = load_pretrained(base_path, dtype=dtype)
         settings = json.loads((path / HSA_CONFIG).read_text()) if (path / HSA_CONFIG).is_file() else None
         if settings:
             base.config.hsa = settings
@@ -84,7 +82,7 @@ def load_exported(path: str | Path, merge: bool = False, dtype: torch.dtype | No
             if settings:
                 model.config.hsa = settings
         return model.eval()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = load_pretrained(str(path), dtype=dtype)
     if getattr(model.config, "hsa", None):
         enable_hsa(model)
     return model.eval()

@@ -210,8 +210,7 @@ def build_model(
     names the architecture, the rest are its config fields), sized to the tokenizer's vocabulary."""
     torch_dtype = DTYPES[dtype]
     if name_or_path:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        return _auto_class(config).from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        return load_pretrained(name_or_path, torch_dtype, trust_remote_code)
     if not arch or "type" not in arch:
         raise ValueError("model.arch.type is required when model.name_or_path is null (e.g. qwen2)")
     fields = {k: plain(v) for k, v in arch.items() if k != "type"}
@@ -235,6 +234,25 @@ def build_model(
     except ValueError as exc:
         raise ValueError(f"model.arch.type={arch['type']!r}: {exc}") from None
     return _auto_class(config).from_config(config, dtype=torch_dtype)
+
+
+def load_pretrained(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """A saved model, through the Auto class its config calls for (causal LM, or image-text-to-text)."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return _auto_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+class Processing:
+    """What turns inputs into a model's tokens, saved beside its weights: the tokenizer, and a vision model's
+    image processor (so `model.name_or_path=<that folder>` finds both)."""
+
+    def __init__(self, tokenizer, image_processor=None):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(path))
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(str(path))
 
 
 def without_hsa_tensors(state: dict) -> dict:

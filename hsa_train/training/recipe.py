@@ -27,6 +27,7 @@ from hsa_train.model.export import export_model
 from hsa_train.model.flex import LENGTH_BUCKET, runs_flex
 from hsa_train.model.hsa import learned_lambdas
 from hsa_train.model.loading import (
+    Processing,
     build_model,
     check_model_source,
     enable_activation_checkpointing,
@@ -113,7 +114,7 @@ class Recipe:
             run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code, run.model.chat_template
         )
         st = semantic_tokenizer(run.model, self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on)
-        self.vision = isinstance(st, VisionSemanticTokenizer)
+        self.image_processor = st.images.image_processor if isinstance(st, VisionSemanticTokenizer) else None
         multiple = data.pad_to_multiple_of
         if multiple is None and run.hsa.enabled and runs_flex(run.hsa.backend, self.device):
             multiple = LENGTH_BUCKET  # few distinct lengths: the compiled kernel is not rebuilt step after step
@@ -375,8 +376,9 @@ class Recipe:
         eval_result, set_results = self.evaluate(final=True)
         exported = {}
         if self.cfg.save_model:
+            processing = Processing(self.tokenizer, self.image_processor)
             exported = export_model(
-                self.model, self.tokenizer, self.run_dir / "model", info, lora=self.lora, merge=run.export.merge
+                self.model, processing, self.run_dir / "model", info, lora=self.lora, merge=run.export.merge
             )
         if info.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))

@@ -1,0 +1,256 @@
+"""Qwen2-VL with images: HSA reaches the language model only, image tokens take their message's type, and a
+sample's logits do not depend on its batch (padding, packing), checked against the stock transformers model."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from hsa_train import enable_hsa
+from hsa_train.config import bundled_path
+from hsa_train.data import SemanticCollator
+from hsa_train.data.collator import PackedCollator
+from hsa_train.data.tokenizer import IGNORE_INDEX
+from hsa_train.data.vision import VisionSemanticTokenizer
+from hsa_train.model.loading import add_vision_tokens, build_model, load_tokenizer
+from hsa_train.model.vision import VISION_TOKENS, vision_inputs, vision_tower
+
+ARCH = {
+    "type": "qwen2_vl",
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2]},
+    },
+    "vision_config": {"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+}
+IMAGES = Path(bundled_path("vl_demo/images"))
+SCENE, NOISE = str(IMAGES / "scene_red_top_left.png"), str(IMAGES / "noise_00.png")
+
+
+@pytest.fixture(scope="module")
+def vl_tokenizer():
+    tok = load_tokenizer(None)
+    add_vision_tokens(tok)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def st(vl_tokenizer):
+    from transformers import AutoImageProcessor
+
+    from hsa_train.model.loading import bundled_image_processor_dir
+
+    return VisionSemanticTokenizer(vl_tokenizer, AutoImageProcessor.from_pretrained(bundled_image_processor_dir()))
+
+
+def vl_model(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(None, ARCH, tokenizer).eval()
+
+
+def conversation(images: list[str], task_type: str = "GLOBAL_CONDITION") -> list[dict]:
+    msgs = [{"role": "user", "content": "Task: remember the marker.", "semantic_type": task_type}]
+    for k, image in enumerate(images):
+        kind = "KEY_EVENT" if k == 0 else None
+        msgs.append({"role": "user", "content": f"Frame {k}: <image>", "semantic_type": kind, "images": [image]})
+        msgs.append({"role": "assistant", "content": f"Step {k}.", "semantic_type": None})
+    return msgs
+
+
+def model_inputs(model, batch: dict, hsa: bool = True) -> dict:
+    keys = ("input_ids", "position_ids") if "position_ids" in batch else ("input_ids", "attention_mask")
+    inputs = {k: batch[k] for k in keys}
+    if hsa:
+        inputs["semantic_ids"] = batch["semantic_ids"]
+    inputs.update(vision_inputs(model, batch))
+    return inputs
+
+
+def test_image_tokens_take_their_message_type_and_are_never_labels(st, vl_tokenizer):
+    """Each placeholder becomes <|vision_start|>, grid/4 image tokens, <|vision_end|>: typed like the message
+    (or the span) holding it, labels -100 even with train_on=all; the text around them is the template's."""
+    vocab = vl_tokenizer.get_vocab()
+    start, end, pad = (
+        vocab[VISION_TOKENS[k]] for k in ("vision_start_token_id", "vision_end_token_id", "image_token_id")
+    )
+    msgs = conversation([SCENE, NOISE, SCENE])
+    msgs.append(
+        {
+            "role": "user",
+            "content": "Look: <image> and <image>",
+            "semantic_type": "PROCESS_NOISE",
+            "images": [NOISE, SCENE],
+            "spans": [(len("Look: "), len("Look: <image>"), "KEY_EVENT")],  # the first image only
+        }
+    )
+    msgs.append({"role": "assistant", "content": "Done.", "semantic_type": None})
+    types = st.types
+    expected = [
+        types.id_of("KEY_EVENT"),
+        types.default_id,
+        types.default_id,
+        types.id_of("KEY_EVENT"),
+        types.default_id,
+    ]
+    for train_on in ("assistant", "all"):
+        st.train_on = train_on
+        enc = st.encode_detailed(msgs)
+        ids, sem, labels = (enc.features[k] for k in ("input_ids", "semantic_ids", "labels"))
+        grids = enc.features["image_grid_thw"]
+        assert len(ids) == len(sem) == len(labels) == len(enc.message_index)
+        starts = [i for i, t in enumerate(ids) if t == start]
+        assert len(starts) == len(grids) == 5
+        for k, (s, grid) in enumerate(zip(starts, grids)):
+            n = int(grid.prod()) // 4
+            assert ids[s + 1 : s + 1 + n] == [pad] * n and ids[s + 1 + n] == end
+            assert set(sem[s : s + n + 2]) == {expected[k]}
+            assert set(labels[s : s + n + 2]) == {IGNORE_INDEX}
+        assert sum(t == pad for t in ids) == sum(int(g.prod()) // 4 for g in grids)
+        assert enc.features["pixel_values"].shape == (int(grids.prod(axis=1).sum()), 3 * 2 * 14 * 14)
+        # without the vision tokens, the text is the template's render of the conversation
+        text = vl_tokenizer.decode([t for t in ids if t not in (start, end, pad)], skip_special_tokens=False)
+        plain = [{k: m[k] for k in ("role", "content")} for m in msgs]
+        rendered = vl_tokenizer.apply_chat_template(plain, tokenize=False).replace("<image>", "")
+        assert text == rendered
+    st.train_on = "assistant"
+
+
+def test_bad_images_name_the_problem(st, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    cases = [
+        ([{"role": "user", "content": "<image>", "images": [str(tmp_path / "no.png")]}], "missing image: message 0"),
+        ([{"role": "user", "content": "<image>", "images": [str(broken)]}], "unreadable image: message 0 image 0"),
+        ([{"role": "user", "content": "<image> <image>", "images": [SCENE]}], "placeholder count: message 0 has 2"),
+        ([{"role": "user", "content": "no placeholder", "images": [SCENE]}], "placeholder count: message 0 has 0"),
+    ]
+    for msgs, problem in cases:
+        with pytest.raises(ValueError, match=problem):
+            st.encode([*msgs, {"role": "assistant", "content": "ok"}])
+
+
+def test_vision_tower_keeps_its_own_attention(vl_tokenizer, st):
+    """enable_hsa switches the language model only: the vision tower's outputs in a forward with images are
+    the stock model's, bit for bit, and its attention implementation is unchanged."""
+    stock = vl_model(vl_tokenizer)
+    hsa = enable_hsa(copy.deepcopy(stock), {"KEY_EVENT": 0.5, "PROCESS_NOISE": 1.0}, "eager")
+    assert hsa.config.vision_config._attn_implementation == stock.config.vision_config._attn_implementation
+    assert hsa.config.text_config._attn_implementation == "hsa_eager"
+    batch = SemanticCollator.from_tokenizer(st)([st.encode(conversation([SCENE, NOISE]))])
+    seen = {}
+    for name, model in (("stock", stock), ("hsa", hsa)):
+
+        def keep(module, args, out, name=name):
+            seen[name] = (out.last_hidden_state, out.pooler_output.clone())
+
+        vision_tower(model).register_forward_hook(keep)
+        with torch.no_grad():
+            model(**model_inputs(model, batch, hsa=name == "hsa"))
+    assert torch.equal(seen["stock"][0], seen["hsa"][0]) and torch.equal(seen["stock"][1], seen["hsa"][1])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_lambda_zero_equals_the_stock_model_with_images(vl_tokenizer, st, backend):
+    stock = vl_model(vl_tokenizer)
+    stock.set_attn_implementation({"text_config": backend})
+    hsa = enable_hsa(copy.deepcopy(stock), {"KEY_EVENT": 0.0, "PROCESS_NOISE": 0.0}, backend)
+    feats = [st.encode(conversation(images)) for images in ([SCENE], [NOISE, SCENE, NOISE])]
+    batch = SemanticCollator.from_tokenizer(st)(feats)  # right-padded, two images counts
+    with torch.no_grad():
+        ref = stock(**model_inputs(stock, batch, hsa=False)).logits
+        out = hsa(**model_inputs(hsa, batch)).logits
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=1e-4)
+
+
+def test_logits_are_the_same_alone_padded_and_packed_with_images(vl_tokenizer, st):
+    """λ ≠ 0: a sample's logits alone equal its rows in a right-padded batch and in a packed row (each document's
+    rope positions computed alone by the model's get_rope_index)."""
+    model = enable_hsa(vl_model(vl_tokenizer), {"KEY_EVENT": 0.05, "PROCESS_NOISE": 0.3}, "eager")
+    feats = [st.encode(conversation(images)) for images in ([SCENE], [NOISE, SCENE, NOISE], [SCENE, SCENE])]
+    feats.append(st.encode([{"role": "user", "content": "no image"}, {"role": "assistant", "content": "fine"}]))
+    collate = SemanticCollator.from_tokenizer(st)
+    with torch.no_grad():
+        alone = [model(**model_inputs(model, collate([f]))).logits[0] for f in feats]
+        padded = model(**model_inputs(model, collate(feats))).logits
+        packed = model(**model_inputs(model, PackedCollator.from_tokenizer(st, 2048)([feats[:2], feats[2:]]))).logits
+    for k, ref in enumerate(alone):
+        torch.testing.assert_close(padded[k, : len(ref)], ref, atol=2e-5, rtol=1e-4)
+    offsets = [(0, 0), (0, len(feats[0]["input_ids"])), (1, 0), (1, len(feats[2]["input_ids"]))]
+    for (row, at), ref in zip(offsets, alone):
+        torch.testing.assert_close(packed[row, at : at + len(ref)], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_images_change_the_language_model_output(vl_tokenizer, st):
+    """The pixels reach the language model: another picture in the same place changes the logits after it."""
+    model = enable_hsa(vl_model(vl_tokenizer), backend="sdpa")
+    collate = SemanticCollator.from_tokenizer(st)
+    a, b = (collate([st.encode(conversation([img]))]) for img in (SCENE, str(IMAGES / "scene_blue_top_left.png")))
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    with torch.no_grad():
+        la, lb = (model(**model_inputs(model, x)).logits for x in (a, b))
+    assert (la - lb).abs().max() > 1e-3
+
+
+def test_stored_samples_round_trip_images(st, tmp_path):
+    """Pixels and grids go through the Arrow store unchanged (the data cache keeps images with the text)."""
+    import numpy as np
+
+    from hsa_train.data.store import EncodedSet, Sample, Writer
+
+    enc = st.encode_detailed(conversation([SCENE, NOISE]))
+    feats = {k: np.asarray(v) for k, v in enc.features.items()}
+    writer = Writer(tmp_path / "s.arrow")
+    writer.add(Sample(feats, enc.answer, "x:1"), 0)
+    writer.add(Sample({k: feats[k] for k in ("input_ids", "labels", "semantic_ids")}, None, "x:2"), 1)
+    writer.close()
+    back = EncodedSet([tmp_path / "s.arrow"])
+    np.testing.assert_array_equal(back[0].features["pixel_values"], feats["pixel_values"])
+    np.testing.assert_array_equal(back[0].features["image_grid_thw"], feats["image_grid_thw"])
+    assert "pixel_values" not in back[1].features
+
+
+def test_vl_model_saves_and_loads_with_its_processor(vl_tokenizer, st, tmp_path):
+    """The name_or_path route: a save_pretrained folder of the tiny model (weights, tokenizer, image processor)
+    loads back as the same model and processor."""
+    from hsa_train.model.loading import Processing, load_image_processor, save_pretrained, semantic_tokenizer
+
+    model = vl_model(vl_tokenizer)
+    save_pretrained(model, Processing(vl_tokenizer, st.images.image_processor), tmp_path / "m")
+    cfg = type("M", (), {"name_or_path": str(tmp_path / "m"), "trust_remote_code": False, "image_processor": {}})
+    loaded = build_model(str(tmp_path / "m"), None, vl_tokenizer)
+    assert type(loaded).__name__ == type(model).__name__
+    assert load_image_processor(cfg).to_dict() == st.images.image_processor.to_dict()
+    tok = load_tokenizer(str(tmp_path / "m"))
+    st2 = semantic_tokenizer(cfg, tok, None, None)
+    f1, f2 = (s.encode(conversation([SCENE])) for s in (st, st2))
+    assert f1["input_ids"] == f2["input_ids"]
+    batch = SemanticCollator.from_tokenizer(st)([f1])
+    with torch.no_grad():
+        ref = model(**model_inputs(model, batch, hsa=False)).logits
+        out = loaded.eval()(**model_inputs(loaded, batch, hsa=False)).logits
+    torch.testing.assert_close(out, ref)
+
+
+def test_mllm_demo_records_encode_with_their_images(st, peer_data):
+    from hsa_train.data.loader import iter_records
+    from hsa_train.data.spec import resolve_datasets
+
+    (spec,) = resolve_datasets(["mllm_demo"], dataset_info=str(peer_data / "dataset_info.json"), types=st.types)
+    rows = json.loads((peer_data / "mllm_demo.json").read_text())
+    for record, row in zip(iter_records(spec, st.types), rows):
+        feats = st.encode(record.messages)
+        assert len(feats["image_grid_thw"]) == len(row["images"])
+    # LLaMA-Factory's pictures are 300 pixels wide: the shipped processor resizes them to its 112x112 budget
+    grid = st.images.one(str(peer_data / "mllm_demo_data/1.jpg"))[1][0]
+    assert int(grid[1] * grid[2]) * 14 * 14 <= 112 * 112
+    assert Image.open(peer_data / "mllm_demo_data/1.jpg").size[0] == 300

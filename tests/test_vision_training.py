@@ -1,0 +1,166 @@
+"""Training a vision-language model from the command line: LLaMA-Factory's mllm_demo, full and LoRA fine-tuning
+from a local save_pretrained folder, exact resume, and DDP / FSDP2 over 2 gloo processes with images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli
+
+from hsa_train.config import bundled_path
+
+SMALL = [
+    "model=tiny_qwen2_vl",
+    "model.arch.text_config.hidden_size=32",
+    "model.arch.text_config.intermediate_size=64",
+    "model.arch.text_config.num_hidden_layers=2",
+    "model.arch.text_config.rope_parameters.mrope_section=[1,1,2]",
+    "model.arch.vision_config.depth=1",
+    "model.arch.vision_config.embed_dim=32",
+    "model.arch.vision_config.hidden_size=32",
+    "logging.progress=none",
+]
+
+
+def vl_subset(path: Path, n: int) -> Path:
+    """The first `n` bundled vl_demo trajectories, image paths made absolute (the file lives elsewhere)."""
+    source = Path(bundled_path("vl_demo/train.jsonl"))
+    rows = [json.loads(line) for line in source.read_text().splitlines()[:n]]
+    for row in rows:
+        row["images"] = [str(source.parent / p) for p in row["images"]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vl_data(tmp_path_factory) -> Path:
+    return vl_subset(tmp_path_factory.mktemp("vl") / "vl.jsonl", 16)
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def train(tmp_path: Path, name: str, data: Path, *extra: str) -> dict:
+    proc = run_cli(
+        *SMALL,
+        f"data.train_files=[{data}]",
+        "data.eval_ratio=0.25",
+        "train.micro_batch_size=4",
+        f"hydra.run.dir={tmp_path / name}",
+        *extra,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return metrics_of(tmp_path / name)
+
+
+def test_mllm_demo_trains_packed_and_unpacked(tmp_path, peer_data):
+    """LLaMA-Factory's own multimodal demo, read through its dataset_info.json: every record with its images."""
+    for packing in ("false", "true"):
+        proc = run_cli(
+            *SMALL,
+            f"data.dataset_info={peer_data / 'dataset_info.json'}",
+            "data.datasets=[mllm_demo]",
+            "data.train_files=[]",
+            "data.eval_ratio=0",
+            f"data.packing={packing}",
+            "train.max_steps=2",
+            "train.micro_batch_size=2",
+            f"hydra.run.dir={tmp_path / packing}",
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        metrics = metrics_of(tmp_path / packing)
+        rows = json.loads((peer_data / "mllm_demo.json").read_text())
+        assert metrics["samples_train"] == len(rows) and metrics["skipped_records"] == 0
+        assert all(loss == loss and loss < 20 for loss in metrics["train_losses"])
+
+
+def test_images_in_a_text_model_stop_the_run_with_file_and_line(tmp_path, vl_data):
+    proc = run_cli(f"data.train_files=[{vl_data}]", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert f"{vl_data}:1: image in a text-only model: message 2 holds images" in proc.stderr
+
+
+def test_missing_image_is_named_or_skipped(tmp_path, vl_data):
+    rows = [json.loads(line) for line in vl_data.read_text().splitlines()]
+    rows[3]["images"][1] = str(tmp_path / "gone.png")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = run_cli(*SMALL, f"data.train_files=[{bad}]", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert (
+        proc.returncode != 0 and f"{bad}:4: missing image: message 4 image 0 is {tmp_path / 'gone.png'}" in proc.stderr
+    )
+    metrics = train(tmp_path, "skip", bad, "data.on_error=skip", "train.max_steps=1")
+    assert metrics["skipped_records"] == 1 and metrics["samples_train"] + metrics["samples_eval"] == 15
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, vl_data) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("full")
+    args = ("train.max_steps=4", "train.warmup_steps=0", "train.save_every=2", "train.keep_last=null")
+    return tmp, train(tmp, "full", vl_data, *args)
+
+
+def test_full_finetuning_trains_the_vision_tower_and_resumes_exactly(full_run, vl_data):
+    tmp, metrics = full_run
+    assert metrics["params_trained"] == metrics["params"]  # freeze_vision defaults to false without LoRA
+    assert metrics["train_losses"][-1] < metrics["train_losses"][0]
+    model_dir = Path(metrics["model_dir"])
+    assert (model_dir / "preprocessor_config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    resumed = train(
+        tmp,
+        "resumed",
+        vl_data,
+        "train.max_steps=4",
+        "train.warmup_steps=0",
+        f"train.resume={tmp / 'full/checkpoints/step_0000002'}",
+    )
+    assert resumed["train_losses"] == metrics["train_losses"]
+    assert resumed["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-9)
+
+
+def test_lora_on_a_local_vl_checkpoint_freezes_the_vision_tower(full_run, vl_data):
+    """model.name_or_path = the full run's folder (weights, tokenizer, image processor): LoRA adapts the language
+    model, the vision tower is frozen by default and gets no adapters; the adapter loads back with HSA on."""
+    import torch
+
+    from hsa_train.model.export import load_exported
+    from hsa_train.model.vision import vision_tower
+
+    tmp, full = full_run
+    lora = train(
+        tmp,
+        "lora",
+        vl_data,
+        f"model.name_or_path={full['model_dir']}",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "train.max_steps=2",
+    )
+    assert lora["params_trained"] < lora["params"] / 5
+    model = load_exported(lora["adapter_dir"])
+    tower = vision_tower(model.get_base_model())
+    assert not any("lora_" in name for name, _ in tower.named_parameters())
+    assert any("lora_" in name for name, _ in model.named_parameters())
+    assert lora["train_loss_first"] < full["train_loss_first"] - 0.3  # starts from the trained weights
+    assert torch.isfinite(torch.tensor(lora["train_losses"])).all()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_images(tmp_path, vl_data, mode):
+    common = [*SMALL, f"data.train_files=[{vl_data}]", "data.eval_ratio=0.25", "train.max_steps=3"]
+    single = train(tmp_path, "single", vl_data, "train.micro_batch_size=4", "train.max_steps=3")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "hsa_train"]
+    args = [*common, "train.micro_batch_size=2", f"train.distributed={mode}", f"hydra.run.dir={tmp_path / mode}"]
+    proc = subprocess.run([*cmd, *args], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = metrics_of(tmp_path / mode)
+    assert run["distributed"] == mode and run["world_size"] == 2
+    assert run["train_losses"] == pytest.approx(single["train_losses"], abs=1e-5)
+    assert run["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
