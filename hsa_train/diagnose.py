@@ -19,13 +19,14 @@ import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from hsa_train.data.dataset import encode_files
-from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.model.hsa import HSALambdas, enable_hsa, hsa_settings
-from hsa_train.model.loading import load_tokenizer
+from hsa_train.model.loading import load_pretrained, load_tokenizer, semantic_tokenizer
+from hsa_train.model.vision import vision_inputs
 
 QUERIES = ("answer", "all")
 
@@ -76,13 +77,16 @@ def attention_by_type(
         rows = _query_positions(ids.shape[1], sample.answer, queries)
         if rows is None or rows.numel() == 0:
             continue
-        onehot = torch.nn.functional.one_hot(sem[0], n_types).double()  # (K, T)
+        onehot = torch.nn.functional.one_hot(sem[0], n_types).double()  # (K, T): image tokens in their message's type
+        batch = {"input_ids": ids, "semantic_ids": sem, "attention_mask": torch.ones_like(ids)}
+        if "image_grid_thw" in sample.features:
+            batch["pixel_values"] = torch.as_tensor(sample.features["pixel_values"])
+            batch["image_grid_thw"] = torch.as_tensor(sample.features["image_grid_thw"])
+        inputs = {**batch, **vision_inputs(model, batch)}
         for name in totals:
             with bias_off(model) if name == "without_bias" else torch.no_grad():
                 out = model(
-                    input_ids=ids.to(device),
-                    semantic_ids=sem.to(device),
-                    attention_mask=torch.ones_like(ids).to(device),
+                    **{k: v.to(device) for k, v in inputs.items()},
                     output_attentions=True,
                     use_cache=False,
                 )
@@ -222,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import transformers
-        from transformers import AutoModelForCausalLM
 
         transformers.utils.logging.disable_progress_bar()
 
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{model_dir}: no such model folder")
         if args.samples < 1:
             raise ValueError(f"--samples {args.samples} must be >= 1")
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = load_pretrained(str(model_dir), dtype=torch.float32)
         trained = hsa_settings(model)
         enable_hsa(model, dict(args.lambdas), backend="eager")  # λ as trained (or the defaults), then overrides
         settings = hsa_settings(model)
@@ -239,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {model_dir} was not trained with HSA; measuring the default λ {settings.lambdas}")
         model.to(args.device).eval()
         tokenizer = load_tokenizer(str(model_dir))
-        st = SemanticTokenizer.from_model(model, tokenizer)
+        folder = SimpleNamespace(name_or_path=str(model_dir), trust_remote_code=False, image_processor={}, arch=None)
+        types = hsa_settings(model).semantic_types
+        st = semantic_tokenizer(folder, tokenizer, types.names, types.default)  # a vision model's with its processor
         samples, _ = encode_files(args.data, st)
         samples = samples[: args.samples]
         result = attention_by_type(model, samples, len(settings.types), args.queries, args.device)

@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +28,7 @@ from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.model.export import load_exported
 from hsa_train.model.generation import generate_batch
 from hsa_train.model.hsa import enable_hsa, hsa_settings
-from hsa_train.model.loading import DTYPES, load_tokenizer
+from hsa_train.model.loading import DTYPES, load_tokenizer, semantic_tokenizer
 
 
 def load_for_generation(model_dir: str, device: str, dtype: str, backend: str | None):
@@ -46,7 +47,9 @@ def load_for_generation(model_dir: str, device: str, dtype: str, backend: str | 
         enable_hsa(base, backend=backend)
     model.to(device).eval()
     tokenizer = load_tokenizer(str(path))
-    return model, SemanticTokenizer.from_model(model, tokenizer)
+    types = hsa_settings(base).semantic_types
+    folder = SimpleNamespace(name_or_path=str(path), trust_remote_code=False, image_processor={}, arch=None)
+    return model, semantic_tokenizer(folder, tokenizer, types.names, types.default, config=base.config)
 
 
 def generation_options(args, st: SemanticTokenizer) -> dict:
@@ -91,6 +94,7 @@ def generate_file(model, st: SemanticTokenizer, args) -> int:
             row = {
                 "source": record.where,
                 "messages": [_plain(m) for m in messages],
+                **({"images": images} if (images := [i for m in messages for i in m.get("images", [])]) else {}),
                 "reply": {"role": "assistant", "content": replies[i], "semantic_type": generated or st.types.default},
                 "prompt_tokens": len(prompt["input_ids"]),
             }

@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     from hydra import compose, initialize_config_module
 
     from hsa_train.config import ConfigError, validate
-    from hsa_train.data import SemanticCollator, SemanticTokenizer
+    from hsa_train.data import SemanticCollator
     from hsa_train.data.pipeline import load_run_data
-    from hsa_train.model.loading import load_tokenizer
+    from hsa_train.model.loading import load_tokenizer, semantic_tokenizer
     from hsa_train.overrides import unknown_key_message
 
     problem = unknown_key_message(args.overrides)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         run = validate(cfg)
         model = run.model
         tokenizer = load_tokenizer(model.tokenizer or model.name_or_path, model.trust_remote_code, model.chat_template)
-        st = SemanticTokenizer(tokenizer, run.hsa.types, run.hsa.default_type, run.data.train_on)
+        st = semantic_tokenizer(model, tokenizer, run.hsa.types, run.hsa.default_type, run.data.train_on)
         data = load_run_data(run.data, st, SemanticCollator.from_tokenizer(st), run.seed)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"hsa_train.inspect: error: {' '.join(str(exc).split())}", file=sys.stderr)

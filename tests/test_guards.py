@@ -34,7 +34,7 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("model.arch.type=qwen2_vl", "model.arch.type='qwen2_vl' is not a causal language model"),
+        ("model.arch.type=vit", "model.arch.type='vit' is not a causal language model"),
         ("model.arch.type=qwen2x", "model.arch.type='qwen2x' is not an architecture transformers knows; did you mean"),
         ("model.name_or_path=/no/such/model", "model.name_or_path=/no/such/model: no such folder"),
         ("model.name_or_path=nobody-xyz/no-such-model", "model.name_or_path=nobody-xyz/no-such-model: cannot read"),

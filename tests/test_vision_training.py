@@ -45,25 +45,25 @@ def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def train(tmp_path: Path, name: str, data: Path, *extra: str) -> dict:
-    proc = run_cli(
-        *SMALL,
-        f"data.train_files=[{data}]",
-        "data.eval_ratio=0.25",
-        "train.micro_batch_size=4",
-        f"hydra.run.dir={tmp_path / name}",
-        *extra,
-        cwd=tmp_path,
-    )
+def run_vl(tmp_path: Path, name: str, *args: str) -> dict:
+    """`python -m hsa_train` on the small vision model with `args`; its metrics."""
+    proc = run_cli(*SMALL, *args, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return metrics_of(tmp_path / name)
+
+
+def train(tmp_path: Path, name: str, data: Path, *extra: str) -> dict:
+    return run_vl(
+        tmp_path, name, f"data.train_files=[{data}]", "data.eval_ratio=0.25", "train.micro_batch_size=4", *extra
+    )
 
 
 def test_mllm_demo_trains_packed_and_unpacked(tmp_path, peer_data):
     """LLaMA-Factory's own multimodal demo, read through its dataset_info.json: every record with its images."""
     for packing in ("false", "true"):
-        proc = run_cli(
-            *SMALL,
+        metrics = run_vl(
+            tmp_path,
+            packing,
             f"data.dataset_info={peer_data / 'dataset_info.json'}",
             "data.datasets=[mllm_demo]",
             "data.train_files=[]",
@@ -71,11 +71,7 @@ def test_mllm_demo_trains_packed_and_unpacked(tmp_path, peer_data):
             f"data.packing={packing}",
             "train.max_steps=2",
             "train.micro_batch_size=2",
-            f"hydra.run.dir={tmp_path / packing}",
-            cwd=tmp_path,
         )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        metrics = metrics_of(tmp_path / packing)
         rows = json.loads((peer_data / "mllm_demo.json").read_text())
         assert metrics["samples_train"] == len(rows) and metrics["skipped_records"] == 0
         assert all(loss == loss and loss < 20 for loss in metrics["train_losses"])
@@ -154,8 +150,12 @@ def test_lora_on_a_local_vl_checkpoint_freezes_the_vision_tower(full_run, vl_dat
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_images(tmp_path, vl_data, mode):
-    common = [*SMALL, f"data.train_files=[{vl_data}]", "data.eval_ratio=0.25", "train.max_steps=3"]
-    single = train(tmp_path, "single", vl_data, "train.micro_batch_size=4", "train.max_steps=3")
+    """DDP trains everything; FSDP2 with the vision tower frozen (shards of frozen vision blocks beside trained
+    decoder layers)."""
+    frozen = [f"model.freeze_vision={mode == 'fsdp'}"]
+    common = [*SMALL, f"data.train_files=[{vl_data}]", "data.eval_ratio=0.25", "train.max_steps=3", *frozen]
+    single = train(tmp_path, "single", vl_data, "train.micro_batch_size=4", "train.max_steps=3", *frozen)
+    assert (single["params_trained"] < single["params"]) == (mode == "fsdp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "hsa_train"]
     args = [*common, "train.micro_batch_size=2", f"train.distributed={mode}", f"hydra.run.dir={tmp_path / mode}"]
     proc = subprocess.run([*cmd, *args], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -164,3 +164,20 @@ def test_two_processes_match_one_with_images(tmp_path, vl_data, mode):
     assert run["distributed"] == mode and run["world_size"] == 2
     assert run["train_losses"] == pytest.approx(single["train_losses"], abs=1e-5)
     assert run["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
+
+
+def test_generate_cli_replies_to_conversations_with_images(full_run, vl_data, tmp_path):
+    """python -m hsa_train.generate on a vision run's folder: each conversation's images go in with its prompt;
+    the output keeps them (LLaMA-Factory's layout), so it is valid input again."""
+    _, full = full_run
+    rows = [json.loads(line) for line in vl_data.read_text().splitlines()[:3]]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "hsa_train.generate", full["model_dir"], "--input", str(source), "--output", str(out)]
+    proc = subprocess.run([*cmd, "--max-new-tokens", "4"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["images"] for w in written] == [row["images"] for row in rows]
+    assert all(w["reply"]["content"] is not None and w["reference"] for w in written)
+    assert all(w["prompt_tokens"] > 100 for w in written)  # the vision tokens are in the prompt

@@ -33,7 +33,7 @@ Converter = Callable[[Any], tuple[list[Message], list[dict[str, Any]] | None]]
 # Why a key the run does not use is refused (the data it carries would be dropped), by key.
 _VISION = "images and videos go in the record's images / videos columns (columns.images), one per placeholder"
 _AUDIO = "audio data is not supported yet"
-IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
+IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's: one per image of the record's images column, in order
 _WEIGHTS = "per-record and per-message loss weights are not supported; roles and data.train_on decide what trains"
 _PREFERENCE = "preference data is not supported (hsa_train trains on conversations: supervised fine-tuning)"
 UNUSED_HINTS = {

@@ -50,11 +50,13 @@ class Reports:
     typing: TypingReport = field(default_factory=TypingReport)
     truncation: TruncationReport = field(default_factory=TruncationReport)
     tool_records: int = 0  # records with tools or tool calls
+    images: dict[str, list[int]] = field(default_factory=dict)  # image file -> [size, mtime_ns] when read
 
     def merge(self, other: Reports) -> Reports:
         self.load.kept += other.load.kept
         self.load.skipped += other.load.skipped
         self.tool_records += other.tool_records
+        self.images.update(other.images)
         self.typing.merge(other.typing)
         self.truncation.merge(other.truncation)
         return self
@@ -66,6 +68,7 @@ class Reports:
             "typing": self.typing.as_dict(),
             "truncation": self.truncation.as_dict(),
             "tool_records": self.tool_records,
+            "images": self.images,
         }
 
     def counts(self) -> dict[str, Any]:
@@ -81,7 +84,20 @@ class Reports:
     def from_dict(cls, data: dict[str, Any]) -> Reports:
         load = LoadReport(kept=data["load"]["kept"], skipped=[DataError(*e) for e in data["load"]["skipped"]])
         typing = TypingReport.from_dict(data["typing"])
-        return cls(load, typing, TruncationReport.from_dict(data["truncation"]), data["tool_records"])
+        truncation = TruncationReport.from_dict(data["truncation"])
+        return cls(load, typing, truncation, data["tool_records"], data.get("images", {}))
+
+    def images_changed(self) -> str | None:
+        """The first image file read while preparing that is gone or was written since (then the entry is
+        rebuilt: its pixels are part of the samples, and the dataset file that names the image is unchanged)."""
+        for path, (size, mtime) in self.images.items():
+            try:
+                stat = Path(path).stat()
+            except OSError:
+                return path
+            if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+                return path
+        return None
 
 
 def _max_chars(st: SemanticTokenizer, cutoff_len: int | None) -> int | None:
@@ -157,6 +173,9 @@ def _encode_shard(
     raises the earliest of all shards). Every worker reads every record; only shard 0 reports the loader's."""
     reports = Reports()
     encode = RecordEncoder(st, pre, reports)
+    images = getattr(st, "images", None)
+    if images is not None:
+        images.files.clear()
     loader_report = reports.load if shard == 0 else LoadReport()
     writer = Writer(path)
     failed, index = None, 0
@@ -179,6 +198,8 @@ def _encode_shard(
         failed = (index, err)
     finally:
         reports.load.kept = writer.close()
+        if images is not None:
+            reports.images = {path: list(stamp) for path, stamp in images.files.items()}
     return reports, failed
 
 
@@ -228,6 +249,9 @@ def prepare(
     digests.save()
     root = root if root is not None else _temporary_root()
     found = cache.find(root, key)
+    if found is not None and Reports.from_dict(cache.read_meta(found)["reports"]).images_changed():
+        shutil.rmtree(found, ignore_errors=True)  # an image changed under an unchanged dataset file: rebuild
+        found = None
     if found is None:
         found = _build(spec, st, pre, root, key, num_proc)
         cached = False

@@ -39,14 +39,22 @@ class GenerationPrompts:
             raise ValueError("the chat template renders no assistant turn after these messages")
         start = encoding.answer[0]
         features = {k: encoding.features[k][:start] for k in ("input_ids", "attention_mask", "semantic_ids")}
-        expected = self.render(messages, add_generation_prompt=True, tools=tools)
-        if self._decode(features["input_ids"]) != expected:
+        features.update(self._prompt_media(encoding.features))
+        if not self._prompt_matches(features["input_ids"], messages, tools):
             raise ValueError(
                 "the chat template's generation prompt is not where its assistant turns start (render(messages, "
                 "add_generation_prompt=True) is not a prefix of the conversation with a reply): cannot encode a "
                 "prompt for it"
             )
         return features
+
+    def _prompt_matches(self, input_ids: list[int], messages: Sequence[Mapping[str, Any]], tools: Any) -> bool:
+        """Whether the prompt's tokens decode to the template's render with the generation prompt."""
+        return self._decode(input_ids) == self.render(messages, add_generation_prompt=True, tools=tools)
+
+    def _prompt_media(self, features: Mapping[str, Any]) -> dict[str, Any]:
+        """What a prompt carries besides tokens (a vision tokenizer's pixels and grids); nothing for text."""
+        return {}
 
     def stop_token_ids(self) -> list[int]:
         """The tokens generation stops at: the special token that ends an assistant turn in this template (the

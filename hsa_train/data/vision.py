@@ -74,6 +74,7 @@ class ImageProcessing:
         self.image_processor = image_processor
         self.merge = int(getattr(image_processor, "merge_size", 1) or 1)
         self._cache: OrderedDict[Any, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.files: dict[str, tuple[int, int]] = {}  # image files read: path -> (size, mtime_ns), for the cache
 
     def config(self) -> dict[str, Any]:
         """The processor's settings (what decides the pixels and grids: part of the data cache key)."""
@@ -81,6 +82,8 @@ class ImageProcessing:
 
     def one(self, ref: Any) -> tuple[np.ndarray, np.ndarray]:
         key = image_key(ref)
+        if key is not None:
+            self.files[key[0]] = key[1:]
         if key is not None and key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -91,11 +94,25 @@ class ImageProcessing:
             raise ValueError(f"image not processable: {str(exc).splitlines()[0][:160]}") from None
         pixels = np.asarray(out["pixel_values"], dtype=np.float32)
         grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+        budget, patch = self.max_pixels(), getattr(self.image_processor, "patch_size", None)
+        if budget and patch and int(grid[0, 1] * grid[0, 2]) * patch * patch > budget:
+            width, height = image.size
+            raise ValueError(
+                f"image too large: {width}x{height} pixels still has {int(grid[0, 1] * grid[0, 2]) * patch * patch} "
+                f"after resizing > max_pixels {budget} (its aspect ratio keeps a side at the minimum); crop it, or "
+                "raise model.image_processor.max_pixels"
+            )
         if key is not None:
             self._cache[key] = (pixels, grid)
             if len(self._cache) > IMAGE_CACHE_SIZE:
                 self._cache.popitem(last=False)
         return pixels, grid
+
+    def max_pixels(self) -> int | None:
+        """The processor's pixel budget per image (Qwen2-VL: size.longest_edge, formerly max_pixels)."""
+        size = getattr(self.image_processor, "size", None) or {}
+        budget = size.get("longest_edge") if isinstance(size, Mapping) else getattr(size, "longest_edge", None)
+        return budget or getattr(self.image_processor, "max_pixels", None)
 
     def tokens_of(self, grid: np.ndarray) -> int:
         """Vision tokens of one image: its patches, merged `merge` x `merge`."""
@@ -216,3 +233,14 @@ class VisionSemanticTokenizer(SemanticTokenizer):
 
     def tokens_of(self, grid: np.ndarray) -> int:
         return self.images.tokens_of(grid)
+
+    def _prompt_matches(self, input_ids: list[int], messages: Sequence[Mapping[str, Any]], tools: Any) -> bool:
+        """The prompt's text tokens (vision tokens left out) decode to the render with each placeholder left out."""
+        vision = {self.image_token_id, *self.prefix_ids, *self.suffix_ids}
+        text = self._decode([t for t in input_ids if t not in vision])
+        plain = [{k: v for k, v in m.items() if k != "images"} for m in messages]
+        return text == self.render(plain, add_generation_prompt=True, tools=tools).replace(IMAGE_PLACEHOLDER, "")
+
+    def _prompt_media(self, features: Mapping[str, Any]) -> dict[str, Any]:
+        """A prompt's images: all of the conversation's (the probe reply that finds the prompt's end has none)."""
+        return {k: features[k] for k in ("pixel_values", "image_grid_thw") if k in features}

@@ -68,8 +68,9 @@ def generate_batch(
     **generate_kwargs,
 ) -> list[list[int]]:
     """The tokens `model.generate` adds after each prompt ({"input_ids", "semantic_ids"}, e.g. from
-    `SemanticTokenizer.encode_prompt`), the prompts left-padded into one batch; padding after a row's stop token
-    removed. `semantic_ids` go in when the model has HSA."""
+    `SemanticTokenizer.encode_prompt`; a vision model's with its "pixel_values" and "image_grid_thw"), the prompts
+    left-padded into one batch; padding after a row's stop token removed. `semantic_ids` go in when the model has
+    HSA."""
     device = next(model.parameters()).device
     width = max(len(p["input_ids"]) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -83,6 +84,13 @@ def generate_batch(
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     if getattr(model.config, "hsa", None):
         inputs["semantic_ids"] = semantic_ids.to(device)
+    with_images = [p for p in prompts if p.get("image_grid_thw") is not None and len(p["image_grid_thw"])]
+    if with_images:  # in row order, as the model meets their tokens; rope positions come from the model itself
+        from hsa_train.model.vision import mm_token_type_ids
+
+        inputs["pixel_values"] = torch.cat([torch.as_tensor(p["pixel_values"]) for p in with_images]).to(device)
+        inputs["image_grid_thw"] = torch.cat([torch.as_tensor(p["image_grid_thw"]) for p in with_images]).to(device)
+        inputs["mm_token_type_ids"] = mm_token_type_ids(model.config, inputs["input_ids"])
     out = model.generate(**inputs, pad_token_id=pad_token_id, **generate_kwargs)
     stops = generate_kwargs.get("eos_token_id")
     stops = set(stops if isinstance(stops, (list, tuple)) else [stops] if stops is not None else [])

@@ -102,13 +102,14 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
-def semantic_tokenizer(model_cfg, tokenizer, types, default_type, train_on: str = "assistant"):
+def semantic_tokenizer(model_cfg, tokenizer, types, default_type, train_on: str = "assistant", config=None):
     """The SemanticTokenizer for the run's model: with its image processor when the model sees images (a
-    `vision_config`), the shipped tokenizer then extended with the vision tokens for a model built from `arch`."""
+    `vision_config`), the shipped tokenizer then extended with the vision tokens for a model built from `arch`.
+    `config`: the model's, when it is at hand (else read from `model_cfg`)."""
     from hsa_train.data import SemanticTokenizer
     from hsa_train.data.vision import VisionSemanticTokenizer
 
-    config = model_config(model_cfg)
+    config = config if config is not None else model_config(model_cfg)
     if not is_vision_config(config):
         return SemanticTokenizer(tokenizer, types, default_type, train_on)
     if not model_cfg.name_or_path:

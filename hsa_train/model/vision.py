@@ -155,7 +155,7 @@ def packed_rope_positions(
         starts = (torch.nonzero(text[row] == 0).flatten().tolist()) + [width]
         for a, b in zip(starts, starts[1:]):
             doc_types = types[row, a:b]
-            runs = int(((doc_types[1:] == 1) & (doc_types[:-1] != 1)).sum()) + int(doc_types[0] == 1)
+            runs = _runs(doc_types)
             if runs == 0:
                 continue
             doc_grids = torch.stack([next(grids) for _ in range(runs)])
@@ -166,3 +166,30 @@ def packed_rope_positions(
     if next(grids, None) is not None:
         raise ValueError("the batch has more image grids than images among its tokens")
     return torch.cat([text[None], rope], dim=0)
+
+
+def images_by_row(config: Any, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each row's own (pixel_values, image_grid_thw) of a batch whose images are concatenated in token order:
+    an image is a run of image tokens (the vision wrapper keeps two images apart)."""
+    types = mm_token_type_ids(config, batch["input_ids"])
+    grids, pixels = batch["image_grid_thw"], batch["pixel_values"]
+    patches = grids.prod(dim=1).tolist()
+    out, image, patch = [], 0, 0
+    for row in types:
+        runs = _runs(row)
+        size = sum(patches[image : image + runs])
+        out.append((pixels[patch : patch + size], grids[image : image + runs]))
+        image, patch = image + runs, patch + size
+    return out
+
+
+def image_runs(config: Any, input_ids: torch.Tensor) -> int:
+    """How many images a row of token ids holds."""
+    return _runs(mm_token_type_ids(config, input_ids[None])[0])
+
+
+def _runs(types: torch.Tensor) -> int:
+    """Runs of image tokens (kind 1) in one row's token kinds."""
+    if not len(types):
+        return 0
+    return int(((types[1:] == 1) & (types[:-1] != 1)).sum()) + int(types[0] == 1)

@@ -20,6 +20,8 @@ import torch
 
 from hsa_train.data.tokenizer import IGNORE_INDEX
 from hsa_train.model.generation import generate_batch
+from hsa_train.model.vision import image_runs, images_by_row
+from hsa_train.training import distributed as D
 from hsa_train.training.loss import next_token_targets, shift_left, token_losses
 
 # The sums `eval_sums` returns after the per-type ones, in this order (all ranks add theirs up).
@@ -100,6 +102,15 @@ def generated_answer_sums(
             {"input_ids": batch["input_ids"][r, :s].tolist(), "semantic_ids": batch["semantic_ids"][r, :s].tolist()}
             for r, s, _ in spans
         ]
+        if "image_grid_thw" in batch:  # each prompt with the images among its tokens
+            config = D.unwrap(model).config
+            rows = images_by_row(config, batch)
+            for prompt, (r, s, _) in zip(prompts, spans):
+                pixels, grids = rows[r]
+                k = image_runs(config, batch["input_ids"][r, :s])
+                if k:
+                    prompt["pixel_values"] = pixels[: int(grids[:k].prod(dim=1).sum())]
+                    prompt["image_grid_thw"] = grids[:k]
         new_tokens = max(e - s for _, s, e in spans)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
