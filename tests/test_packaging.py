@@ -1,5 +1,6 @@
 """A plain `pip install .` must carry the configs, the demo data and the tokenizer inside the package."""
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -28,10 +29,18 @@ def test_wheel_ships_configs_data_and_tokenizer(tmp_path):
     )
     (wheel,) = tmp_path.glob("hsa_train-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for group in ("model/tiny_qwen2", "data/demo", "hsa/default", "train/default", "logging/default"):
+    groups = ("model/tiny_qwen2", "model/tiny_qwen2_vl", "experiment/vl_demo", "data/demo", "hsa/default")
+    for group in (*groups, "train/default", "logging/default"):
         assert f"hsa_train/conf/{group}.yaml" in names
     assert "hsa_train/conf/config.yaml" in names
     assert "hsa_train/bundled/demo/trajectories.jsonl" in names
+    # the vision demo: its records and every image they name
+    for split in ("train", "eval"):
+        rows = (ROOT / "data" / "vl_demo" / f"{split}.jsonl").read_text().splitlines()
+        assert f"hsa_train/bundled/vl_demo/{split}.jsonl" in names
+        images = {p for row in rows for p in json.loads(row)["images"]}
+        assert {f"hsa_train/bundled/vl_demo/{p}" for p in images} <= names
+    assert "hsa_train/assets/image_processor/preprocessor_config.json" in names
     assert {
         "hsa_train/assets/tokenizer/tokenizer.json",
         "hsa_train/assets/tokenizer/tokenizer_config.json",
