@@ -426,3 +426,28 @@ def test_flex_backend_equals_eager_with_images(vl_tokenizer, st, monkeypatch):
             out = flexed(**model_inputs(flexed, batch)).logits
             keep = batch["attention_mask"].bool()
             torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=1e-4)
+
+
+def test_ranks_decoding_in_step_all_run_the_vision_tower(vl_tokenizer, st, monkeypatch):
+    """eval.generate under FSDP (synced): a rank whose prompts hold no image decodes the collator's blank image row
+    beside them (unscored), so its first step gathers the vision blocks as the other ranks' does."""
+    from hsa_train.data.dataset import eval_batches
+    from hsa_train.data.store import Sample
+    from hsa_train.training import evaluate
+
+    collate = SemanticCollator.from_tokenizer(st)
+    collate.image_filler = st.filler()
+    text = st.encode_detailed([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    (batch,) = eval_batches([Sample(text.features, text.answer, "x:1")], 4, collate)
+    assert len(batch["input_ids"]) == 2 and batch["answer_span"][1].tolist() == [-1, -1]  # the filler row
+    seen = []
+    monkeypatch.setattr(evaluate, "generate_batch", lambda model, prompts, *a, **k: seen.append(prompts) or [[]])
+    model = enable_hsa(vl_model(vl_tokenizer), backend="eager")
+    pads = collate.pad_values
+    for synced in (False, True):
+        evaluate.generated_answer_sums(model, [batch], pads, torch.device("cpu"), synced=synced)
+    alone, in_step = seen
+    assert len(alone) == 1 and "image_grid_thw" not in alone[0]
+    assert len(in_step) == 2 and torch.equal(
+        in_step[1]["image_grid_thw"], torch.as_tensor(collate.image_filler["image_grid_thw"])
+    )

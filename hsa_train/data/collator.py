@@ -14,6 +14,10 @@ from hsa_train.types import DEFAULT_TYPE, DEFAULT_TYPES
 TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "semantic_ids")
 
 
+def has_images(samples: Sequence[Mapping[str, Any]]) -> bool:
+    return any(s.get("image_grid_thw") is not None and len(s["image_grid_thw"]) for s in samples)
+
+
 def add_vision(batch: dict[str, torch.Tensor], samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """The samples' images, in token order (rows in order, documents in order within a row: the order the model
     meets their image tokens in the flattened batch): `pixel_values` (patches, dim) and `image_grid_thw`
@@ -59,6 +63,7 @@ class SemanticCollator:
         self.pad_values = pad_values("SemanticCollator", pad_token_id, default_type_id, pad_to_multiple_of)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
+        self.image_filler: Mapping[str, Any] | None = None  # vision runs on several ranks (VisionSemanticTokenizer)
 
     @classmethod
     def from_tokenizer(cls, st, pad_to_multiple_of: int | None = None, padding_side: str = "right"):
@@ -69,6 +74,8 @@ class SemanticCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("SemanticCollator: empty batch")
+        if self.image_filler is not None and not has_images(features):
+            features = [*features, self.image_filler]  # the last row: every rank's forward runs the vision tower
         fields = [f for f in TOKEN_FIELDS if f in features[0]]
         if "input_ids" not in fields:
             raise ValueError("SemanticCollator: samples have no 'input_ids'")
@@ -129,6 +136,7 @@ class PackedCollator:
         self.pad_values = pad_values("PackedCollator", pad_token_id, default_type_id, pad_to_multiple_of)
         self.capacity = capacity
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.image_filler: Mapping[str, Any] | None = None  # as SemanticCollator's
 
     @classmethod
     def from_tokenizer(cls, st, capacity: int | None, pad_to_multiple_of: int | None = None):
@@ -138,6 +146,8 @@ class PackedCollator:
     def __call__(self, bins: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
         if not bins:
             raise ValueError("PackedCollator: empty batch")
+        if self.image_filler is not None and not has_images([feat for docs in bins for feat in docs]):
+            bins = [*bins, [self.image_filler]]
         samples = [feat for docs in bins for feat in docs]
         if any(not docs for docs in bins):
             raise ValueError("PackedCollator: a row has no samples")

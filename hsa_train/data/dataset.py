@@ -128,7 +128,9 @@ def eval_batches(samples: list[Sample], batch_size: int, collator: SemanticColla
             yield filler_batch(collator)
             continue
         batch = collator([s.features for s in chunk])
-        batch["answer_span"] = torch.tensor([s.answer or (-1, -1) for s in chunk], dtype=torch.long)
+        spans = [s.answer or (-1, -1) for s in chunk]
+        spans += [(-1, -1)] * (len(batch["input_ids"]) - len(chunk))  # a collator's filler row has no answer
+        batch["answer_span"] = torch.tensor(spans, dtype=torch.long)
         yield batch
 
 
@@ -139,5 +141,5 @@ def filler_batch(collator: SemanticCollator) -> dict[str, torch.Tensor]:
     row = {"input_ids": [pad["input_ids"]], "attention_mask": [1], "labels": [pad["labels"]]}
     row["semantic_ids"] = [pad["semantic_ids"]]
     batch = collator([row])
-    batch["answer_span"] = torch.tensor([(-1, -1)], dtype=torch.long)
+    batch["answer_span"] = torch.full((len(batch["input_ids"]), 2), -1, dtype=torch.long)
     return batch

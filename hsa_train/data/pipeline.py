@@ -87,6 +87,7 @@ class TrainRows:
             self.efficiency = efficiency(lengths.tolist(), bins, capacity)
             pad = collator.pad_values
             self._packer = PackedCollator(pad["input_ids"], pad["semantic_ids"], capacity)
+            self._packer.image_filler = collator.image_filler
         else:
             self.rows = None
             self.efficiency = None

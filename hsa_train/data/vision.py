@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from hsa_train.data.formats import IMAGE_PLACEHOLDER
-from hsa_train.data.tokenizer import Encoding, SemanticTokenizer
+from hsa_train.data.tokenizer import IGNORE_INDEX, Encoding, SemanticTokenizer
 
 # Stands in for a placeholder while the template renders: as long as "<image>" so typed spans keep their offsets,
 # made of private-use characters no tokenizer merges with the text around them (the stretch is never tokenized).
@@ -233,6 +233,24 @@ class VisionSemanticTokenizer(SemanticTokenizer):
 
     def tokens_of(self, grid: np.ndarray) -> int:
         return self.images.tokens_of(grid)
+
+    def filler(self) -> dict[str, Any]:
+        """A sample that is one blank image and nothing else: no label, default type. Under DDP / FSDP a batch
+        without images gets it as an extra row, so every rank runs the vision tower in step (FSDP gathers its
+        blocks on all ranks together; DDP waits for their gradients) and the row adds nothing to any loss."""
+        from PIL import Image
+
+        side = 2 * int(getattr(self.images.image_processor, "patch_size", 14)) * self.images.merge
+        pixels, grid = self.images.one(Image.new("RGB", (side, side), (128, 128, 128)))
+        ids = self.prefix_ids + [self.image_token_id] * self.tokens_of(grid[0]) + self.suffix_ids
+        return {
+            "input_ids": ids,
+            "attention_mask": [1] * len(ids),
+            "labels": [IGNORE_INDEX] * len(ids),
+            "semantic_ids": [self.types.default_id] * len(ids),
+            "pixel_values": pixels,
+            "image_grid_thw": grid,
+        }
 
     def _prompt_matches(self, input_ids: list[int], messages: Sequence[Mapping[str, Any]], tools: Any) -> bool:
         """The prompt's text tokens (vision tokens left out) decode to the render with each placeholder left out."""

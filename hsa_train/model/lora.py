@@ -42,3 +42,18 @@ def apply_lora(model: nn.Module, settings: Any, train_lambdas: bool, skip: nn.Mo
         for param in model.hsa.parameters():
             param.requires_grad_(True)
     return peft_model
+
+
+def trainable_parts(model: nn.Module, model_cfg: Any, train_lambdas: bool) -> tuple[nn.Module, list[str]]:
+    """What trains, as `model_cfg` asks: a vision tower frozen (`freeze_vision`; null = frozen with LoRA), then
+    LoRA adapters (none inside a frozen tower). Returns the model (peft-wrapped with LoRA) and notes for the log."""
+    from hsa_train.model.vision import freeze_vision, vision_tower
+
+    lora = model_cfg.lora.enabled
+    frozen = model_cfg.freeze_vision if model_cfg.freeze_vision is not None else lora
+    notes = []
+    if frozen and freeze_vision(model):
+        notes.append("note: the vision tower is frozen (model.freeze_vision); the language model trains")
+    if lora:
+        model = apply_lora(model, model_cfg.lora, train_lambdas, skip=vision_tower(model) if frozen else None)
+    return model, notes

@@ -111,6 +111,13 @@ def generated_answer_sums(
                 if k:
                     prompt["pixel_values"] = pixels[: int(grids[:k].prod(dim=1).sum())]
                     prompt["image_grid_thw"] = grids[:k]
+            if synced and not any("image_grid_thw" in prompt for prompt in prompts):
+                # ranks decode in step, and some rank's first step runs the vision tower: so does this one's, on
+                # a row with images that is not scored (the collator's filler when nothing else has one)
+                r = next(r for r, (_, grids) in enumerate(rows) if len(grids))
+                n = int(batch["attention_mask"][r].sum())
+                extra = {k: batch[k][r, :n].tolist() for k in ("input_ids", "semantic_ids")}
+                prompts.append({**extra, "pixel_values": rows[r][0], "image_grid_thw": rows[r][1]})
         new_tokens = max(e - s for _, s, e in spans)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:

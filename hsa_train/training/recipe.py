@@ -34,8 +34,7 @@ from hsa_train.model.loading import (
     load_tokenizer,
     semantic_tokenizer,
 )
-from hsa_train.model.lora import apply_lora
-from hsa_train.model.vision import freeze_vision, vision_tower
+from hsa_train.model.lora import trainable_parts
 from hsa_train.training import checkpoint
 from hsa_train.training import distributed as D
 from hsa_train.training.console import Console, Tracker
@@ -119,6 +118,8 @@ class Recipe:
         if multiple is None and run.hsa.enabled and runs_flex(run.hsa.backend, self.device):
             multiple = LENGTH_BUCKET  # few distinct lengths: the compiled kernel is not rebuilt step after step
         self.collator = SemanticCollator.from_tokenizer(st, multiple)
+        if self.image_processor is not None and self.info.world > 1:  # every rank runs the vision tower in step
+            self.collator.image_filler = st.filler()
         self.data = load_run_data(data, st, self.collator, run.seed, on_main=lambda fn: D.on_main(fn, self.info))
         self.eval_samples, self.extra_evals = self.data.eval, self.data.eval_sets
         if not st.renders_tools and self.data.uses_tools:
@@ -158,16 +159,8 @@ class Recipe:
                 debug=hsa_cfg.debug,
             )
         self.lora = run.model.lora.enabled
-        frozen_vision = run.model.freeze_vision if run.model.freeze_vision is not None else self.lora
-        if frozen_vision and freeze_vision(model):
-            self._notes.append("note: the vision tower is frozen (model.freeze_vision); the language model trains")
-        if self.lora:
-            model = apply_lora(
-                model,
-                run.model.lora,
-                train_lambdas=hsa_cfg.enabled and bool(hsa_cfg.learnable),
-                skip=vision_tower(model) if frozen_vision else None,
-            )
+        model, notes = trainable_parts(model, run.model, train_lambdas=hsa_cfg.enabled and bool(hsa_cfg.learnable))
+        self._notes += notes
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         model.to(self.device)
