@@ -150,6 +150,11 @@ def test_bad_images_name_the_problem(st, tmp_path):
         ([{"role": "user", "content": "<image> <image>", "images": [SCENE]}], "placeholder count: message 0 has 2"),
         ([{"role": "user", "content": "no placeholder", "images": [SCENE]}], "placeholder count: message 0 has 0"),
         (
+            [{"role": "user", "content": "<image>", "images": [7]}],
+            "unreadable image: message 0 image 0: .int. is not a path",
+        ),
+        ([{"role": "user", "content": "<image>", "images": [{"x": 1}]}], "unreadable image: message 0 image 0: an ima"),
+        (
             [{"role": "user", "content": "<image>", "images": [SCENE, str(narrow)], "semantic_type": None}],
             "placeholder count",
         ),

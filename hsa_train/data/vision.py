@@ -41,7 +41,9 @@ def open_image(ref: Any):
         elif ref.get("path"):
             ref = ref["path"]
         else:
-            raise ValueError(f"an image dict needs 'path' or 'bytes', got keys {sorted(ref)}")
+            raise ValueError(f"unreadable image: an image dict needs 'path' or 'bytes', it has {sorted(ref)}")
+    if not isinstance(ref, (str, io.BytesIO)):
+        raise ValueError(f"unreadable image: {type(ref).__name__!r} is not a path, a picture or {{'path'|'bytes'}}")
     where = ref if isinstance(ref, str) else "the image bytes"
     if isinstance(ref, str) and not Path(ref).is_file():
         raise FileNotFoundError(ref)
