@@ -456,3 +456,20 @@ def test_ranks_decoding_in_step_all_run_the_vision_tower(vl_tokenizer, st, monke
     assert len(in_step) == 2 and torch.equal(
         in_step[1]["image_grid_thw"], torch.as_tensor(collate.image_filler["image_grid_thw"])
     )
+
+
+def test_the_processed_image_cache_is_bounded_in_bytes(st, monkeypatch):
+    """Processed pictures are kept per process up to a byte budget (real Qwen2-VL images are megabytes each),
+    least recently used out first, and a cached picture is the same as a fresh one."""
+    from hsa_train.data import vision
+
+    images = vision.ImageProcessing(st.images.image_processor)
+    one = images.one(SCENE)[0].nbytes
+    monkeypatch.setattr(vision, "IMAGE_CACHE_BYTES", 2 * one)
+    images = vision.ImageProcessing(st.images.image_processor)
+    fresh = images.one(SCENE)[0].copy()
+    for name in ("scene_blue_top_left.png", "scene_green_top_left.png", "scene_red_top_right.png"):
+        images.one(str(IMAGES / name))
+        assert images._bytes <= 2 * one and images._bytes == sum(p.nbytes for p, _ in images._cache.values())
+    assert len(images._cache) == 2 and vision.image_key(SCENE) not in images._cache
+    assert (images.one(SCENE)[0] == fresh).all()

@@ -26,7 +26,7 @@ from hsa_train.data.tokenizer import IGNORE_INDEX, Encoding, SemanticTokenizer
 # made of private-use characters no tokenizer merges with the text around them (the stretch is never tokenized).
 SENTINEL = "\ue000" + "\ue001" * (len(IMAGE_PLACEHOLDER) - 2) + "\ue002"
 _PROBE_TEXT = "probe"
-IMAGE_CACHE_SIZE = 256  # processed images kept per process (a trajectory often shows the same picture again)
+IMAGE_CACHE_BYTES = 256 << 20  # processed pixels kept per process (trajectories show the same picture again)
 
 
 def open_image(ref: Any):
@@ -75,7 +75,8 @@ class ImageProcessing:
     def __init__(self, image_processor: Any):
         self.image_processor = image_processor
         self.merge = int(getattr(image_processor, "merge_size", 1) or 1)
-        self._cache: OrderedDict[Any, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[Any, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # least recently used first
+        self._bytes = 0
         self.files: dict[str, tuple[int, int]] = {}  # image files read: path -> (size, mtime_ns), for the cache
 
     def config(self) -> dict[str, Any]:
@@ -104,10 +105,11 @@ class ImageProcessing:
                 f"after resizing > max_pixels {budget} (its aspect ratio keeps a side at the minimum); crop it, or "
                 "raise model.image_processor.max_pixels"
             )
-        if key is not None:
+        if key is not None and pixels.nbytes <= IMAGE_CACHE_BYTES:
             self._cache[key] = (pixels, grid)
-            if len(self._cache) > IMAGE_CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._bytes += pixels.nbytes
+            while self._bytes > IMAGE_CACHE_BYTES:
+                self._bytes -= self._cache.popitem(last=False)[1][0].nbytes
         return pixels, grid
 
     def max_pixels(self) -> int | None:
