@@ -19,13 +19,12 @@ import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from hsa_train.data.dataset import encode_files
 from hsa_train.model.hsa import HSALambdas, enable_hsa, hsa_settings
-from hsa_train.model.loading import load_pretrained, load_tokenizer, semantic_tokenizer
+from hsa_train.model.loading import folder_semantic_tokenizer, load_pretrained
 from hsa_train.model.vision import vision_inputs
 
 QUERIES = ("answer", "all")
@@ -241,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if trained is None:
             print(f"note: {model_dir} was not trained with HSA; measuring the default λ {settings.lambdas}")
         model.to(args.device).eval()
-        tokenizer = load_tokenizer(str(model_dir))
-        folder = SimpleNamespace(name_or_path=str(model_dir), trust_remote_code=False, image_processor={}, arch=None)
-        types = hsa_settings(model).semantic_types
-        st = semantic_tokenizer(folder, tokenizer, types.names, types.default)  # a vision model's with its processor
+        st = folder_semantic_tokenizer(str(model_dir), model)  # a vision model's with its image processor
         samples, _ = encode_files(args.data, st)
         samples = samples[: args.samples]
         result = attention_by_type(model, samples, len(settings.types), args.queries, args.device)

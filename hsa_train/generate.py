@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -28,7 +27,7 @@ from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.model.export import load_exported
 from hsa_train.model.generation import generate_batch
 from hsa_train.model.hsa import enable_hsa, hsa_settings
-from hsa_train.model.loading import DTYPES, load_tokenizer, semantic_tokenizer
+from hsa_train.model.loading import DTYPES, folder_semantic_tokenizer
 
 
 def load_for_generation(model_dir: str, device: str, dtype: str, backend: str | None):
@@ -46,10 +45,7 @@ def load_for_generation(model_dir: str, device: str, dtype: str, backend: str | 
     if hsa_settings(base) is None or backend is not None:
         enable_hsa(base, backend=backend)
     model.to(device).eval()
-    tokenizer = load_tokenizer(str(path))
-    types = hsa_settings(base).semantic_types
-    folder = SimpleNamespace(name_or_path=str(path), trust_remote_code=False, image_processor={}, arch=None)
-    return model, semantic_tokenizer(folder, tokenizer, types.names, types.default, config=base.config)
+    return model, folder_semantic_tokenizer(str(path), base)
 
 
 def generation_options(args, st: SemanticTokenizer) -> dict:

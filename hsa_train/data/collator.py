@@ -14,15 +14,19 @@ from hsa_train.types import DEFAULT_TYPE, DEFAULT_TYPES
 TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "semantic_ids")
 
 
+def _has_image(sample: Mapping[str, Any]) -> bool:
+    return sample.get("image_grid_thw") is not None and len(sample["image_grid_thw"]) > 0
+
+
 def has_images(samples: Sequence[Mapping[str, Any]]) -> bool:
-    return any(s.get("image_grid_thw") is not None and len(s["image_grid_thw"]) for s in samples)
+    return any(map(_has_image, samples))
 
 
 def add_vision(batch: dict[str, torch.Tensor], samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """The samples' images, in token order (rows in order, documents in order within a row: the order the model
     meets their image tokens in the flattened batch): `pixel_values` (patches, dim) and `image_grid_thw`
     (images, 3), concatenated. A batch without images gets neither."""
-    with_images = [s for s in samples if s.get("image_grid_thw") is not None and len(s["image_grid_thw"])]
+    with_images = [s for s in samples if _has_image(s)]
     if with_images:
         batch["pixel_values"] = torch.cat(
             [torch.as_tensor(s["pixel_values"], dtype=torch.float32) for s in with_images]

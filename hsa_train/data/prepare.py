@@ -249,17 +249,18 @@ def prepare(
     digests.save()
     root = root if root is not None else _temporary_root()
     found = cache.find(root, key)
-    if found is not None and Reports.from_dict(cache.read_meta(found)["reports"]).images_changed():
+    meta = cache.read_meta(found) if found is not None else None
+    reports = Reports.from_dict(meta["reports"]) if meta is not None else None
+    if reports is not None and reports.images_changed():
         shutil.rmtree(found, ignore_errors=True)  # an image changed under an unchanged dataset file: rebuild
         found = None
-    if found is None:
+    cached = found is not None
+    if not cached:
         found = _build(spec, st, pre, root, key, num_proc)
-        cached = False
-    else:
-        cached = True
-    meta = cache.read_meta(found)
+        meta = cache.read_meta(found)
+        reports = Reports.from_dict(meta["reports"])
     samples = _open(found, meta["shards"])
-    return Prepared(samples, Reports.from_dict(meta["reports"]), spec.name, key, meta["digest"], cached)
+    return Prepared(samples, reports, spec.name, key, meta["digest"], cached)
 
 
 def _open(folder: Path, n_shards: int) -> EncodedSet:

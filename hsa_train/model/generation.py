@@ -84,12 +84,13 @@ def generate_batch(
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     if getattr(model.config, "hsa", None):
         inputs["semantic_ids"] = semantic_ids.to(device)
-    with_images = [p for p in prompts if p.get("image_grid_thw") is not None and len(p["image_grid_thw"])]
-    if with_images:  # in row order, as the model meets their tokens; rope positions come from the model itself
+    from hsa_train.data.collator import add_vision
+
+    images = add_vision({}, prompts)  # in row order, as the model meets their tokens
+    if images:  # rope positions come from the model itself (its get_rope_index reads the attention mask)
         from hsa_train.model.vision import mm_token_type_ids
 
-        inputs["pixel_values"] = torch.cat([torch.as_tensor(p["pixel_values"]) for p in with_images]).to(device)
-        inputs["image_grid_thw"] = torch.cat([torch.as_tensor(p["image_grid_thw"]) for p in with_images]).to(device)
+        inputs |= {k: v.to(device) for k, v in images.items()}
         inputs["mm_token_type_ids"] = mm_token_type_ids(model.config, inputs["input_ids"])
     out = model.generate(**inputs, pad_token_id=pad_token_id, **generate_kwargs)
     stops = generate_kwargs.get("eos_token_id")

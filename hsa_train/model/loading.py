@@ -120,6 +120,18 @@ def semantic_tokenizer(model_cfg, tokenizer, types, default_type, train_on: str 
     return VisionSemanticTokenizer(tokenizer, processor, types, default_type, train_on, image_token=image_token)
 
 
+def folder_semantic_tokenizer(folder: str, model):
+    """The SemanticTokenizer of a saved model folder (a run's model/ or adapter/) for `model`, loaded from it:
+    the folder's tokenizer (and image processor for a vision model), the model's HSA types."""
+    from types import SimpleNamespace
+
+    from hsa_train.model.hsa import model_types
+
+    source = SimpleNamespace(name_or_path=str(folder), trust_remote_code=False, image_processor={}, arch=None)
+    types = model_types(model)
+    return semantic_tokenizer(source, load_tokenizer(str(folder)), types.names, types.default, config=model.config)
+
+
 def _is_causal_lm(config) -> bool:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -240,7 +252,8 @@ def build_model(
 def load_pretrained(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """A saved model, through the Auto class its config calls for (causal LM, or image-text-to-text)."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return _auto_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    auto = _auto_class(config)
+    return auto.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 class Processing:

@@ -29,10 +29,6 @@ def is_vision_config(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def is_vision_model(model: nn.Module) -> bool:
-    return is_vision_config(getattr(model, "config", None))
-
-
 def attn_implementation_for(model: nn.Module, name: str) -> str | dict:
     """The `set_attn_implementation` argument that gives `name` to the text model and keeps every other sub-model
     (the vision tower, an audio tower) on the attention it has: a plain name for a text-only model, else a dict
@@ -131,26 +127,21 @@ def vision_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str,
     types = mm_token_type_ids(config, batch["input_ids"])
     out["mm_token_type_ids"] = types
     if "position_ids" in batch:
-        out["position_ids"] = packed_rope_positions(model, batch["input_ids"], types, batch["image_grid_thw"], batch)
+        out["position_ids"] = packed_rope_positions(model, batch, types)
     return out
 
 
-def packed_rope_positions(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    types: torch.Tensor,
-    image_grid_thw: torch.Tensor,
-    batch: dict[str, torch.Tensor],
-) -> torch.Tensor:
+def packed_rope_positions(model: nn.Module, batch: dict[str, torch.Tensor], types: torch.Tensor) -> torch.Tensor:
     """(4, B, L) positions of a packed batch: each document's rope positions as if it were alone (a document
-    restarts where the text positions `batch["position_ids"]` do; the padding tail is a document without images)."""
+    restarts where the text positions `batch["position_ids"]` do; the padding tail is a document without images).
+    `types`: the batch's `mm_token_type_ids`."""
     owner = _rope_owner(model)
     if owner is None:
         raise ValueError(f"{type(model).__name__} has images but no get_rope_index: cannot place its vision tokens")
-    text = batch["position_ids"]
+    input_ids, text = batch["input_ids"], batch["position_ids"]
     rows, width = input_ids.shape
     rope = text[None].repeat(3, 1, 1).clone()
-    grids = iter(image_grid_thw)
+    grids = iter(batch["image_grid_thw"])
     for row in range(rows):
         starts = (torch.nonzero(text[row] == 0).flatten().tolist()) + [width]
         for a, b in zip(starts, starts[1:]):
