@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -126,7 +127,30 @@ def main() -> None:
         print(f"hsa_train: config error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.argv += _shared_run_dir_overrides(argv)
-    run()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _run_as_rank()
+    else:
+        run()
+
+
+def _run_as_rank() -> None:
+    """One torchrun rank: the run, then `distributed.leave` with the exit code the interpreter would give, so
+    the rank skips the interpreter's teardown (where gloo's threads can abort it)."""
+    from hsa_train.training.distributed import leave
+
+    code = 1
+    try:
+        run()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # a bug: its traceback, as an uncaught exception prints it
+        traceback.print_exc()
+    leave(code)
 
 
 if __name__ == "__main__":

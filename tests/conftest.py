@@ -85,10 +85,64 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
 
 def cli_env() -> dict[str, str]:
     """The environment for `python -m hsa_train` subprocesses: offline, no wandb (torchrun sets one thread per
-    worker itself)."""
+    worker itself); a crash prints every thread's Python stack (faulthandler)."""
     import os
 
-    return dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    return dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONFAULTHANDLER="1")
+
+
+def run_torchrun(*args: str, cwd: Path, nproc: int = 2, timeout: int = 300):
+    """`torchrun --standalone --nproc-per-node=N -m hsa_train *args`, as users run it; the result's stdout and
+    stderr are the launcher's followed by each rank's own (torchrun's per-rank logs), so a crash reads rank by
+    rank. A run still going at `timeout` is a hang: every process of the launch gets SIGABRT, faulthandler
+    prints where each rank was stuck, and the test fails with that."""
+    import signal
+    import subprocess
+    import sys
+
+    logs = Path(tempfile.mkdtemp(prefix="torchrun-logs-", dir=cwd))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["--log-dir", str(logs), "--redirects", "3", "-m", "hsa_train", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*_descendants(proc.pid), proc.pid]:  # ranks first (torchrun gives each its own session)
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        proc.communicate(timeout=60)
+        pytest.fail(f"torchrun hung for {timeout} s; where each rank was:\n{_rank_logs(logs, 'stderr')[-12000:]}")
+    out += _rank_logs(logs, "stdout")
+    err += _rank_logs(logs, "stderr")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _rank_logs(folder: Path, stream: str) -> str:
+    """Each rank's `stream` from torchrun's --log-dir, under a header naming the rank."""
+    logs = sorted(folder.glob(f"**/attempt_*/*/{stream}.log"), key=lambda p: int(p.parent.name))
+    return "".join(f"\n--- rank {log.parent.name} {stream} ---\n{log.read_text(errors='replace')}" for log in logs)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children before their children."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            children = [int(c) for c in task.read_text().split()]
+            found += children
+            todo += children
+    return found
+
+
+def assert_ran(proc) -> None:
+    """A subprocess run that must have succeeded; on failure the end of what it printed (stderr holds the
+    crash, stdout how far the run got)."""
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(scope="session")

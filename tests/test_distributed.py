@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, demo_subset
+from conftest import assert_ran, demo_subset, run_cli, run_torchrun
 
 COMMON = [
     "model.arch.hidden_size=32",
@@ -35,26 +35,15 @@ def data(small_data) -> Path:
 
 
 def launch(run_dir: Path, data: Path, *extra: str, nproc: int = 1) -> dict:
-    env = cli_env()
     one = data.with_name("one.jsonl")  # an eval set smaller than the world: one rank has a record, one has none
     if not one.exists():
         demo_subset(one, 1)
     args = [*COMMON, f"data.train_files=[{data}]", f"+data.eval_sets.one=[{one}]", f"hydra.run.dir={run_dir}", *extra]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "hsa_train", *args]
+        proc = run_cli(*args, cwd=run_dir.parent, timeout=TIMEOUT)
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "hsa_train",
-            *args,
-        ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=run_dir.parent)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        proc = run_torchrun(*args, cwd=run_dir.parent, nproc=nproc, timeout=TIMEOUT)
+    assert_ran(proc)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -145,21 +134,8 @@ def test_fsdp_matches_single_process_and_resumes_from_sharded_checkpoints(tmp_pa
 
 def test_ranks_share_one_timestamped_run_directory(tmp_path, data):
     """Without hydra.run.dir each rank's Hydra would stamp its own folder; rank 0's stamp wins everywhere."""
-    env = cli_env()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "hsa_train",
-        *COMMON,
-        "train.max_steps=2",
-        f"data.train_files=[{data}]",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_torchrun(*COMMON, "train.max_steps=2", f"data.train_files=[{data}]", cwd=tmp_path, timeout=TIMEOUT)
+    assert_ran(proc)
     (run_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert (run_dir / "metrics.json").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
@@ -212,3 +188,53 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+
+
+@pytest.mark.parametrize(
+    "outcome, code, printed",
+    [
+        (None, 0, ""),
+        (SystemExit(2), 2, ""),  # _fail's one-line errors
+        (SystemExit(None), 0, ""),
+        (SystemExit("stopped by hand"), 1, "stopped by hand"),
+        (KeyboardInterrupt(), 130, ""),
+        (RuntimeError("a bug"), 1, "RuntimeError: a bug"),  # its traceback, as Python prints it
+    ],
+)
+def test_a_rank_leaves_with_the_exit_code_the_interpreter_would_give(monkeypatch, capsys, outcome, code, printed):
+    import hsa_train.__main__ as entry
+    import hsa_train.training.distributed as D
+
+    def run():
+        if outcome is not None:
+            raise outcome
+
+    class Left(Exception):
+        pass
+
+    def leave(value):
+        raise Left(value)
+
+    monkeypatch.setattr(entry, "run", run)
+    monkeypatch.setattr(D, "leave", leave)
+    with pytest.raises(Left) as left:
+        entry._run_as_rank()
+    assert left.value.args == (code,)
+    err = capsys.readouterr().err
+    assert (printed in err) if printed else err == ""
+
+
+def test_leave_runs_exit_handlers_and_flushes_before_it_exits(tmp_path):
+    """`leave` skips only the interpreter's teardown: atexit handlers run, buffered output is not lost."""
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from hsa_train.training.distributed import leave\n"
+        f"atexit.register(pathlib.Path({str(tmp_path / 'handler_ran')!r}).touch)\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "leave(3)\n"
+        "print('never')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "buffered, no newline"
+    assert (tmp_path / "handler_ran").is_file()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, demo_subset
+from conftest import assert_ran, demo_subset, run_cli, run_torchrun
 
 from hsa_train.data import SemanticCollator, SemanticTokenizer
 from hsa_train.model.export import load_exported
@@ -51,11 +49,11 @@ def run(root: Path, name: str, *extra: str, nproc: int = 1) -> dict:
         f"hydra.run.dir={root / name}",
         *extra,
     ]
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [sys.executable, *launcher, "-m", "hsa_train", *args]
-    env = cli_env()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if nproc == 1:
+        proc = run_cli(*args, cwd=root)
+    else:
+        proc = run_torchrun(*args, cwd=root, nproc=nproc, timeout=600)
+    assert_ran(proc)
     return json.loads((root / name / "metrics.json").read_text())
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
+from conftest import assert_ran, cli_env, run_cli, run_torchrun
 
 from hsa_train.config import bundled_path
 
@@ -156,10 +156,8 @@ def test_two_processes_match_one_with_images(tmp_path, vl_data, mode):
     common = [*SMALL, f"data.train_files=[{vl_data}]", "data.eval_ratio=0.25", "train.max_steps=3", *frozen]
     single = train(tmp_path, "single", vl_data, "train.micro_batch_size=4", "train.max_steps=3", *frozen)
     assert (single["params_trained"] < single["params"]) == (mode == "fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "hsa_train"]
     args = [*common, "train.micro_batch_size=2", f"train.distributed={mode}", f"hydra.run.dir={tmp_path / mode}"]
-    proc = subprocess.run([*cmd, *args], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_ran(run_torchrun(*args, cwd=tmp_path))
     run = metrics_of(tmp_path / mode)
     assert run["distributed"] == mode and run["world_size"] == 2
     assert run["train_losses"] == pytest.approx(single["train_losses"], abs=1e-5)
@@ -195,7 +193,6 @@ def test_text_only_samples_train_beside_images_on_two_ranks(tmp_path, vl_data, m
     common = [f"data.train_files=[{mixed}]", "data.eval_ratio=0.25", "train.max_steps=3", "eval.generate=true"]
     common += ["data.cutoff_len=4096", "train.eval_batch_size=2"]
     single = run_vl(tmp_path, "single", *common, "train.micro_batch_size=4")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "hsa_train"]
     args = [
         *SMALL,
         *common,
@@ -203,8 +200,7 @@ def test_text_only_samples_train_beside_images_on_two_ranks(tmp_path, vl_data, m
         f"train.distributed={mode}",
         f"hydra.run.dir={tmp_path / mode}",
     ]
-    proc = subprocess.run([*cmd, *args], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_ran(run_torchrun(*args, cwd=tmp_path))
     run = metrics_of(tmp_path / mode)
     # the filler rows change matrix shapes, hence fp32 rounding: 1e-4 is far below what a wrong loss would move
     assert run["train_losses"] == pytest.approx(single["train_losses"], abs=1e-4)

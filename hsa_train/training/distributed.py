@@ -5,9 +5,12 @@ Launch with `torchrun`; `train.distributed=auto` picks DDP when WORLD_SIZE > 1. 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -80,9 +83,31 @@ def join_process_group() -> None:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(clean: bool = False) -> None:
+    """Leaves the process group; after a clean run the ranks first meet, so none leaves while another still
+    talks to it (after a failure they may not all get here: no meeting then)."""
+    if not dist.is_initialized():
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """Ends a torchrun rank: exit handlers and flushed streams as in a normal exit, then `os._exit`, without the
+    interpreter's teardown. Under FSDP the process group outlives `destroy_process_group` (DTensor's caches keep
+    its device mesh), so gloo's worker threads still run during that teardown; one that then lets go of a
+    collective's tensor takes the GIL, and CPython stops it with an unwind that aborts the process ("terminate
+    called without an active exception", pytorch/pytorch#190489). Everything the run writes is written by now."""
+    try:
+        atexit._run_exitfuncs()  # what a normal exit runs first: logging's flush, temporary folders, trackers
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said
+                pass
+        os._exit(code)
 
 
 def rank_device(device: torch.device, info: DistInfo) -> torch.device:

@@ -422,4 +422,4 @@ class Recipe:
             self.tracker.finish(exit_code)
         for lock in self._locks:
             lock.release()
-        D.shutdown()
+        D.shutdown(clean=exit_code == 0)
