@@ -131,7 +131,10 @@ def _descendants(pid: int) -> list[int]:
     while todo:
         parent = todo.pop()
         for task in Path(f"/proc/{parent}/task").glob("*/children"):
-            children = [int(c) for c in task.read_text().split()]
+            try:
+                children = [int(c) for c in task.read_text().split()]
+            except OSError:  # it ended meanwhile
+                continue
             found += children
             todo += children
     return found
