@@ -162,6 +162,7 @@ def test_two_processes_match_one_with_images(tmp_path, vl_data, mode):
     assert run["distributed"] == mode and run["world_size"] == 2
     assert run["train_losses"] == pytest.approx(single["train_losses"], abs=1e-5)
     assert run["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
+    assert run["tokens_seen"] == single["tokens_seen"]
 
 
 def test_generate_cli_replies_to_conversations_with_images(full_run, vl_data, tmp_path):
@@ -206,3 +207,4 @@ def test_text_only_samples_train_beside_images_on_two_ranks(tmp_path, vl_data, m
     assert run["train_losses"] == pytest.approx(single["train_losses"], abs=1e-4)
     assert run["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-4)
     assert run["eval_exact_match"] == single["eval_exact_match"] and run["samples_eval"] == single["samples_eval"]
+    assert run["tokens_seen"] == single["tokens_seen"]  # the blank image rows are not counted as data

@@ -22,10 +22,16 @@ def has_images(samples: Sequence[Mapping[str, Any]]) -> bool:
     return any(map(_has_image, samples))
 
 
-def add_vision(batch: dict[str, torch.Tensor], samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+def add_vision(
+    batch: dict[str, torch.Tensor], samples: Sequence[Mapping[str, Any]], filler: bool = False
+) -> dict[str, torch.Tensor]:
     """The samples' images, in token order (rows in order, documents in order within a row: the order the model
     meets their image tokens in the flattened batch): `pixel_values` (patches, dim) and `image_grid_thw`
-    (images, 3), concatenated. A batch without images gets neither."""
+    (images, 3), concatenated. A batch without images gets neither. When the last sample is the collator's
+    blank image (`filler`), `filler_tokens` says how many tokens it has: they are not data, so the
+    tokens-seen count leaves them out."""
+    if filler:
+        batch["filler_tokens"] = torch.tensor(len(samples[-1]["input_ids"]))
     with_images = [s for s in samples if _has_image(s)]
     if with_images:
         batch["pixel_values"] = torch.cat(
@@ -78,7 +84,8 @@ class SemanticCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("SemanticCollator: empty batch")
-        if self.image_filler is not None and not has_images(features):
+        filler = self.image_filler is not None and not has_images(features)
+        if filler:
             features = [*features, self.image_filler]  # the last row: every rank's forward runs the vision tower
         fields = [f for f in TOKEN_FIELDS if f in features[0]]
         if "input_ids" not in fields:
@@ -97,7 +104,7 @@ class SemanticCollator:
                 else:
                     out[row, width - len(values) :] = values
             batch[f] = out
-        return add_vision(batch, features)
+        return add_vision(batch, features, filler)
 
 
 def check_fields(features: Sequence[Mapping[str, Any]], fields: list[str], who: str, what: str) -> list[int]:
@@ -150,7 +157,8 @@ class PackedCollator:
     def __call__(self, bins: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
         if not bins:
             raise ValueError("PackedCollator: empty batch")
-        if self.image_filler is not None and not has_images([feat for docs in bins for feat in docs]):
+        filler = self.image_filler is not None and not has_images([feat for docs in bins for feat in docs])
+        if filler:
             bins = [*bins, [self.image_filler]]
         samples = [feat for docs in bins for feat in docs]
         if any(not docs for docs in bins):
@@ -188,4 +196,4 @@ class PackedCollator:
             batch["attention_mask"][row, :start] = 1
             positions[row, start:] = torch.arange(width - start)  # the padding: a pseudo-document of its own
         batch["position_ids"] = positions
-        return add_vision(batch, samples)
+        return add_vision(batch, samples, filler)

@@ -52,7 +52,7 @@ def accumulate_gradients(
     the *whole* global batch (all ranks, all micro-batches), so the step's gradient is the mean over its label
     tokens however the samples are split. `scale` undoes the averaging DDP / FSDP apply over ranks; `sync(last)`
     gives the context that skips gradient synchronisation before the last micro-batch.
-    Returns (this rank's share of the step's mean loss, its non-padding input tokens)."""
+    Returns (this rank's share of the step's mean loss, its data tokens: not padding, not a blank image row)."""
     if n_labels == 0:
         raise ValueError("the batch has no label tokens")
     loss_sum, n_tokens = 0.0, 0
@@ -61,7 +61,7 @@ def accumulate_gradients(
             loss = token_loss_sum(forward(batch), next_token_targets(batch)) / n_labels
             (loss * scale).backward()
         loss_sum += loss.item()
-        n_tokens += int(batch["attention_mask"].sum())
+        n_tokens += int(batch["attention_mask"].sum()) - int(batch.get("filler_tokens", 0))  # data tokens only
     return loss_sum, n_tokens
 
 
