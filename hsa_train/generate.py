@@ -10,6 +10,7 @@ cache and the bias, every generated token typed `hsa.generated_type`. A conversa
 message has that message regenerated: it is written out as the reference beside the new reply.
 
 In the chat, every user turn takes the current type (`/type KEY_EVENT` changes it; `/types` lists them);
+`/image PATH` attaches a picture to the next user turn (vision models; its tokens take that turn's type),
 `/system TEXT` sets a system message, `/reset` starts over, `/quit` (or end of input) leaves.
 """
 
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from hsa_train.data.formats import IMAGE_PLACEHOLDER
 from hsa_train.data.loader import load_records
 from hsa_train.data.tokenizer import SemanticTokenizer
+from hsa_train.data.vision import VisionSemanticTokenizer, open_image
 from hsa_train.model.export import load_exported
 from hsa_train.model.generation import generate_batch
 from hsa_train.model.hsa import enable_hsa, hsa_settings
@@ -113,6 +116,7 @@ def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
     kind = args.user_type or st.types.default
     messages: list[dict] = []
     system = None
+    images: list[str] = []  # attached to the next user turn
     print(
         f"chat with {args.model}: /type NAME sets the user turns' type ({', '.join(st.types.names)}), /quit", file=out
     )
@@ -136,21 +140,49 @@ def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
             elif command == "/system":
                 system = {"role": "system", "content": rest, "semantic_type": st.types.names[0]}
                 print(f"system message set ({system['semantic_type']})", file=out)
+            elif command == "/image":
+                problem = _image_problem(st, rest.strip())
+                if problem:
+                    print(problem, file=out)
+                else:
+                    images.append(str(Path(rest.strip()).resolve()))
+                    print(f"image {len(images)} goes with your next message", file=out)
             elif command == "/reset":
-                messages = []
+                messages, images = [], []
                 print("conversation reset", file=out)
             else:
-                print("commands: /type NAME, /types, /system TEXT, /reset, /quit", file=out)
+                print("commands: /type NAME, /types, /image PATH, /system TEXT, /reset, /quit", file=out)
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line, "semantic_type": kind})
-        conversation = ([system] if system else []) + messages
-        prompt = st.encode_prompt(conversation, generated_type=generated)
+        turn = {"role": "user", "content": IMAGE_PLACEHOLDER * len(images) + line, "semantic_type": kind}
+        conversation = ([system] if system else []) + messages + [{**turn, "images": images} if images else turn]
+        try:
+            prompt = st.encode_prompt(conversation, generated_type=generated)
+        except ValueError as exc:  # e.g. a picture removed since /image, or over the processor's max_pixels
+            print(f"not sent: {' '.join(str(exc).split())}", file=out)
+            images = []
+            continue
+        messages, images = conversation[1:] if system else conversation, []
         ids = generate_batch(model, [prompt], st.tokenizer.pad_token_id, st.types.default_id, **options)[0]
         reply = reply_text(st, ids)
         messages.append({"role": "assistant", "content": reply, "semantic_type": generated})
         print(f"model> {reply}", file=out, flush=True)
+
+
+def _image_problem(st: SemanticTokenizer, path: str) -> str | None:
+    """Why `/image path` cannot be attached (one line), or None."""
+    if not isinstance(st, VisionSemanticTokenizer):
+        return "this model takes no images (it is a text-only model)"
+    if not path:
+        return "usage: /image PATH"
+    try:
+        open_image(path)
+    except FileNotFoundError:
+        return f"no such image file: {path}"
+    except ValueError as exc:  # "unreadable image: ..."
+        return " ".join(str(exc).split())
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,3 +208,54 @@ def test_text_only_samples_train_beside_images_on_two_ranks(tmp_path, vl_data, m
     assert run["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-4)
     assert run["eval_exact_match"] == single["eval_exact_match"] and run["samples_eval"] == single["samples_eval"]
     assert run["tokens_seen"] == single["tokens_seen"]  # the blank image rows are not counted as data
+
+
+def test_chat_attaches_pictures_to_the_next_user_turn(full_run, vl_data, tmp_path, monkeypatch):
+    """`/image PATH` in the chat: the picture goes in with the next message, as a `<image>` placeholder and the
+    message's `images` (so its tokens take that turn's type). A missing file, a file that is no picture and a
+    picture the processor refuses are named in one line; the conversation goes on without them."""
+    import argparse
+    import io
+
+    from PIL import Image
+
+    from hsa_train.data import SemanticTokenizer
+    from hsa_train.generate import _image_problem, chat, load_for_generation
+    from hsa_train.model.loading import load_tokenizer
+
+    _, metrics = full_run
+    model, st = load_for_generation(metrics["model_dir"], "cpu", "float32", None)
+    scene = json.loads(vl_data.read_text().splitlines()[0])["images"][0]
+    not_a_picture = tmp_path / "notes.png"
+    not_a_picture.write_text("hello")
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (3000, 20)).save(wide)  # 1344 x 28 after Qwen's resize: over the tiny processor's max_pixels
+    sent = []
+    encode = st.encode_prompt
+    monkeypatch.setattr(
+        st, "encode_prompt", lambda conv, **kw: sent.append([dict(m) for m in conv]) or encode(conv, **kw)
+    )
+    script = [
+        f"/image {tmp_path / 'gone.png'}",
+        f"/image {not_a_picture}",
+        f"/image {scene}",
+        "Which corner?",
+        f"/image {wide}",
+        "and now?",
+        "plain text",
+        "/quit",
+    ]
+    out = io.StringIO()
+    args = argparse.Namespace(model=metrics["model_dir"], max_new_tokens=2, sample=False, user_type=None)
+    chat(model, st, args, io.StringIO("\n".join(script) + "\n"), out)
+    text = out.getvalue()
+    assert f"no such image file: {tmp_path / 'gone.png'}" in text and f"unreadable image: {not_a_picture}" in text
+    assert "image 1 goes with your next message" in text and "not sent: image too large" in text
+    assert text.count("model> ") == 2  # the turn with the scene, and "plain text"
+    first, refused, last = sent
+    assert first[-1]["content"] == "<image>Which corner?" and first[-1]["images"] == [str(Path(scene).resolve())]
+    assert refused[-1]["images"] == [str(wide.resolve())]
+    assert [m["content"] for m in last] == [first[-1]["content"], last[1]["content"], "plain text"]  # refused: gone
+    assert last[0]["images"] == first[-1]["images"] and "images" not in last[-1]
+    text_only = SemanticTokenizer(load_tokenizer(None))
+    assert _image_problem(text_only, scene) == "this model takes no images (it is a text-only model)"
