@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from hsa_train.data.collator import add_vision
 from hsa_train.data.dataset import encode_files
 from hsa_train.model.hsa import HSALambdas, enable_hsa, hsa_settings
 from hsa_train.model.loading import folder_semantic_tokenizer, load_pretrained
@@ -78,9 +79,7 @@ def attention_by_type(
             continue
         onehot = torch.nn.functional.one_hot(sem[0], n_types).double()  # (K, T): image tokens in their message's type
         batch = {"input_ids": ids, "semantic_ids": sem, "attention_mask": torch.ones_like(ids)}
-        if "image_grid_thw" in sample.features:
-            batch["pixel_values"] = torch.as_tensor(sample.features["pixel_values"])
-            batch["image_grid_thw"] = torch.as_tensor(sample.features["image_grid_thw"])
+        batch = add_vision(batch, [sample.features])
         inputs = {**batch, **vision_inputs(model, batch)}
         for name in totals:
             with bias_off(model) if name == "without_bias" else torch.no_grad():

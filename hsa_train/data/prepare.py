@@ -29,6 +29,7 @@ from hsa_train.data.store import EncodedSet, Sample, Writer
 from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.data.truncate import FitInfo, TruncationReport, fit
 from hsa_train.data.typing import TypingReport
+from hsa_train.data.vision import image_key
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,7 @@ class Reports:
     def images_changed(self) -> str | None:
         """The first image file read while preparing that is gone or was written since (then the entry is
         rebuilt: its pixels are part of the samples, and the dataset file that names the image is unchanged)."""
-        for path, (size, mtime) in self.images.items():
-            try:
-                stat = Path(path).stat()
-            except OSError:
-                return path
-            if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
-                return path
-        return None
+        return next((path for path, stamp in self.images.items() if image_key(path) != (path, *stamp)), None)
 
 
 def _max_chars(st: SemanticTokenizer, cutoff_len: int | None) -> int | None:

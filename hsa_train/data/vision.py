@@ -212,7 +212,7 @@ class VisionSemanticTokenizer(SemanticTokenizer):
                 ) from None
             pixels.append(p)
             grids.append(g)
-            ids.append(self.prefix_ids + [self.image_token_id] * self.tokens_of(g) + self.suffix_ids)
+            ids.append(self.image_ids(g))
 
         def media(text: str) -> list[tuple[int, int, list[int]]]:
             out, pos = [], 0
@@ -238,6 +238,11 @@ class VisionSemanticTokenizer(SemanticTokenizer):
     def tokens_of(self, grid: np.ndarray) -> int:
         return self.images.tokens_of(grid)
 
+    def image_ids(self, grid: np.ndarray) -> list[int]:
+        """The tokens one image of patch grid `grid` stands for: the wrapper around one image token per merged
+        patch."""
+        return self.prefix_ids + [self.image_token_id] * self.tokens_of(grid) + self.suffix_ids
+
     def filler(self) -> dict[str, Any]:
         """A sample that is one blank image and nothing else: no label, default type. Under DDP / FSDP a batch
         without images gets it as an extra row, so every rank runs the vision tower in step (FSDP gathers its
@@ -246,7 +251,7 @@ class VisionSemanticTokenizer(SemanticTokenizer):
 
         side = 2 * int(getattr(self.images.image_processor, "patch_size", 14)) * self.images.merge
         pixels, grid = self.images.one(Image.new("RGB", (side, side), (128, 128, 128)))
-        ids = self.prefix_ids + [self.image_token_id] * self.tokens_of(grid[0]) + self.suffix_ids
+        ids = self.image_ids(grid)
         return {
             "input_ids": ids,
             "attention_mask": [1] * len(ids),
