@@ -162,13 +162,15 @@ def test_auto_picks_per_device_and_model(model_factory):
 
 
 def test_models_outside_the_registry_are_refused():
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A model whose attention is not a registered function gets a clear refusal, not a model that runs without
+    the bias."""
+    from legacy_attention_model import LegacyConfig, LegacyForCausalLM
 
     from hsa_train import enable_hsa
 
-    config = AutoConfig.for_model("falcon", vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=1)
-    with pytest.raises(RuntimeError, match="does not go through transformers' AttentionInterface"):
-        enable_hsa(AutoModelForCausalLM.from_config(config))
+    model = LegacyForCausalLM(LegacyConfig())
+    with pytest.raises(RuntimeError, match="LegacyForCausalLM did not accept .*does not go through transformers' Att"):
+        enable_hsa(model)
 
 
 def test_debug_logs_each_layer_once_and_checks_the_types(model_factory, caplog):

@@ -46,3 +46,48 @@ def test_wheel_ships_configs_data_and_tokenizer(tmp_path):
         "hsa_train/assets/tokenizer/tokenizer_config.json",
         "hsa_train/assets/tokenizer/chat_template.jinja",
     } <= names
+
+
+# Packages that change their internals between minor releases, which HSA reaches into (attention and mask
+# registries, FSDP2, flex, peft's wrappers, datasets' Arrow): each needs an upper bound that CI has passed on.
+FAST_MOVING = ("torch", "transformers", "peft", "datasets")
+
+
+def _requirements():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        listed += extra
+    return [Requirement(r) for r in listed]
+
+
+def test_fast_moving_packages_have_an_upper_bound():
+    by_name = {r.name.lower(): r for r in _requirements()}
+    for name in FAST_MOVING:
+        operators = {s.operator for s in by_name[name].specifier}
+        assert operators & {"<", "<=", "~=", "=="}, f"{name} has no upper bound in pyproject.toml: {by_name[name]}"
+
+
+def test_installed_versions_are_inside_the_bounds():
+    """An older copy already installed (or one pinned by hand) must not hide what a fresh machine resolves: every
+    installed requirement of the project is inside its range, and the README names the tested versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    outside = []
+    for req in _requirements():
+        try:
+            installed = Version(version(req.name))
+        except PackageNotFoundError:
+            continue  # an optional extra this environment did not install
+        if not req.specifier.contains(installed, prereleases=True):
+            outside.append(f"{req.name} {installed} (pyproject.toml asks {req.specifier})")
+    assert not outside, "installed versions outside the project's bounds: " + "; ".join(outside)
+    readme = (ROOT / "README.md").read_text()
+    for name in FAST_MOVING:  # a patch release inside the bounds needs no README change; a minor one does
+        release = Version(version(name)).release
+        assert f"{name} {release[0]}.{release[1]}." in readme, f"README's tested versions do not name {name} {release}"
