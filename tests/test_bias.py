@@ -54,7 +54,7 @@ def test_backends_match_the_formula(attention, head_scaling):
     semantic_ids = torch.tensor([[0, 2, 1, 2, 2, 1, 0], [2, 2, 0, 1, 2, 2, 2]])
     padding = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])  # second row left-padded
     mask = hsa_mask(batch_size=B, q_length=L, kv_length=L, attention_mask=padding.bool())
-    ctx = HSAForwardContext(semantic_ids, torch.tensor(LAMBDAS), head_scaling)
+    ctx = HSAForwardContext(semantic_ids, torch.tensor(LAMBDAS), head_scaling, num_heads=H)
     out, _ = attention(FakeAttention().eval(), q, k, v, mask, scaling=D**-0.5, hsa_context=ctx)
     ref = brute_force(q, k, v, semantic_ids, padding, LAMBDAS, head_scaling)
     real = padding.bool()  # rows of padding queries are unconstrained
@@ -68,7 +68,7 @@ def test_bias_is_built_once_per_forward_and_shared_by_heads():
     first = ctx.attention_bias(mask, q, k, torch.float32)
     assert ctx.attention_bias(mask, q, k, torch.float32) is first
     assert first.shape == (1, 1, 5, 5)
-    alibi = HSAForwardContext(torch.zeros(1, 5, dtype=torch.long), torch.tensor(LAMBDAS), "alibi")
+    alibi = HSAForwardContext(torch.zeros(1, 5, dtype=torch.long), torch.tensor(LAMBDAS), "alibi", num_heads=4)
     assert alibi.attention_bias(mask, q, k, torch.float32).shape == (1, 4, 5, 5)
 
 
@@ -95,7 +95,7 @@ def test_fewer_queries_than_keys_match_the_formula(attention, head_scaling):
     padding = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])
     mask = hsa_mask(batch_size=B, q_length=Q, kv_length=K, q_offset=K - Q, attention_mask=padding.bool())
     assert mask.shape == (B, 1, Q, K)
-    ctx = HSAForwardContext(semantic_ids, torch.tensor(LAMBDAS), head_scaling)
+    ctx = HSAForwardContext(semantic_ids, torch.tensor(LAMBDAS), head_scaling, num_heads=H)
     out, _ = attention(FakeAttention().eval(), q, k, v, mask, scaling=D**-0.5, hsa_context=ctx)
     ref = brute_force(q, k, v, semantic_ids, padding, LAMBDAS, head_scaling)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -149,3 +149,55 @@ def test_lambda_gradient_matches_a_per_element_reference(head_scaling, q_len):
     sum(e * w for e, w in zip(entries, weights)).backward()
     torch.testing.assert_close(ours.double(), lam_ref.grad, atol=1e-5, rtol=1e-5)
     assert ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["unpadded", "right-padded", "left-padded", "alibi", "per-head λ", "grouped 6 over 2"])
+def test_both_sdpa_routes_match_the_formula(monkeypatch, case):
+    """The sdpa backend takes the dot-product route (the bias as two extra q / k dimensions of a stock causal
+    kernel) on a mask plan of a causal uncached batch, and the materialised bias on a boolean mask: both equal the
+    formula, values and gradients in q, k, v and λ."""
+    from hsa_train.model import attention as A
+    from hsa_train.model.mask import hsa_mask_plan
+
+    routes = []
+    real_route = A.dot_product_attention
+    monkeypatch.setattr(A, "dot_product_attention", lambda *a, **kw: routes.append(1) or real_route(*a, **kw))
+    torch.manual_seed(7)
+    B, H, Hkv, L, D = 2, 4, 2, 9, 8
+    if case == "grouped 6 over 2":
+        H = 6
+    head_scaling = "alibi" if case == "alibi" else "none"
+    pad = {"right-padded": [[1] * 9, [1] * 6 + [0] * 3], "left-padded": [[1] * 9, [0] * 4 + [1] * 5]}
+    padding = torch.tensor(pad.get(case, [[1] * 9] * 2))
+    semantic_ids = torch.randint(0, 3, (B, L))
+    lambdas = torch.tensor(LAMBDAS, dtype=torch.float64)
+    if case == "per-head λ":
+        lambdas = torch.rand(H, 3, dtype=torch.float64) * 0.5
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    masks = {
+        "dot product": hsa_mask_plan(batch_size=B, q_length=L, kv_length=L, attention_mask=padding.bool()),
+        "materialised": hsa_mask(batch_size=B, q_length=L, kv_length=L, attention_mask=padding.bool()),
+    }
+    if case == "unpadded":
+        masks["dot product"] = hsa_mask_plan(batch_size=B, q_length=L, kv_length=L)
+    real = padding.bool()
+    grads = {}
+    for route, mask in masks.items():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        lam = lambdas.float().clone().requires_grad_()
+        ctx = HSAForwardContext(semantic_ids, lam, head_scaling, num_heads=H)
+        routes.clear()
+        out, _ = hsa_sdpa_attention(FakeAttention().eval(), *leaves, mask, scaling=D**-0.5, hsa_context=ctx)
+        assert len(routes) == (route == "dot product")
+        if lambdas.ndim == 1:
+            ref = brute_force(q, k, v, semantic_ids, padding, lambdas.tolist(), head_scaling)
+        else:  # per head: the formula with each head's own λ
+            ref = torch.stack(
+                [brute_force(q, k, v, semantic_ids, padding, lambdas[h].tolist(), "none")[:, :, h] for h in range(H)],
+                dim=2,
+            )
+        torch.testing.assert_close(out.double()[real], ref[real], atol=2e-5, rtol=2e-5)
+        (out[real] * torch.linspace(-1, 1, out[real].numel()).view_as(out[real])).sum().backward()
+        grads[route] = [t.grad for t in leaves] + [lam.grad]
+    for ours, theirs in zip(grads["dot product"], grads["materialised"]):
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)

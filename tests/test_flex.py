@@ -9,13 +9,16 @@ from test_bias import LAMBDAS, FakeAttention, brute_force
 
 from hsa_train.model import flex
 from hsa_train.model.context import HSAForwardContext
-from hsa_train.model.flex import hsa_flex_attention, hsa_flex_mask
+from hsa_train.model.flex import hsa_flex_attention
+from hsa_train.model.mask import hsa_mask_plan
 
 
 def run_flex(q, k, v, semantic_ids, padding, lambdas, head_scaling="none", softcap=None, scaling=None):
     B, Q, K = q.shape[0], q.shape[2], k.shape[2]
-    plan = hsa_flex_mask(batch_size=B, q_length=Q, kv_length=K, q_offset=K - Q, attention_mask=padding.bool())
-    ctx = HSAForwardContext(semantic_ids, torch.as_tensor(lambdas), head_scaling, new_tokens=Q, cached=Q < K)
+    plan = hsa_mask_plan(batch_size=B, q_length=Q, kv_length=K, q_offset=K - Q, attention_mask=padding.bool())
+    ctx = HSAForwardContext(
+        semantic_ids, torch.as_tensor(lambdas), head_scaling, num_heads=q.shape[1], new_tokens=Q, cached=Q < K
+    )
     out, _ = hsa_flex_attention(
         FakeAttention().eval(), q, k, v, plan, scaling=scaling or q.shape[-1] ** -0.5, softcap=softcap, hsa_context=ctx
     )
@@ -105,15 +108,15 @@ def test_one_block_mask_per_forward_and_nothing_quadratic(monkeypatch):
     B, H, L, D = 2, 4, 64, 8
     sem = torch.randint(0, 3, (B, L))
     padding = torch.ones(B, L, dtype=torch.long)
-    plan = hsa_flex_mask(batch_size=B, q_length=L, kv_length=L, attention_mask=padding.bool())
-    ctx = HSAForwardContext(sem, torch.tensor(LAMBDAS), "alibi", new_tokens=L)
+    plan = hsa_mask_plan(batch_size=B, q_length=L, kv_length=L, attention_mask=padding.bool())
+    ctx = HSAForwardContext(sem, torch.tensor(LAMBDAS), "alibi", num_heads=H, new_tokens=L)
     with torch.no_grad():
         for _ in range(2):
             q, k, v = torch.randn(B, H, L, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D)
             hsa_flex_attention(FakeAttention().eval(), q, k, v, plan, hsa_context=ctx)
     assert len(built) == 1
-    tensors = [t for t in ctx._memo.values() if isinstance(t, torch.Tensor)]
-    assert tensors and all(t.numel() <= B * H * L for t in tensors)
+    assert list(ctx._memo) == [("block_mask", id(plan), L, L, torch.device("cpu"))]
+    assert ctx.token_slopes.shape == (B, H, L)  # the per-key slopes, built in the pre-hook: O(N)
 
 
 def test_a_model_through_compiled_flex_equals_eager(model_factory, clone):
@@ -138,18 +141,27 @@ def test_a_model_through_compiled_flex_equals_eager(model_factory, clone):
 
 
 def test_auto_picks_per_device_and_model(model_factory):
-    """auto: flex's plan where the mask step runs on CUDA, the boolean mask (sdpa, or eager for soft-capped logits)
-    elsewhere; the default backend. flex cannot train on CPU and says so."""
+    """auto: flex where attention runs on CUDA, sdpa (or eager for soft-capped logits) elsewhere; the default
+    backend. Every backend's mask step records a plan (no data read). flex cannot train on CPU and says so."""
     from archs import tiny
+    from transformers.masking_utils import AttentionMaskInterface
 
     from hsa_train import enable_hsa
-    from hsa_train.model.attention import hsa_auto_mask
-    from hsa_train.model.flex import FlexMaskPlan
+    from hsa_train.model.attention import auto_choice, hsa_eager_attention, hsa_sdpa_attention
     from hsa_train.model.hsa import HSASettings
+    from hsa_train.model.mask import MaskPlan, hsa_mask_plan
 
     assert HSASettings().backend == "auto"
-    assert isinstance(hsa_auto_mask(batch_size=1, q_length=4, kv_length=4, device="cuda"), FlexMaskPlan)
-    assert hsa_auto_mask(batch_size=1, q_length=4, kv_length=4, device="cpu").dtype == torch.bool
+    assert auto_choice("cuda", False, None) is hsa_flex_attention
+    assert auto_choice("cuda", False, 30.0) is hsa_flex_attention  # flex soft-caps inside its score_mod
+    assert auto_choice("cuda", True, None) is hsa_sdpa_attention  # flex has no attention dropout
+    assert auto_choice("cpu", False, None) is hsa_sdpa_attention
+    assert auto_choice("cpu", False, 30.0) is hsa_eager_attention
+    plan = hsa_mask_plan(batch_size=1, q_length=4, kv_length=4, device="cpu")
+    assert isinstance(plan, MaskPlan) and plan.causal and plan.padding is None
+    for backend in ("eager", "sdpa", "flex", "auto"):
+        enable_hsa(model_factory(), backend=backend)
+        assert AttentionMaskInterface._global_mapping[f"hsa_{backend}"] is hsa_mask_plan
     gemma = enable_hsa(tiny("gemma2"))  # soft-capped: sdpa would refuse; auto serves it with eager on CPU
     assert gemma.config._attn_implementation == "hsa_auto"
     ids = torch.tensor([[3, 4, 5, 6]])

@@ -57,9 +57,22 @@ def pad_values(who: str, pad_token_id: int | None, default_type_id: int, pad_to_
     }
 
 
+def bucket_length(n: int, base: int = 128) -> int:
+    """The smallest of base x {1, 2, 3, 4, 6, 8, 12, 16, 24, ...} that holds `n` tokens (multiples of `base`,
+    growing by 1.5x and 4/3x in turn from 4 x base): a compiled kernel per length is built ~2·log2(L / base) times
+    in a run, not once per batch length, for at most a third of a batch in padding."""
+    if n <= 4 * base:
+        return max(1, -(-n // base)) * base
+    size = 4 * base
+    while size < n:
+        size = size * 3 // 2 if (size // base) & (size // base - 1) == 0 else size * 4 // 3
+    return size
+
+
 class SemanticCollator:
     """Right- (or left-) pads `input_ids` with the pad id, `labels` with -100, `attention_mask` with 0 and
-    `semantic_ids` with the default type's id, to the longest row or a multiple of `pad_to_multiple_of`."""
+    `semantic_ids` with the default type's id, to the longest row, a multiple of `pad_to_multiple_of`, or with
+    `bucket_lengths` the `bucket_length` above it (for compiled kernels that are built per shape: flex)."""
 
     def __init__(
         self,
@@ -67,19 +80,23 @@ class SemanticCollator:
         default_type_id: int = DEFAULT_TYPES.index(DEFAULT_TYPE),
         pad_to_multiple_of: int | None = None,
         padding_side: str = "right",
+        bucket_lengths: bool = False,
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"SemanticCollator: padding_side={padding_side!r}; use 'right' or 'left'")
         self.pad_values = pad_values("SemanticCollator", pad_token_id, default_type_id, pad_to_multiple_of)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
+        self.bucket_lengths = bucket_lengths
         self.image_filler: Mapping[str, Any] | None = None  # vision runs on several ranks (VisionSemanticTokenizer)
 
     @classmethod
-    def from_tokenizer(cls, st, pad_to_multiple_of: int | None = None, padding_side: str = "right"):
+    def from_tokenizer(
+        cls, st, pad_to_multiple_of: int | None = None, padding_side: str = "right", bucket_lengths: bool = False
+    ):
         """The collator for a SemanticTokenizer's samples: its pad id and its default type, so the padding's type
         comes from the same settings as every token's."""
-        return cls(st.tokenizer.pad_token_id, st.types.default_id, pad_to_multiple_of, padding_side)
+        return cls(st.tokenizer.pad_token_id, st.types.default_id, pad_to_multiple_of, padding_side, bucket_lengths)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
@@ -94,6 +111,8 @@ class SemanticCollator:
         width = max(lengths)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        elif self.bucket_lengths:
+            width = bucket_length(width)
         batch = {}
         for f in fields:
             out = torch.full((len(features), width), self.pad_values[f], dtype=torch.long)

@@ -14,14 +14,19 @@ from typing import Any
 import torch
 
 from hsa_train.model.bias import Span, head_slopes, hsa_bias, key_decay, work_dtype
+from hsa_train.model.mask import MaskPlan
+from hsa_train.model.mask import allowed as mask_allowed
 
 
 class HSAForwardContext:
     """`semantic_ids` (B, T) types every token of the whole sequence: the cached ones and the `new_tokens` this
     forward feeds. `lambdas` is λ per type (T,) or per head and type (H, T), read by the model's pre-hook before
-    any decoder layer runs: FSDP2 prepends its own pre-forward hook, so its parameters are gathered by then, and no
-    op on λ happens inside a checkpointed layer (a cached result computed there would be missing from that layer's
-    recomputation)."""
+    any decoder layer runs: FSDP2 prepends its own pre-forward hook, so its parameters are gathered by then.
+
+    Every op on λ happens here, in the pre-hook, outside any checkpointed layer: `token_slopes`, λ_h of every token
+    (B, H|1, T) in the work dtype, which layers only slice (a cached result computed inside layer 0 would be missing
+    from that layer's recomputation, and activation checkpointing refuses the difference). The one exception, the
+    materialised bias, goes through `_HSABias`, which saves nothing. Nothing here reads data on the host."""
 
     def __init__(
         self,
@@ -29,16 +34,32 @@ class HSAForwardContext:
         lambdas: torch.Tensor,
         head_scaling: str,
         position_ids: torch.Tensor | None = None,
+        *,
+        num_heads: int | None = None,
+        dtype: torch.dtype = torch.float32,
         new_tokens: int | None = None,
         cached: bool = False,
         debug_names: list[str] | None = None,
     ):
+        if num_heads is None:  # callers outside the model (tests, benchmarks) may leave it to λ's shape
+            if head_scaling != "none":
+                raise ValueError(f"head_scaling={head_scaling!r} needs num_heads")
+            num_heads = lambdas.shape[0] if lambdas.ndim == 2 else 1
+        if lambdas.ndim == 2 and lambdas.shape[0] != num_heads:
+            raise ValueError(
+                f"hsa.learnable=per_head holds λ for {lambdas.shape[0]} heads, the model has {num_heads} attention "
+                "heads"
+            )
         self.semantic_ids = semantic_ids
         self.lambdas = lambdas
         self.head_scaling = head_scaling
+        self.num_heads = num_heads
         self.new_tokens = new_tokens
         self.cached = cached
         self.debug_names = debug_names
+        self.token_slopes = key_decay(
+            semantic_ids, lambdas, head_slopes(num_heads, head_scaling, semantic_ids.device), work_dtype(dtype)
+        )
         self.documents = documents_of(position_ids, semantic_ids) if not cached else None
         self._memo: dict[tuple, Any] = {}
 
@@ -79,20 +100,27 @@ class HSAForwardContext:
 
     def slopes(self, num_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """λ (T,) or (H, T) and the head scaling m_h (or None), checked against this layer's query heads."""
-        if self.lambdas.ndim == 2 and self.lambdas.shape[0] != num_heads:
-            raise ValueError(
-                f"hsa.learnable=per_head holds λ for {self.lambdas.shape[0]} heads, this attention layer has "
-                f"{num_heads} query heads"
-            )
+        self._check_heads(num_heads)
         return self.lambdas, head_slopes(num_heads, self.head_scaling, device=device)
+
+    def _check_heads(self, num_heads: int) -> None:
+        """Per-head slopes (learned per head, or ALiBi-scaled) were built for the config's head count."""
+        if num_heads != self.num_heads and (self.lambdas.ndim == 2 or self.head_scaling != "none"):
+            raise ValueError(
+                f"HSA was set up for {self.num_heads} attention heads (the model config's), this attention layer "
+                f"has {num_heads} query heads"
+            )
 
     def key_slopes(
         self, span: Span, num_heads: int, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """λ_h of every key of `span`, (B, H|1, K), in float32 (float64 for a float64 model): what the flex
-        `score_mod` reads (O(N) memory)."""
-        lambdas, slopes = self.slopes(num_heads, device)
-        return key_decay(self.key_types(span, device), lambdas, slopes, work_dtype(dtype))
+        """λ_h of every key of `span`, (B, H|1, K), in float32 (float64 for a float64 model): a slice of the
+        pre-hook's `token_slopes` (O(N) memory); a static cache's slots past the end get 0 (they are masked)."""
+        self._check_heads(num_heads)
+        lam = self.token_slopes[:, :, span.k_start : span.k_start + span.k_len]
+        if lam.shape[-1] < span.k_len:
+            lam = torch.nn.functional.pad(lam, (0, span.k_len - lam.shape[-1]))
+        return lam.to(device=device, dtype=work_dtype(dtype))
 
     def debug_layer(self, module, backend: str, query: torch.Tensor, key: torch.Tensor) -> None:
         """Under hsa.debug, the layer's bias statistics, logged the first time it runs."""
@@ -118,6 +146,8 @@ class HSAForwardContext:
         span = self.span(query.shape[2], key.shape[2])
         lambdas, slopes = self.slopes(query.shape[1], query.device)
         allowed, additive = None, None
+        if isinstance(attention_mask, MaskPlan):
+            attention_mask = mask_allowed(attention_mask, query.device)
         if attention_mask is not None:
             if attention_mask.shape[-1] != span.k_len:
                 raise ValueError(f"attention mask spans {attention_mask.shape[-1]} keys, attention spans {span.k_len}")
@@ -141,14 +171,13 @@ class HSAForwardContext:
 
 
 def documents_of(position_ids: torch.Tensor | None, semantic_ids: torch.Tensor) -> torch.Tensor | None:
-    """(B, T) document index per token when `position_ids` restart inside a row (packed documents), else None.
-    transformers detects packing only without an attention mask and without a cache; the bias needs it always,
-    since SPEC §3 promises that attention never crosses a document. Only full-length 2D position ids are read
-    (a decoding step's cover only the new tokens: no packing there)."""
+    """(B, T) document index per token when full-length 2D `position_ids` are given (they restart inside a row
+    where documents are packed), else None. transformers detects packing only without an attention mask and
+    without a cache; the bias needs it always, since SPEC §3 promises that attention never crosses a document.
+    Whether the ids restart is not asked (that would read data on the host in every forward): a row of one
+    document is one document index. A decoding step's ids cover only the new tokens: no packing there."""
     if position_ids is None or position_ids.ndim != 2 or position_ids.shape[-1] != semantic_ids.shape[-1]:
         return None
     pos = position_ids.to(semantic_ids.device).expand(semantic_ids.shape[0], -1)
     starts = (pos[:, 1:] - pos[:, :-1]) != 1
-    if not bool(starts.any()):
-        return None
     return torch.nn.functional.pad(starts.long().cumsum(-1), (1, 0))

@@ -9,10 +9,15 @@ forward of each step sees one type per token of the whole sequence and the KV ca
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 _CLASSES: dict[type, type] = {}
+_told_no_compile = False
 
 
 class HSAGenerationMixin:
@@ -26,6 +31,19 @@ class HSAGenerationMixin:
                 "SemanticTokenizer.encode_prompt gives them)"
             )
         super()._validate_model_kwargs(model_kwargs)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """No auto-compile: transformers would compile each step's forward (static cache, accelerator), but
+        semantic_ids grow by one token a step, and every step would build a new graph (and a new CUDA graph)."""
+        global _told_no_compile
+        would = super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+        if would and not _told_no_compile:
+            log.info(
+                "hsa: generate's auto-compile is off for HSA models (semantic_ids grow every step, so each step "
+                "would recompile); decoding runs uncompiled"
+            )
+            _told_no_compile = True
+        return False
 
     def _update_model_kwargs_for_generation(
         self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1

@@ -105,14 +105,31 @@ class HSALambdas(nn.Module):
         return f"lambdas={shown}, learnable={self.learnable}"
 
 
-def _past_length(kwargs: dict) -> tuple[int, bool]:
-    """Tokens already in the forward's KV cache, and whether it has a cache at all."""
+def _past_length(kwargs: dict) -> tuple[int | None, bool]:
+    """Tokens already in the forward's KV cache (None when the cache counts them in a tensor, as a static cache
+    does: reading it would sync the device), and whether it has a cache at all."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return 0, False
     if not hasattr(cache, "get_seq_length"):
         raise ValueError(f"HSA needs a transformers Cache object as the KV cache, got {type(cache).__name__}")
-    return int(cache.get_seq_length()), True
+    past = cache.get_seq_length()
+    return (None if isinstance(past, torch.Tensor) else past), True
+
+
+def _check_ids(semantic_ids: torch.Tensor, names: list[str]) -> None:
+    """Type ids in range. On the host (CPU, eager), a clear error; on an accelerator or under torch.compile, an
+    asynchronous device assert: reading the ids there would stall the stream and break the graph."""
+    n_types = len(names)
+    if semantic_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if semantic_ids.numel() and (int(semantic_ids.min()) < 0 or int(semantic_ids.max()) >= n_types):
+            raise ValueError(
+                f"semantic_ids holds ids outside [0, {n_types}): the model knows {n_types} types ({', '.join(names)})"
+            )
+        return
+    torch._assert_async(
+        ((semantic_ids >= 0) & (semantic_ids < n_types)).all(), f"semantic_ids holds ids outside [0, {n_types})"
+    )
 
 
 def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -134,35 +151,41 @@ def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         raise ValueError(f"semantic_ids must be integer type ids, got dtype {semantic_ids.dtype}")
     past, cached = _past_length(kwargs)
     new_tokens = ref.shape[1] if ref is not None else None
+    known = ref is not None and past is not None
     if semantic_ids.ndim != 2 or (
-        ref is not None and (semantic_ids.shape[0] != ref.shape[0] or semantic_ids.shape[1] != past + new_tokens)
+        ref is not None
+        and (semantic_ids.shape[0] != ref.shape[0] or (known and semantic_ids.shape[1] != past + new_tokens))
     ):
-        shape = (ref.shape[0], past + new_tokens) if ref is not None else "?"
-        cover = f": the {past} cached tokens and the {new_tokens} new ones" if cached and ref is not None else ""
+        shape = (ref.shape[0], past + new_tokens) if known else (ref.shape[0] if ref is not None else "?", "...")
+        cover = f": the {past} cached tokens and the {new_tokens} new ones" if cached and known else ""
         raise ValueError(
             f"semantic_ids has shape {tuple(semantic_ids.shape)}; expected (batch, seq_len) = {shape}{cover}"
         )
     hsa: HSALambdas = model.hsa
-    n_types = hsa.raw.shape[-1]
-    if semantic_ids.numel() and (int(semantic_ids.min()) < 0 or int(semantic_ids.max()) >= n_types):
-        raise ValueError(
-            f"semantic_ids holds ids outside [0, {n_types}): the model knows {n_types} types "
-            f"({', '.join(model.config.hsa['types'])})"
-        )
+    lambdas = hsa.values()
+    semantic_ids = semantic_ids.to(device=lambdas.device, dtype=torch.long)
+    _check_ids(semantic_ids, model.config.hsa["types"])
     if model.config.hsa.get("debug"):
         from hsa_train.model.debug import check_batch
 
         check_batch(model, semantic_ids, kwargs, ref)
     kwargs["hsa_context"] = HSAForwardContext(
-        semantic_ids.long(),
-        hsa.values(),
+        semantic_ids,
+        lambdas,
         model.config.hsa["head_scaling"],
-        text_positions(kwargs.get("position_ids")),
+        num_heads=attention_heads(model),
+        dtype=_compute_dtype(model),
+        position_ids=text_positions(kwargs.get("position_ids")),
         new_tokens=new_tokens,
         cached=cached,
         debug_names=model.config.hsa["types"] if model.config.hsa.get("debug") else None,
     )
     return args, kwargs
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in (its first floating parameter's): float64 models get a float64 bias."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def text_positions(position_ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ from hsa_train.data.pipeline import load_run_data
 from hsa_train.data.vision import VisionSemanticTokenizer
 from hsa_train.model import enable_hsa
 from hsa_train.model.export import export_model
-from hsa_train.model.flex import LENGTH_BUCKET, runs_flex
+from hsa_train.model.flex import runs_flex
 from hsa_train.model.hsa import learned_lambdas
 from hsa_train.model.loading import (
     Processing,
@@ -105,6 +105,7 @@ class Recipe:
         if resume_from is not None:
             self._resume(resume_from)
         self._open_reporting()
+        D.set_collective_timeout(cfg.collective_timeout_s, self.info)  # training's; setup may wait longer
         self.restart_throughput_window()  # tokens/s counts training from here, not the setup
 
     def _setup_data(self) -> None:
@@ -114,10 +115,9 @@ class Recipe:
         )
         st = semantic_tokenizer(run.model, self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on)
         self.image_processor = st.images.image_processor if isinstance(st, VisionSemanticTokenizer) else None
-        multiple = data.pad_to_multiple_of
-        if multiple is None and run.hsa.enabled and runs_flex(run.hsa.backend, self.device):
-            multiple = LENGTH_BUCKET  # few distinct lengths: the compiled kernel is not rebuilt step after step
-        self.collator = SemanticCollator.from_tokenizer(st, multiple)
+        # flex compiles one kernel per shape: bucketed lengths bound how many a run builds (flex.py)
+        bucket = run.hsa.enabled and runs_flex(run.hsa.backend, self.device)
+        self.collator = SemanticCollator.from_tokenizer(st, data.pad_to_multiple_of, bucket_lengths=bucket)
         if self.image_processor is not None and self.info.world > 1:  # every rank runs the vision tower in step
             self.collator.image_filler = st.filler()
         self.data = load_run_data(data, st, self.collator, run.seed, on_main=lambda fn: D.on_main(fn, self.info))
