@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from hsa_train.model.attention import hsa_eager_attention, hsa_mask, hsa_sdpa_attention
+from hsa_train.model.attention import hsa_eager_attention, hsa_sdpa_attention
 from hsa_train.model.context import HSAForwardContext
-from hsa_train.model.flex import hsa_flex_attention, hsa_flex_mask
+from hsa_train.model.flex import hsa_flex_attention
+from hsa_train.model.mask import hsa_mask_plan
 
 LAMBDAS = [0.0, 0.01, 0.1]
 VARIANTS = ("sdpa causal", "flex causal", "HSA eager", "HSA sdpa", "HSA flex")
@@ -42,8 +43,9 @@ class Layer(torch.nn.Module):
     """What the attention functions read from their module: `training`."""
 
 
-def make_call(variant: str, q, k, v, types):
-    """A function running one attention call of `variant` from scratch (mask, bias, kernel)."""
+def make_call(variant: str, q, k, v, types, lambdas: torch.Tensor | None = None):
+    """A function running one attention call of `variant` from scratch (mask, bias, kernel). `lambdas`: λ per type
+    (default `LAMBDAS`); a tensor that requires grad times the learnable-λ path."""
     L, device = q.shape[2], q.device
     layer = Layer().train(q.requires_grad)
     if variant == "sdpa causal":
@@ -59,18 +61,18 @@ def make_call(variant: str, q, k, v, types):
             return compiled(q, k, v, block_mask=mask, enable_gqa=True)
 
         return run
-    lambdas = torch.tensor(LAMBDAS, device=device)
+    lambdas = torch.tensor(LAMBDAS, device=device) if lambdas is None else lambdas
 
     def context():
         return HSAForwardContext(types, lambdas, "none", new_tokens=L)
 
     if variant == "HSA flex":
         return lambda: hsa_flex_attention(
-            layer, q, k, v, hsa_flex_mask(batch_size=1, q_length=L, kv_length=L, device=device), hsa_context=context()
+            layer, q, k, v, hsa_mask_plan(batch_size=1, q_length=L, kv_length=L, device=device), hsa_context=context()
         )[0]
     attention = hsa_eager_attention if variant == "HSA eager" else hsa_sdpa_attention
     return lambda: attention(
-        layer, q, k, v, hsa_mask(batch_size=1, q_length=L, kv_length=L, device=device), hsa_context=context()
+        layer, q, k, v, hsa_mask_plan(batch_size=1, q_length=L, kv_length=L, device=device), hsa_context=context()
     )[0]
 
 

@@ -57,3 +57,23 @@ def test_attention_benchmark_runs_every_variant(tmp_path):
     for row in rows.values():
         assert all(row[v]["seconds_median"] > 0 for v in row) and row["HSA flex"]["ratio_to_sdpa_causal"] > 0
     assert "| 128 |" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_check_runs_every_phase_on_cpu(tmp_path):
+    out = tmp_path / "check"
+    run_script("gpu_check.py", "--device", "cpu", "--quick", "--strict", "--out", str(out), tmp_path=tmp_path)
+    report = json.loads((out / "gpu_check.json").read_text())
+    phases = report["phases"]
+    assert list(phases) == ["P0", "P1", "P2", "P3", "P4", "P5"]
+    for name, phase in phases.items():  # every phase runs on CPU (flex backward variants are skipped inside P3)
+        assert phase["status"] == "ok", (name, phase["error"], [c for c in phase["checks"] if c["ok"] is False])
+        assert phase["seconds"] > 0 and phase["data"]["summary"]
+    assert phases["P1"]["data"]["modes"]["learnable"]["kernel_ran"] == ["sdpa"]  # auto is sdpa on CPU
+    assert all(step["syncs_forward"] is None for step in phases["P1"]["data"]["modes"]["plain"]["steps"])
+    assert set(phases["P2"]["data"]["rows"]) == {"eager bf16", "sdpa fp32", "sdpa bf16", "flex fp32", "flex bf16"}
+    p3 = phases["P3"]["data"]["lengths"]
+    assert set(p3) == {"256", "512"} and all(r["variants"]["sdpa causal"]["total_ms_median"] > 0 for r in p3.values())
+    assert "skipped" in p3["256"]["variants"]["HSA flex, learnable λ"]
+    assert phases["P5"]["data"]["setup"]["process_group"] == "gloo"
+    table = (out / "gpu_check.md").read_text()
+    assert all(f"| {name} |" in table for name in phases)

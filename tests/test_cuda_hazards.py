@@ -37,7 +37,7 @@ def test_one_dtype_reaches_each_kernel_under_autocast(monkeypatch, backend):
         monkeypatch.setattr(F, "scaled_dot_product_attention", _recording(F.scaled_dot_product_attention, seen))
     if backend == "flex":
         real = flex._flex
-        monkeypatch.setattr(flex, "_flex", lambda *a: _recording(real(*a), seen))
+        monkeypatch.setattr(flex, "_flex", lambda *a, **kw: _recording(real(*a, **kw), seen))
     torch.manual_seed(0)
     B, H, Hkv, L, D = 2, 4, 2, 24, 16
     q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D).bfloat16()
@@ -61,7 +61,7 @@ def test_an_autocast_model_through_flex_gets_one_dtype(model_factory, monkeypatc
     """The whole model (rotary float32 q / k, bf16 v): the dtypes the flex kernel sees."""
     seen: list = []
     real = flex._flex
-    monkeypatch.setattr(flex, "_flex", lambda *a: _recording(real(*a), seen))
+    monkeypatch.setattr(flex, "_flex", lambda *a, **kw: _recording(real(*a, **kw), seen))
     model = enable_hsa(model_factory(), backend="flex")
     ids, sem, mask = batch_of([sample(16, 1), sample(9, 2)], "right")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -231,3 +231,22 @@ def test_generate_does_not_auto_compile_an_hsa_model(model_factory, caplog):
     with caplog.at_level(logging.INFO, logger="hsa_train.model.generation"):
         assert not model._valid_auto_compile_criteria(dict(cache), config)
     assert "auto-compile" in caplog.text
+
+
+def test_train_compile_compiles_the_model_without_graph_breaks(tmp_path, monkeypatch):
+    """`train.compile=true` on a run with HSA (sdpa on CPU), training and evaluation: dynamo compiles the model and
+    records no graph break. (Breaks are dynamo's, whatever the backend: the eager backend skips inductor's code
+    generation to keep the test fast.)"""
+    from test_training import tiny_run
+    from torch._dynamo.utils import counters
+
+    from hsa_train.training.loop import train
+
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real(self, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    counters.clear()
+    metrics = train(*tiny_run(tmp_path, "train.compile=true", "train.eval_every=2"), tmp_path / "run")
+    assert all(loss == loss for loss in metrics["train_losses"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -217,9 +217,6 @@ def test_a_static_cache_decodes_like_the_dynamic_one(family, backend, monkeypatc
     keep their types either way."""
     from archs import tiny
 
-    from hsa_train.model import flex
-
-    monkeypatch.setattr(flex, "use_compiled", lambda device, needs_grad: False)  # one shape per step here
     model = enable_hsa(tiny(family), lambdas=LAMBDAS, backend=backend)
     ids = torch.tensor([[5, 9, 3, 7, 11, 4]])
     types = torch.tensor([[0, 2, 1, 2, 2, 1]])

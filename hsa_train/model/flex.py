@@ -137,7 +137,7 @@ def hsa_flex_attention(
         tuple(query.shape), tuple(key.shape), tuple(value.shape), query.dtype, tuple(lam.shape), needs_grad,
         attention_mask.padding is not None, ctx.documents is not None, softcap, scaling,
     )  # fmt: skip
-    out = _flex(query.device, needs_grad, signature)(
+    out = _flex(query.device, needs_grad, signature, cached=ctx.cached)(
         query, key, value, score_mod=score_mod, block_mask=mask, scale=scaling, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
@@ -154,19 +154,28 @@ def use_compiled(device: torch.device, needs_grad: bool) -> bool:
     return not (device.type == "cpu" and needs_grad)
 
 
-def _flex(device: torch.device, needs_grad: bool, signature: tuple):
-    """The compiled kernel (counted: `_reserve`), or flex's unfused path (`use_compiled`), refused past
-    `UNFUSED_CPU_MAX_TOKENS` keys before it materialises the scores."""
+def _flex(device: torch.device, needs_grad: bool, signature: tuple, cached: bool = False):
+    """The kernel for one call.
+    - Whole rows (training, evaluation): a static-shape compiled kernel per bucketed shape, counted (`_reserve`).
+    - With a KV cache (generation: prompt lengths are not bucketed and keys grow a token a step): on CUDA one
+      dynamic-shape compiled kernel for every length; on CPU `unfused` (a decode step's scores are 1 x K).
+    - CPU gradients (λ's only: `use_compiled`): `unfused`.
+    `unfused` is refused past `UNFUSED_CPU_MAX_TOKENS` keys, before it materialises the scores."""
     global _told_unfused
-    if not use_compiled(device, needs_grad):
-        keys = signature[1][2]
-        if keys > UNFUSED_CPU_MAX_TOKENS:
+    if cached and device.type != "cpu":
+        if "dynamic" not in _compiled_flex:
+            _compiled_flex["dynamic"] = torch.compile(flex_attention, dynamic=True)
+        return _compiled_flex["dynamic"]
+    if cached or not use_compiled(device, needs_grad):
+        queries, keys = signature[0][2], signature[1][2]
+        if queries * keys > UNFUSED_CPU_MAX_TOKENS**2:
             raise RuntimeError(
-                f"hsa flex: learnable λ on CPU runs flex unfused, materialising {keys} x {keys} scores per head: "
-                f"keep sequences under {UNFUSED_CPU_MAX_TOKENS} tokens there, or use hsa.backend=sdpa"
+                f"hsa flex on CPU runs unfused here (λ gradients, or a KV cache), materialising {queries} x {keys} "
+                f"scores per head: keep sequences under {UNFUSED_CPU_MAX_TOKENS} tokens there, or use "
+                "hsa.backend=sdpa"
             )
         if not _told_unfused:
-            log.info("hsa flex: unfused on %s (scores materialised; compiled CPU flex has no backward)", device)
+            log.info("hsa flex: unfused on %s (scores materialised: λ gradients or a KV cache)", device)
             _told_unfused = True
         return unfused
     _reserve(device.type, signature)
