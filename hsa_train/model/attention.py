@@ -160,9 +160,10 @@ def dot_product_attention(
     scaling: float | None,
     dropout: float,
 ) -> torch.Tensor:
-    """Causal SDPA over q' = [q, -(i - c)/s, 1/s (, 1/s)] and k' = [k, λ_j, λ_j·(j - c) (, 0 or -1e30 for padding)]:
-    s·q'·k' = s·q·k - λ_j·(i - j) (+ the padding mask), with s the softmax scale and c the middle position (it
-    halves the largest term, so the cancellation costs half the bits). v is zero-padded to the same width (SDPA's
+    """Causal SDPA over q' = [q, -(i - c)/s, 1/s] and k' = [k, λ_j, λ_j·(j - c)]: s·q'·k' = s·q·k - λ_j·(i - j),
+    with s the softmax scale and c the middle position (it halves the largest term, so the cancellation costs half
+    the bits). A padding key gets k' = [k, 0, -1e30]: masked, and still two extra dimensions (a third costs the CPU
+    kernel ~15% at head dim 64: 67 is off its fast widths, 66 is not). v is zero-padded to the same width (SDPA's
     fused kernels want one head dimension) and the output cut back. λ_j are the pre-hook's per-key slopes, so a
     learnable λ gets its gradient through k'. O(N) memory: no L x L bias."""
     B, H, L, D = query.shape
@@ -174,16 +175,14 @@ def dot_product_attention(
         key, value = repeat_kv(key, H // key.shape[1]), repeat_kv(value, H // key.shape[1])
     heads_k = key.shape[1]
     pos = torch.arange(L, device=query.device, dtype=query.dtype) - L // 2
-    inv = torch.ones_like(pos) / scale
-    q_extra = [-pos / scale, inv]
+    q_extra = torch.stack([-pos / scale, torch.ones_like(pos) / scale], dim=-1).expand(B, H, L, 2)
     lam = lam.expand(B, heads_k, L)
-    k_extra = [lam, lam * pos]
-    if plan.padding is not None:
+    term = lam * pos
+    if plan.padding is not None:  # a padding key: λ_j = 0 and its second term the mask, so still two dimensions
         keep = plan.padding.to(query.device)[:, None, :].expand(B, heads_k, L)
-        q_extra.append(inv)
-        k_extra.append(torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~keep, MASKED))
-    q_extra = torch.stack(q_extra, dim=-1).expand(B, H, L, len(q_extra))
-    k_extra = torch.stack(k_extra, dim=-1)
+        lam = lam * keep
+        term = term.masked_fill(~keep, MASKED)
+    k_extra = torch.stack([lam, term], dim=-1)
     q2 = torch.cat([query, q_extra], dim=-1)
     k2 = torch.cat([key, k_extra], dim=-1)
     v2 = F.pad(value, (0, q2.shape[-1] - dv))
