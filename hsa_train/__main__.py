@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(hydra_cfg.runtime.output_dir)
 
+    from hsa_train.training.distributed import collective_failed
     from hsa_train.training.loop import NonFiniteError, Stopped, train
 
     try:
@@ -63,6 +64,9 @@ def run(cfg: DictConfig) -> float | None:
     except (FileNotFoundError, ValueError) as exc:
         _fail("error", exc, " (HYDRA_FULL_ERROR=1 shows the traceback)")
     except Exception as exc:  # a bug, or a library failing in a way we did not foresee: still one line
+        if collective_failed(exc):  # another rank died or hung: nothing this rank can fix
+            hint = " (another rank died or hung: its log says why; continue with train.resume=auto)"
+            _fail("collective failed", exc, hint, code=1)
         _fail(
             "internal error",
             RuntimeError(f"{type(exc).__name__}: {exc}"),

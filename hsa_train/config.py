@@ -118,6 +118,8 @@ class TrainConfig:
     resume: Optional[str] = MISSING
     resume_allow_changes: list[str] = MISSING
     skip_nonfinite: bool = MISSING
+    stop_grace_s: float = MISSING
+    collective_timeout_s: float = MISSING
     gradient_checkpointing: bool = MISSING
     compile: bool = MISSING
 
@@ -317,6 +319,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     _choice("train.distributed", t.distributed, ("auto", "none", "ddp", "fsdp"))
     _check(t.save_every >= 0, f"train.save_every={t.save_every} must be >= 0 (0 = no periodic checkpoints)")
     _check(t.keep_last is None or t.keep_last > 0, f"train.keep_last={t.keep_last} must be > 0 or null (keep all)")
+    for key in ("stop_grace_s", "collective_timeout_s"):
+        value = getattr(t, key)
+        _check(value > 0 and math.isfinite(value), f"train.{key}={value} must be a positive number of seconds")
     _check(
         t.resume is None or t.resume == "auto" or Path(t.resume).is_dir(),
         f"train.resume={t.resume!r}: use auto, null, or the path of a checkpoint folder (step_NNNNNNN)",

@@ -51,6 +51,8 @@ def test_defaults_validate_and_point_at_bundled_data():
         ("hsa.backend=flex train.device=cpu", "hsa.backend=flex cannot train on CPU"),
         ("eval.generate=maybe", "eval.generate"),
         ("+eval.max_new_tokens=4", "max_new_tokens"),
+        ("train.stop_grace_s=0", "train.stop_grace_s=0.0 must be a positive number of seconds"),
+        ("train.collective_timeout_s=inf", "train.collective_timeout_s=inf must be a positive number of seconds"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, fragment):

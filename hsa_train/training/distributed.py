@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 MODES = ("auto", "none", "ddp", "fsdp")
+SETUP_TIMEOUT_S = 1800.0  # setup's collectives: rank 0 may tokenize a large data set while the others wait
 
 
 @dataclass
@@ -80,16 +81,30 @@ def join_process_group() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=SETUP_TIMEOUT_S))
+
+
+def set_collective_timeout(seconds: float, info: DistInfo) -> None:
+    """From here on a collective that waits `seconds` on a hung or dead peer fails (train.collective_timeout_s);
+    setup keeps SETUP_TIMEOUT_S."""
+    if info.world > 1:
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))  # the group exists already
+
+
+_LEFT: list = []  # the groups left, never freed (see `shutdown`)
 
 
 def shutdown(clean: bool = False) -> None:
     """Leaves the process group; after a clean run the ranks first meet, so none leaves while another still
-    talks to it (after a failure they may not all get here: no meeting then)."""
+    talks to it (after a failure they may not all get here: no meeting then). The group object stays referenced
+    until the process ends: after a failed collective the last reference is often the DDP reducer in the
+    exception's traceback, and freeing it there joins gloo's worker threads while holding the GIL, which the
+    worker finishing the failed collective waits for (a deadlock, measured under torch 2.13)."""
     if not dist.is_initialized():
         return
     if clean and dist.get_world_size() > 1:
         dist.barrier()
+    _LEFT.append(dist.group.WORLD)
     dist.destroy_process_group()
 
 
@@ -108,6 +123,12 @@ def leave(code: int) -> NoReturn:
             except (OSError, ValueError):  # a closed pipe: nothing more can be said
                 pass
         os._exit(code)
+
+
+def collective_failed(exc: BaseException) -> bool:
+    """A collective that failed on a dead or hung peer (or its timeout): gloo raises a plain RuntimeError that
+    names its own source file, NCCL a DistError."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/" in str(exc))
 
 
 def rank_device(device: torch.device, info: DistInfo) -> torch.device:

@@ -29,6 +29,8 @@ SAFE_TO_CHANGE = (
     "train.resume_allow_changes",
     "train.save_model",
     "train.skip_nonfinite",
+    "train.stop_grace_s",
+    "train.collective_timeout_s",
     "train.device",
     "train.distributed",
     "train.compile",
