@@ -136,13 +136,12 @@ def test_flex_buckets_twelve_lengths_into_a_few_kernels_and_never_runs_unfused(m
     torch._dynamo.reset()
     monkeypatch.setattr(flex, "_compiled_flex", {})
     monkeypatch.setattr(flex, "_kernels", {})
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     model = enable_hsa(model_factory(layers=1), backend="flex")
     collator = SemanticCollator(pad_token_id=0, bucket_lengths=True)
     lengths = [128, 200, 256, 300, 384, 450, 512, 700, 900, 1024, 1300, 1536]
     widths = set()
-    with torch.no_grad():
+    # dynamo's own patch, not monkeypatch: dynamo's config is no plain module (pytest 9.2 deletes what it restores)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
         for n in lengths:
             for rows in ([n, n], [n, n - 57]):  # unpadded; the second row padded
                 batch = collator(
@@ -161,18 +160,18 @@ def test_flex_buckets_twelve_lengths_into_a_few_kernels_and_never_runs_unfused(m
 
 def test_flex_raises_the_recompile_limit_for_the_kernels_it_needs_and_stops_past_the_cap(monkeypatch, caplog):
     monkeypatch.setattr(flex, "_kernels", {})
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    with caplog.at_level(logging.INFO, logger="hsa_train.model.flex"):
-        for n in range(3):
+    with torch._dynamo.config.patch(recompile_limit=2):
+        with caplog.at_level(logging.INFO, logger="hsa_train.model.flex"):
+            for n in range(3):
+                flex._reserve("cuda", ("kernel", n))
+        assert torch._dynamo.config.recompile_limit >= 3
+        assert "recompile_limit raised from 2" in caplog.text
+        flex._reserve("cuda", ("kernel", 0))  # known: nothing new
+        for n in range(3, flex.MAX_KERNELS):
             flex._reserve("cuda", ("kernel", n))
-    assert torch._dynamo.config.recompile_limit >= 3
-    assert "recompile_limit raised from 2" in caplog.text
-    flex._reserve("cuda", ("kernel", 0))  # known: nothing new
-    for n in range(3, flex.MAX_KERNELS):
-        flex._reserve("cuda", ("kernel", n))
-    assert torch._dynamo.config.recompile_limit >= flex.MAX_KERNELS
-    with pytest.raises(RuntimeError, match="batch lengths are not bucketed"):
-        flex._reserve("cuda", ("kernel", "one too many"))
+        assert torch._dynamo.config.recompile_limit >= flex.MAX_KERNELS
+        with pytest.raises(RuntimeError, match="batch lengths are not bucketed"):
+            flex._reserve("cuda", ("kernel", "one too many"))
 
 
 def test_flex_unfused_stops_before_a_long_cpu_sequence(monkeypatch):
