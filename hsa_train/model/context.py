@@ -1,9 +1,9 @@
 """What one forward pass of an HSA model carries to its attention layers.
 
 The model's forward pre-hook turns the `semantic_ids` argument into an `HSAForwardContext`, which transformers
-passes down to every attention call with the other keyword arguments. The context builds the bias (or the flex
-block mask and per-key slopes) on the first layer and hands the same tensors to the others, so they cost one build
-per forward and mask pattern, not one per layer.
+passes down to every attention call with the other keyword arguments. The per-token slopes are built there, in
+the pre-hook; the materialised bias (or the flex block mask) on the first layer, which hands the same tensors to
+the others, so they cost one build per forward and mask pattern, not one per layer.
 """
 
 from __future__ import annotations
