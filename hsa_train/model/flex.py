@@ -160,7 +160,7 @@ def _flex(device: torch.device, needs_grad: bool, signature: tuple, cached: bool
     - With a KV cache (generation: prompt lengths are not bucketed and keys grow a token a step): on CUDA one
       dynamic-shape compiled kernel for every length; on CPU `unfused` (a decode step's scores are 1 x K).
     - CPU gradients (λ's only: `use_compiled`): `unfused`.
-    `unfused` is refused past `UNFUSED_CPU_MAX_TOKENS` keys, before it materialises the scores."""
+    `unfused` is refused past `UNFUSED_CPU_MAX_TOKENS`² scores per head, before it materialises them."""
     global _told_unfused
     if cached and device.type != "cpu":
         if "dynamic" not in _compiled_flex:
@@ -189,10 +189,11 @@ def _flex(device: torch.device, needs_grad: bool, signature: tuple, cached: bool
 def unfused(query, key, value, score_mod, block_mask: BlockMask, scale: float | None = None, enable_gqa: bool = True):
     """flex_attention's semantics over materialised scores: `score_mod` and the block mask's `mask_mod` evaluated
     on broadcast (b, h, q, kv) index grids, the softmax in float32, rows with no allowed key 0 (as flex gives)."""
+    from hsa_train.model.attention import repeat_kv
+
     B, H, Q, D = query.shape
     K = key.shape[2]
-    rep = H // key.shape[1]
-    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    key, value = repeat_kv(key, H // key.shape[1]), repeat_kv(value, H // key.shape[1])
     dev = query.device
     b, h = torch.arange(B, device=dev).view(B, 1, 1, 1), torch.arange(H, device=dev).view(1, H, 1, 1)
     i, j = torch.arange(Q, device=dev).view(1, 1, Q, 1), torch.arange(K, device=dev).view(1, 1, 1, K)
