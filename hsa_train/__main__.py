@@ -17,6 +17,7 @@ from hsa_train.config import ConfigError, validate
 from hsa_train.data.loader import DataError
 from hsa_train.overrides import unknown_key_message
 from hsa_train.sweep import metric_value
+from hsa_train.types import one_line
 
 
 class JobFailed(RuntimeError):
@@ -29,7 +30,7 @@ def _fail(kind: str, exc: BaseException, hint: str = "", code: int = 2, sweep_go
     re-raises for the full traceback."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise exc
-    message = " ".join(str(exc).split())  # one line, whatever the exception held
+    message = one_line(exc)
     print(f"hsa_train: {kind}: {message}{hint}", file=sys.stderr, flush=True)
     if sweep_goes_on and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise JobFailed(f"{kind}: {message}") from None
@@ -50,6 +51,8 @@ def run(cfg: DictConfig) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(hydra_cfg.runtime.output_dir)
 
+    # training (torch, transformers) is imported once the config is known to be good: a config error costs no
+    # import time
     from hsa_train.training.distributed import collective_failed
     from hsa_train.training.loop import NonFiniteError, Stopped, train
 

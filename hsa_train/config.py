@@ -8,8 +8,9 @@ line that names the key and says what to do.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -17,10 +18,21 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hsa_train.model.attention import BACKENDS
-from hsa_train.model.bias import HEAD_SCALINGS
-from hsa_train.model.loading import DTYPES
-from hsa_train.types import SemanticTypes
+from hsa_train.data.spec import resolve_datasets
+from hsa_train.model.settings import HSASettings
+from hsa_train.types import (
+    DIRECTIONS,
+    DISTRIBUTED,
+    DTYPES,
+    ON_ERROR,
+    OVERLONG,
+    PRECISIONS,
+    PROGRESS,
+    TRAIN_ON,
+    SemanticTypes,
+    check_choice,
+    one_line,
+)
 
 
 class ConfigError(ValueError):
@@ -79,17 +91,25 @@ class DataConfig:
     num_proc: int = MISSING
 
 
-@dataclass
-class HSAConfig:
-    enabled: bool = MISSING
-    backend: str = MISSING
-    types: list[str] = MISSING
-    default_type: str = MISSING
-    lambdas: dict[str, float] = MISSING
-    head_scaling: str = MISSING
-    learnable: Any = MISSING  # false | true | per_head
-    generated_type: Optional[str] = MISSING
-    debug: bool = MISSING
+def _settings_schema(settings: type, name: str, leave_out: tuple[str, ...], **extra: type) -> type:
+    """The config node of a settings dataclass: its fields (their types; `Any` for unions OmegaConf cannot
+    check), each without a default (conf/ holds every value), plus `extra`. One definition, two uses."""
+    hints = typing.get_type_hints(settings)
+    plain = (bool, int, float, str)
+    specs = [(key, kind, field(default=MISSING)) for key, kind in extra.items()]
+    for f in fields(settings):
+        if f.name in leave_out:
+            continue
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        if args and all(a in plain for a in args):  # e.g. bool | str: OmegaConf 2.3 takes no such union
+            kind = Any
+        specs.append((f.name, kind, field(default=MISSING)))
+    return make_dataclass(name, specs)
+
+
+# The `hsa` group: HSASettings' fields (but the per-head λ a run learns) and `enabled`.
+HSAConfig = _settings_schema(HSASettings, "HSAConfig", ("lambdas_per_head",), enabled=bool)
 
 
 @dataclass
@@ -157,22 +177,24 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    hsa: HSAConfig = field(default_factory=HSAConfig)
+    hsa: HSAConfig = field(default_factory=HSAConfig)  # type: ignore[valid-type]
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _one_line(exc: OmegaConfBaseException) -> str:
-    msg = str(exc).strip().splitlines()[0]
+def _omegaconf_line(exc: OmegaConfBaseException) -> str:
+    msg = one_line(exc, "first")
     key = getattr(exc, "full_key", None)
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not allowed; use one of: {', '.join(map(str, choices))}")
+    try:
+        check_choice(name, value, choices)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check(ok: bool, message: str) -> None:
@@ -196,8 +218,6 @@ RENAMED = {"data.max_length": "data.cutoff_len (with data.overlong=error for the
 
 def _check_data(d: DataConfig, types: SemanticTypes) -> None:
     """The data keys, and every dataset entry (formats, columns, type rules, regexes) before anything is read."""
-    from hsa_train.data.spec import resolve_datasets
-
     _check(
         len(d.train_files) + len(d.datasets) > 0,
         "no training data: set data.train_files=[file.jsonl] or data.datasets=[...]",
@@ -220,9 +240,9 @@ def _check_data(d: DataConfig, types: SemanticTypes) -> None:
             resolve_datasets(list(entries), d.dataset_info, types, key)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    _choice("data.on_error", d.on_error, ("raise", "skip"))
-    _choice("data.train_on", d.train_on, ("assistant", "all"))
-    _choice("data.overlong", d.overlong, ("truncate", "drop", "error"))
+    _choice("data.on_error", d.on_error, ON_ERROR)
+    _choice("data.train_on", d.train_on, TRAIN_ON)
+    _choice("data.overlong", d.overlong, OVERLONG)
     _check(d.cutoff_len is None or d.cutoff_len > 0, f"data.cutoff_len={d.cutoff_len} must be > 0 or null")
     _check(not d.packing or d.cutoff_len is not None, "data.packing=true packs rows of data.cutoff_len: set it")
     unknown = [t for t in d.keep_types if t not in types.names]
@@ -248,10 +268,10 @@ def validate(cfg: DictConfig) -> RunConfig:
             )
         run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(_omegaconf_line(exc)) from None
 
     m, d, h, t, lg = run.model, run.data, run.hsa, run.train, run.logging
-    _choice("model.dtype", m.dtype, tuple(DTYPES))
+    _choice("model.dtype", m.dtype, DTYPES)
     if not m.name_or_path:
         _check(bool(m.arch) and "type" in m.arch, "model.arch.type must be set when model.name_or_path is null")
     _check(
@@ -271,22 +291,11 @@ def validate(cfg: DictConfig) -> RunConfig:
         not run.export.merge or m.lora.enabled, "export.merge=true merges a LoRA adapter: set model.lora.enabled=true"
     )
 
-    _choice("hsa.backend", h.backend, BACKENDS)
-    _check(
-        h.learnable in (False, True, "per_head") and isinstance(h.learnable, (bool, str)),
-        f"hsa.learnable={h.learnable!r}: use false, true (one λ per type) or per_head (one per head and type)",
-    )
-    _check(
-        h.generated_type is None or h.generated_type in h.types,
-        f"hsa.generated_type={h.generated_type!r} is not one of hsa.types {list(h.types)}; name one, or null for "
-        "hsa.default_type",
-    )
-    _choice("hsa.head_scaling", h.head_scaling, HEAD_SCALINGS)
     try:
-        SemanticTypes.from_names(h.types, h.default_type).lambda_vector(h.lambdas)
+        settings = hsa_settings(run)  # HSASettings validates the group, once
     except ValueError as exc:
-        raise ConfigError(f"hsa: {exc}") from None
-    _check_data(d, SemanticTypes.from_names(h.types, h.default_type))
+        raise ConfigError(str(exc) if str(exc).startswith("hsa.") else f"hsa: {exc}") from None
+    _check_data(d, settings.semantic_types)
 
     _check(t.max_steps is not None or t.epochs is not None, "set train.max_steps or train.epochs")
     _check(t.max_steps is None or t.max_steps > 0, f"train.max_steps={t.max_steps} must be > 0 (or null to use epochs)")
@@ -302,7 +311,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     )
     _check(t.eps > 0, f"train.eps={t.eps} must be > 0")
     _check(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0 or null")
-    _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    _choice("train.precision", t.precision, PRECISIONS)
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         f"train.device={t.device!r} is not allowed; use auto, cpu, cuda or cuda:N",
@@ -316,7 +325,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")
     _check(t.eval_batch_size > 0, f"train.eval_batch_size={t.eval_batch_size} must be > 0")
 
-    _choice("train.distributed", t.distributed, ("auto", "none", "ddp", "fsdp"))
+    _choice("train.distributed", t.distributed, DISTRIBUTED)
     _check(t.save_every >= 0, f"train.save_every={t.save_every} must be >= 0 (0 = no periodic checkpoints)")
     _check(t.keep_last is None or t.keep_last > 0, f"train.keep_last={t.keep_last} must be > 0 or null (keep all)")
     for key in ("stop_grace_s", "collective_timeout_s"):
@@ -333,7 +342,12 @@ def validate(cfg: DictConfig) -> RunConfig:
             f"train.resume_allow_changes: {key!r} names no config key; list keys or prefixes (hsa.lambdas, "
             "train.lr), or data for the training data",
         )
-    _choice("logging.progress", lg.progress, ("auto", "rich", "plain", "none"))
-    _choice("objective.direction", run.objective.direction, ("minimize", "maximize"))
+    _choice("logging.progress", lg.progress, PROGRESS)
+    _choice("objective.direction", run.objective.direction, DIRECTIONS)
     _check(bool(run.objective.metric), "objective.metric is empty; name a metrics.json key, e.g. eval_loss")
     return run
+
+
+def hsa_settings(run: RunConfig) -> HSASettings:
+    """The run's HSA settings (the `hsa` group without `enabled`), as `enable_hsa` takes them."""
+    return HSASettings.from_mapping(vars(run.hsa))

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from hsa_train.data.collator import add_vision
 from hsa_train.data.dataset import encode_files
-from hsa_train.model.hsa import HSALambdas, enable_hsa, hsa_settings
-from hsa_train.model.loading import folder_semantic_tokenizer, load_pretrained
-from hsa_train.model.vision import vision_inputs
+from hsa_train.data.vision import folder_semantic_tokenizer
+from hsa_train.model.hsa import HSALambdas, enable_hsa
+from hsa_train.model.loading import load_pretrained
+from hsa_train.model.settings import HSASettings
+from hsa_train.model.vision import stack_images, vision_inputs
+from hsa_train.types import one_line
 
 QUERIES = ("answer", "all")
 
@@ -79,7 +81,7 @@ def attention_by_type(
             continue
         onehot = torch.nn.functional.one_hot(sem[0], n_types).double()  # (K, T): image tokens in their message's type
         batch = {"input_ids": ids, "semantic_ids": sem, "attention_mask": torch.ones_like(ids)}
-        batch = add_vision(batch, [sample.features])
+        batch |= stack_images([sample.features])
         inputs = {**batch, **vision_inputs(model, batch)}
         for name in totals:
             with bias_off(model) if name == "without_bias" else torch.no_grad():
@@ -233,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.samples < 1:
             raise ValueError(f"--samples {args.samples} must be >= 1")
         model = load_pretrained(str(model_dir), dtype=torch.float32)
-        trained = hsa_settings(model)
+        trained = HSASettings.of(model)
         enable_hsa(model, dict(args.lambdas), backend="eager")  # λ as trained (or the defaults), then overrides
-        settings = hsa_settings(model)
+        settings = HSASettings.of(model)
         if trained is None:
             print(f"note: {model_dir} was not trained with HSA; measuring the default λ {settings.lambdas}")
         model.to(args.device).eval()
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = samples[: args.samples]
         result = attention_by_type(model, samples, len(settings.types), args.queries, args.device)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
-        print(f"hsa_train.diagnose: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"hsa_train.diagnose: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
     out = args.out or model_dir.parent / "diagnostics"

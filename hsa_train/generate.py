@@ -26,11 +26,13 @@ import torch
 from hsa_train.data.formats import IMAGE_PLACEHOLDER
 from hsa_train.data.loader import load_records
 from hsa_train.data.tokenizer import SemanticTokenizer
-from hsa_train.data.vision import VisionSemanticTokenizer, open_image
+from hsa_train.data.vision import VisionSemanticTokenizer, folder_semantic_tokenizer, open_image
 from hsa_train.model.export import load_exported
 from hsa_train.model.generation import generate_batch
-from hsa_train.model.hsa import enable_hsa, hsa_settings
-from hsa_train.model.loading import DTYPES, folder_semantic_tokenizer
+from hsa_train.model.hsa import enable_hsa
+from hsa_train.model.loading import TORCH_DTYPES
+from hsa_train.model.settings import HSASettings
+from hsa_train.types import one_line
 
 
 def load_for_generation(model_dir: str, device: str, dtype: str, backend: str | None):
@@ -41,11 +43,11 @@ def load_for_generation(model_dir: str, device: str, dtype: str, backend: str | 
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model folder")
-    model = load_exported(path, dtype=DTYPES[dtype])
+    model = load_exported(path, dtype=TORCH_DTYPES[dtype])
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA adapter's base
-    if hsa_settings(base) is None:
+    if HSASettings.of(base) is None:
         print(f"note: {model_dir} was not trained with HSA; generating with the default λ")
-    if hsa_settings(base) is None or backend is not None:
+    if HSASettings.of(base) is None or backend is not None:
         enable_hsa(base, backend=backend)
     model.to(device).eval()
     return model, folder_semantic_tokenizer(str(path), base)
@@ -67,7 +69,7 @@ def generate_file(model, st: SemanticTokenizer, args) -> int:
     from rich.progress import Progress
 
     records, report = load_records([args.input], st.types)
-    generated = hsa_settings(model).generated_type
+    generated = HSASettings.of(model).generated_type
     jobs = []
     for record in records:
         messages = [dict(m) for m in record.messages]
@@ -111,7 +113,7 @@ def _plain(message: dict) -> dict:
 def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
     """The interactive loop: typed user turns, replies generated with the bias."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    generated = hsa_settings(model).generated_type
+    generated = HSASettings.of(model).generated_type
     options = generation_options(args, st)
     kind = args.user_type or st.types.default
     messages: list[dict] = []
@@ -160,7 +162,7 @@ def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
         try:
             prompt = st.encode_prompt(conversation, generated_type=generated)
         except ValueError as exc:  # e.g. a picture removed since /image, or over the processor's max_pixels
-            print(f"not sent: {' '.join(str(exc).split())}", file=out)
+            print(f"not sent: {one_line(exc)}", file=out)
             images = []
             continue
         messages, images = conversation[1:] if system else conversation, []
@@ -181,7 +183,7 @@ def _image_problem(st: SemanticTokenizer, path: str) -> str | None:
     except FileNotFoundError:
         return f"no such image file: {path}"
     except ValueError as exc:  # "unreadable image: ..."
-        return " ".join(str(exc).split())
+        return one_line(exc)
     return None
 
 
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     parser.add_argument("--backend", default=None, help="attention backend: auto | eager | sdpa | flex (as trained)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (float32)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(TORCH_DTYPES), help="weights dtype (float32)")
     args = parser.parse_args(argv)
     try:
         if args.chat == bool(args.input):
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         n = generate_file(model, st, args)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
-        print(f"hsa_train.generate: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"hsa_train.generate: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"wrote {n} replies to {args.output}")
     return 0

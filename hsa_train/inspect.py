@@ -14,11 +14,18 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from hydra import compose, initialize_config_module
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from hsa_train.data.pipeline import RunData
+from hsa_train.config import ConfigError, validate
+from hsa_train.data.collator import SemanticCollator
+from hsa_train.data.pipeline import RunData, load_run_data
+from hsa_train.data.vision import semantic_tokenizer
+from hsa_train.model.loading import load_processing
+from hsa_train.overrides import unknown_key_message
+from hsa_train.types import IGNORE_INDEX, SemanticTypes, one_line
 
 STYLES = ["bold green", "bold yellow", "cyan", "magenta", "blue", "red", "bright_white"]
 NOISE = "grey50"
@@ -41,7 +48,7 @@ def sample_text(sample, tokenizer, styles: dict[int, str], max_tokens: int | Non
     inside a character, so byte-level tokens decode cleanly) and styled: colour = type, underline = trained."""
     ids = sample.features["input_ids"]
     sem = sample.features["semantic_ids"]
-    trained = sample.features["labels"] != -100
+    trained = sample.features["labels"] != IGNORE_INDEX
     n = len(ids) if max_tokens is None else min(len(ids), max_tokens)
     text = Text()
     start = 0
@@ -64,7 +71,7 @@ def token_table(samples, type_names: Sequence[str], styles: dict[int, str], titl
     for sample in samples:
         sem = sample.features["semantic_ids"]
         all_counts += np.bincount(sem, minlength=n_types)[:n_types]
-        trained += np.bincount(sem[sample.features["labels"] != -100], minlength=n_types)[:n_types]
+        trained += np.bincount(sem[sample.features["labels"] != IGNORE_INDEX], minlength=n_types)[:n_types]
     table = Table(title=f"tokens per semantic type ({title})", title_justify="left")
     for col in ("type", "tokens", "share", "trained", "share"):
         table.add_column(col, justify="left" if col == "type" else "right")
@@ -128,14 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m hsa_train")
     args = parser.parse_args(argv)
 
-    from hydra import compose, initialize_config_module
-
-    from hsa_train.config import ConfigError, validate
-    from hsa_train.data import SemanticCollator
-    from hsa_train.data.pipeline import load_run_data
-    from hsa_train.model.loading import load_tokenizer, semantic_tokenizer
-    from hsa_train.overrides import unknown_key_message
-
     problem = unknown_key_message(args.overrides)
     if problem:
         print(f"hsa_train.inspect: config error: {problem}", file=sys.stderr)
@@ -144,12 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=args.overrides)
         run = validate(cfg)
-        model = run.model
-        tokenizer = load_tokenizer(model.tokenizer or model.name_or_path, model.trust_remote_code, model.chat_template)
-        st = semantic_tokenizer(model, tokenizer, run.hsa.types, run.hsa.default_type, run.data.train_on)
+        types = SemanticTypes.from_names(run.hsa.types, run.hsa.default_type)
+        st = semantic_tokenizer(load_processing(run.model), types, run.data.train_on)
         data = load_run_data(run.data, st, SemanticCollator.from_tokenizer(st), run.seed)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"hsa_train.inspect: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"hsa_train.inspect: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
     console = Console(record=bool(args.svg), highlight=False)
@@ -165,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     pool = data.eval if args.eval else [data.train.pool[int(i)] for i in data.train.ids[: args.samples]]
     for k in range(min(args.samples, len(pool))):
         sample = pool[k]
-        trained = int((sample.features["labels"] != -100).sum())
+        trained = int((sample.features["labels"] != IGNORE_INDEX).sum())
         console.rule(f"sample {k}: {sample.where}, {len(sample)} tokens, {trained} trained")
-        console.print(sample_text(sample, tokenizer, styles, args.max_tokens))
+        console.print(sample_text(sample, st.tokenizer, styles, args.max_tokens))
     console.rule()
     shown = data.eval if args.eval else (data.train.pool[int(i)] for i in data.train.ids)  # one at a time
     console.print(token_table(shown, names, styles, "eval samples" if args.eval else "training samples"))

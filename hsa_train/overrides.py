@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from hsa_train.config import RENAMED
+
 _MISSING = object()
 _FLAGS_WITH_VALUES = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun"}
 
@@ -52,8 +54,6 @@ def unknown_key_message(argv: list[str]) -> str | None:
             cfg = compose(config_name="config", overrides=[o.input_line for o in choices])
     except Exception:  # a syntax error or anything else: Hydra will report it in its own words
         return None
-    from hsa_train.config import RENAMED
-
     for o in overrides:
         key = o.key_or_group
         if o.is_add() or o.is_delete() or o.package is not None or key in groups or "/" in key:

@@ -1,4 +1,6 @@
-"""Semantic types: the names a message may carry in `semantic_type`, and their ids (SPEC §1)."""
+"""The vocabulary every layer shares, with nothing heavy imported: semantic types (the names a message may carry in
+`semantic_type`, and their ids, SPEC §1), the label of untrained tokens, every allowed value of a choice key, and
+the one way an exception becomes a one-line message."""
 
 from __future__ import annotations
 
@@ -8,6 +10,48 @@ from dataclasses import dataclass
 DEFAULT_TYPES: tuple[str, ...] = ("GLOBAL_CONDITION", "KEY_EVENT", "PROCESS_NOISE")
 DEFAULT_TYPE: str = "PROCESS_NOISE"
 DEFAULT_LAMBDAS: dict[str, float] = {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.01, "PROCESS_NOISE": 0.1}
+
+IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's cross-entropy ignore_index)
+
+# The allowed values of every choice key, defined once: the config, the library and the messages read these.
+TRAIN_ON = ("assistant", "all")  # data.train_on
+OVERLONG = ("truncate", "drop", "error")  # data.overlong
+ON_ERROR = ("raise", "skip")  # data.on_error
+BACKENDS = ("eager", "sdpa", "flex", "auto")  # hsa.backend
+HEAD_SCALINGS = ("none", "alibi")  # hsa.head_scaling
+LEARNABLE = (False, True, "per_head")  # hsa.learnable
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
+PRECISIONS = ("auto", "bf16", "fp32")  # train.precision
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")  # train.distributed
+PROGRESS = ("auto", "rich", "plain", "none")  # logging.progress
+DIRECTIONS = ("minimize", "maximize")  # objective.direction
+DEFAULT_KEEP_TYPES: tuple[str, ...] = ("GLOBAL_CONDITION",)  # types truncation never drops (library callers)
+
+
+def check_choice(key: str, value: object, choices: tuple) -> None:
+    """Raises ValueError, in the one wording every choice key gets, when `value` is not one of `choices`."""
+    if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):
+        raise ValueError(f"{key}={value!r} is not allowed; use one of: {', '.join(map(str, choices))}")
+
+
+def one_line(exc: BaseException | str, part: str = "all", limit: int | None = None, typed: bool = False) -> str:
+    """A message on one line, the only way an error reaches a user here. `part`: "all" (every line joined, spaces
+    collapsed: for our own messages), "first" or "last" non-empty line (a library's traceback-like text: its
+    first line names the problem, or, for torch's checkpoint errors, its last); `typed` puts the exception's
+    class in front; `limit` cuts it. An exception with no text gives its class name."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    if part == "all":
+        text = " ".join(lines)
+    elif part in ("first", "last"):
+        text = lines[0 if part == "first" else -1] if lines else ""
+    else:
+        raise ValueError(f"one_line: part={part!r}; use all, first or last")
+    name = type(exc).__name__ if isinstance(exc, BaseException) else ""
+    if typed and name:
+        text = f"{name}: {text}" if text else name
+    elif not text:
+        text = name
+    return text[:limit] if limit else text
 
 
 @dataclass(frozen=True)

@@ -259,16 +259,17 @@ def test_stored_samples_round_trip_images(st, tmp_path):
 def test_vl_model_saves_and_loads_with_its_processor(vl_tokenizer, st, tmp_path):
     """The name_or_path route: a save_pretrained folder of the tiny model (weights, tokenizer, image processor)
     loads back as the same model and processor."""
-    from hsa_train.model.loading import Processing, load_image_processor, save_pretrained, semantic_tokenizer
+    from hsa_train.data.vision import semantic_tokenizer
+    from hsa_train.model.export import save_pretrained
+    from hsa_train.model.loading import Processing, folder_source, load_image_processor, load_processing
 
     model = vl_model(vl_tokenizer)
     save_pretrained(model, Processing(vl_tokenizer, st.images.image_processor), tmp_path / "m")
-    cfg = type("M", (), {"name_or_path": str(tmp_path / "m"), "trust_remote_code": False, "image_processor": {}})
+    cfg = folder_source(tmp_path / "m")
     loaded = build_model(str(tmp_path / "m"), None, vl_tokenizer)
     assert type(loaded).__name__ == type(model).__name__
     assert load_image_processor(cfg).to_dict() == st.images.image_processor.to_dict()
-    tok = load_tokenizer(str(tmp_path / "m"))
-    st2 = semantic_tokenizer(cfg, tok, None, None)
+    st2 = semantic_tokenizer(load_processing(cfg), st.types)
     f1, f2 = (s.encode(conversation([SCENE])) for s in (st, st2))
     assert f1["input_ids"] == f2["input_ids"]
     batch = SemanticCollator.from_tokenizer(st)([f1])

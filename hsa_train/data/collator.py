@@ -8,18 +8,10 @@ from typing import Any
 
 import torch
 
-from hsa_train.data.tokenizer import IGNORE_INDEX
-from hsa_train.types import DEFAULT_TYPE, DEFAULT_TYPES
+from hsa_train.model.vision import has_images, stack_images
+from hsa_train.types import IGNORE_INDEX, SemanticTypes
 
 TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "semantic_ids")
-
-
-def _has_image(sample: Mapping[str, Any]) -> bool:
-    return sample.get("image_grid_thw") is not None and len(sample["image_grid_thw"]) > 0
-
-
-def has_images(samples: Sequence[Mapping[str, Any]]) -> bool:
-    return any(map(_has_image, samples))
 
 
 def add_vision(
@@ -32,15 +24,7 @@ def add_vision(
     tokens-seen count leaves them out."""
     if filler:
         batch["filler_tokens"] = torch.tensor(len(samples[-1]["input_ids"]))
-    with_images = [s for s in samples if _has_image(s)]
-    if with_images:
-        batch["pixel_values"] = torch.cat(
-            [torch.as_tensor(s["pixel_values"], dtype=torch.float32) for s in with_images]
-        )
-        batch["image_grid_thw"] = torch.cat(
-            [torch.as_tensor(s["image_grid_thw"], dtype=torch.long) for s in with_images]
-        )
-    return batch
+    return batch | stack_images(samples)
 
 
 def pad_values(who: str, pad_token_id: int | None, default_type_id: int, pad_to_multiple_of: int | None) -> dict:
@@ -77,7 +61,7 @@ class SemanticCollator:
     def __init__(
         self,
         pad_token_id: int | None,
-        default_type_id: int = DEFAULT_TYPES.index(DEFAULT_TYPE),
+        default_type_id: int = SemanticTypes().default_id,
         pad_to_multiple_of: int | None = None,
         padding_side: str = "right",
         bucket_lengths: bool = False,
@@ -157,7 +141,7 @@ class PackedCollator:
     def __init__(
         self,
         pad_token_id: int | None,
-        default_type_id: int = DEFAULT_TYPES.index(DEFAULT_TYPE),
+        default_type_id: int = SemanticTypes().default_id,
         capacity: int | None = None,
         pad_to_multiple_of: int | None = None,
     ):

@@ -16,7 +16,7 @@ from hsa_train.data.formats import FormatContext, convert_conversation, ignore_s
 from hsa_train.data.sources import DataError, check_file, iter_source, looks_local
 from hsa_train.data.spec import DEFAULT_COLUMNS, DEFAULT_TAGS, ROLES, DatasetSpec
 from hsa_train.data.typing import TypeRules
-from hsa_train.types import SemanticTypes
+from hsa_train.types import ON_ERROR, SemanticTypes, check_choice
 
 __all__ = [
     "ROLES",
@@ -83,8 +83,7 @@ def check_messages(obj: Any, types: SemanticTypes, ignore_keys: Iterable[str] = 
 
 
 def _check_on_error(on_error: str) -> None:
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"data.on_error={on_error!r}: use 'raise' or 'skip'")
+    check_choice("data.on_error", on_error, ON_ERROR)
 
 
 def iter_records(

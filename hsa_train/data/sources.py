@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hsa_train.types import one_line
+
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 _BATCH = 1024
 
@@ -215,17 +217,12 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
     try:
         reader = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with multi-line text
-        raise DataError(str(path), 1, f"unreadable parquet file: {_one_line(exc)}") from None
+        raise DataError(str(path), 1, f"unreadable parquet file: {one_line(exc, 'first', typed=True)}") from None
     row = 0
     for batch in reader.iter_batches(batch_size=_BATCH):
         for obj in batch.to_pylist():
             row += 1
             yield str(path), row, obj
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def is_saved_dataset(folder: Path) -> bool:
@@ -291,7 +288,7 @@ def _iter_hub(path: str, subset: str | None, split: str | None) -> Iterator[Row]
         raise ValueError(
             f"dataset {path!r}: not a local path, and datasets.load_dataset({path!r}"
             + (f", {subset!r}" if subset else "")
-            + f", split={split or 'train'!r}) could not load it ({_one_line(exc)})"
+            + f", split={split or 'train'!r}) could not load it ({one_line(exc, 'first', typed=True)})"
         ) from None
     if isinstance(ds, datasets.IterableDataset):  # (not with split=...; kept for safety)
         for row, obj in enumerate(ds, start=1):

@@ -27,20 +27,17 @@ import numpy as np
 from hsa_train.data.prompt import GenerationPrompts
 from hsa_train.data.render import CONTENT_SENTINEL, Segments, TemplateRendering
 from hsa_train.data.toolcalls import TOOLS_FALLBACK_NOTE, TemplateInput
-from hsa_train.types import SemanticTypes
+from hsa_train.model.settings import model_types
+from hsa_train.types import IGNORE_INDEX, TRAIN_ON, SemanticTypes, check_choice
 
 __all__ = [
     "CONTENT_SENTINEL",
-    "IGNORE_INDEX",
     "TOOLS_FALLBACK_NOTE",
     "Encoding",
     "Piece",
     "Segments",
     "SemanticTokenizer",
 ]
-
-IGNORE_INDEX = -100
-TRAIN_ON = ("assistant", "all")
 
 
 class Piece:
@@ -100,8 +97,7 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         train_on: str = "assistant",
         max_length: int | None = None,
     ):
-        if train_on not in TRAIN_ON:
-            raise ValueError(f"train_on={train_on!r}: use one of {TRAIN_ON}")
+        check_choice("train_on", train_on, TRAIN_ON)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 f"{type(tokenizer).__name__} is not a fast tokenizer: SemanticTokenizer needs character offsets; "
@@ -122,8 +118,6 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
     ) -> SemanticTokenizer:
         """The SemanticTokenizer for an HSA model: types and default type from the model's own settings
         (`model.config.hsa`), so ids mean for the tokenizer what they mean for the model's bias."""
-        from hsa_train.model.hsa import model_types
-
         types = model_types(model)
         return cls(tokenizer, types.names, types.default, train_on, max_length)
 

@@ -38,11 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from hsa_train.types import DEFAULT_TYPE, DEFAULT_TYPES
-
-IGNORE_INDEX = -100
-OVERLONG = ("truncate", "drop", "error")
-DEFAULT_KEEP_TYPES: tuple[str, ...] = ("GLOBAL_CONDITION",)
+from hsa_train.types import DEFAULT_KEEP_TYPES, DEFAULT_TYPE, DEFAULT_TYPES, IGNORE_INDEX, OVERLONG, check_choice
 
 
 class Turn(NamedTuple):
@@ -200,8 +196,7 @@ def fit(
     Raises ValueError when the sample cannot be made to fit or has nothing to train after truncation.
     A truncated sample's encoding is that of the kept messages: its `message_index` counts in `info.kept`
     (`info.kept[j]` is the original index of the encoding's message j)."""
-    if overlong not in OVERLONG:
-        raise ValueError(f"data.overlong={overlong!r}: use one of {', '.join(OVERLONG)}")
+    check_choice("data.overlong", overlong, OVERLONG)
     if cutoff_len < 1:
         raise ValueError(f"data.cutoff_len={cutoff_len} must be >= 1")
     encoding = encode_detailed(messages, tools)

@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 
 from hsa_train.data.formats import IMAGE_PLACEHOLDER
-from hsa_train.data.tokenizer import IGNORE_INDEX, Encoding, SemanticTokenizer
+from hsa_train.data.tokenizer import Encoding, SemanticTokenizer
+from hsa_train.model.loading import Processing, folder_source, load_processing
+from hsa_train.model.settings import model_types
+from hsa_train.types import IGNORE_INDEX, SemanticTypes, one_line
 
 # Stands in for a placeholder while the template renders: as long as "<image>" so typed spans keep their offsets,
 # made of private-use characters no tokenizer merges with the text around them (the stretch is never tokenized).
@@ -51,9 +54,7 @@ def open_image(ref: Any):
         with Image.open(ref) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(
-            f"unreadable image: {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-        ) from None
+        raise ValueError(f"unreadable image: {where} ({one_line(exc, 'first', 140, typed=True)})") from None
 
 
 def image_key(ref: Any) -> Any:
@@ -94,7 +95,7 @@ class ImageProcessing:
         try:
             out = self.image_processor(images=[image], return_tensors="np")
         except ValueError as exc:  # e.g. an aspect ratio the processor cannot resize
-            raise ValueError(f"image not processable: {str(exc).splitlines()[0][:160]}") from None
+            raise ValueError(f"image not processable: {one_line(exc, 'first', 160)}") from None
         pixels = np.asarray(out["pixel_values"], dtype=np.float32)
         grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
         budget, patch = self.max_pixels(), getattr(self.image_processor, "patch_size", None)
@@ -271,3 +272,24 @@ class VisionSemanticTokenizer(SemanticTokenizer):
     def _prompt_media(self, features: Mapping[str, Any]) -> dict[str, Any]:
         """A prompt's images: all of the conversation's (the probe reply that finds the prompt's end has none)."""
         return {k: features[k] for k in ("pixel_values", "image_grid_thw") if k in features}
+
+
+def semantic_tokenizer(processing: Processing, types: SemanticTypes, train_on: str = "assistant") -> SemanticTokenizer:
+    """The SemanticTokenizer over a model's processing (`model.loading.load_processing`): a vision-language
+    model's (one with an image processor) reads images."""
+    if processing.image_processor is None:
+        return SemanticTokenizer(processing.tokenizer, types.names, types.default, train_on)
+    return VisionSemanticTokenizer(
+        processing.tokenizer,
+        processing.image_processor,
+        types.names,
+        types.default,
+        train_on,
+        image_token=processing.image_token,
+    )
+
+
+def folder_semantic_tokenizer(folder: str | Path, model: Any) -> SemanticTokenizer:
+    """The SemanticTokenizer of a saved model folder (a run's model/ or adapter/) for `model`: the folder's
+    tokenizer (and image processor for a vision model), the model's HSA types."""
+    return semantic_tokenizer(load_processing(folder_source(folder), model.config), model_types(model))

@@ -1,5 +1,24 @@
-"""Model side: the HSA bias, its attention backends, `enable_hsa`, and building / loading models."""
+"""The HSA model side: everything that takes tensors (`semantic_ids`) and HSA settings, and nothing of files,
+datasets or training. `enable_hsa` (hsa.py) is the way in; `settings.py` holds the settings, plain Python."""
 
-from hsa_train.model.hsa import HSASettings, check_types, enable_hsa, hsa_settings, model_types, sync_hsa_config
+from __future__ import annotations
 
-__all__ = ["enable_hsa", "HSASettings", "check_types", "hsa_settings", "model_types", "sync_hsa_config"]
+from typing import Any
+
+_EXPORTS = {
+    "enable_hsa": "hsa_train.model.hsa",
+    "sync_hsa_config": "hsa_train.model.hsa",
+    "HSASettings": "hsa_train.model.settings",
+    "check_types": "hsa_train.model.settings",
+    "model_types": "hsa_train.model.settings",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Exports resolved on first use, so `hsa_train.model.settings` imports without torch."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hsa_train.model' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -23,11 +23,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from hsa_train.model.bias import work_dtype
-from hsa_train.model.context import HSAForwardContext
+from hsa_train.model.context import HSAForwardContext, forward_context
 from hsa_train.model.flex import hsa_flex_attention
 from hsa_train.model.mask import MaskPlan, allowed, hsa_mask_plan
+from hsa_train.model.qkv import kernel_inputs, repeat_kv
+from hsa_train.types import BACKENDS
 
-BACKENDS = ("eager", "sdpa", "flex", "auto")
 MASKED = -1e30  # a masked key's logit on the dot-product route: exp() underflows to 0 in float32, never -inf
 
 
@@ -38,35 +39,6 @@ def implementation_name(backend: str) -> str:
 def hsa_mask(*args, device: torch.device | str = "cpu", **kwargs) -> torch.Tensor:
     """(B, 1, Q, K) boolean of the pattern `hsa_mask_plan` records, materialised (for callers outside a model)."""
     return allowed(hsa_mask_plan(*args, device=device, **kwargs), torch.device(device))
-
-
-def kernel_inputs(query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v in one dtype: the autocast dtype when autocast is on (rotary embeddings hand over float32 q / k
-    while v comes out of a bf16 matmul), else as they came."""
-    device = query.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return query.to(dtype), key.to(dtype), value.to(dtype)
-    return query, key, value
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Key / value heads repeated to the query's head count (grouped-query attention)."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
-def forward_context(kwargs: dict) -> HSAForwardContext:
-    """The context the model's pre-hook put in the attention call's keyword arguments."""
-    ctx = kwargs.get("hsa_context")
-    if not isinstance(ctx, HSAForwardContext):
-        raise RuntimeError(
-            "HSA attention was called without its forward context: call the model enable_hsa() returned, "
-            "passing semantic_ids=..., not one of its submodules"
-        )
-    return ctx
 
 
 def _bias_and_full_heads(backend, module, query, key, value, attention_mask, kwargs, dtype) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-HEAD_SCALINGS = ("none", "alibi")
+from hsa_train.types import HEAD_SCALINGS
 
 
 @dataclass(frozen=True)

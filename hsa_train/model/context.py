@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from hsa_train.model.bias import Span, head_slopes, hsa_bias, key_decay, work_dtype
+from hsa_train.model.debug import log_layer_once
 from hsa_train.model.mask import MaskPlan
 from hsa_train.model.mask import allowed as mask_allowed
 
@@ -126,8 +127,6 @@ class HSAForwardContext:
         """Under hsa.debug, the layer's bias statistics, logged the first time it runs."""
         if self.debug_names is None:
             return
-        from hsa_train.model.debug import log_layer_once
-
         span = self.span(query.shape[2], key.shape[2])
         types = self.key_types(span, query.device)
         slopes = self.key_slopes(span, query.shape[1], query.device)
@@ -181,3 +180,14 @@ def documents_of(position_ids: torch.Tensor | None, semantic_ids: torch.Tensor) 
     pos = position_ids.to(semantic_ids.device).expand(semantic_ids.shape[0], -1)
     starts = (pos[:, 1:] - pos[:, :-1]) != 1
     return torch.nn.functional.pad(starts.long().cumsum(-1), (1, 0))
+
+
+def forward_context(kwargs: dict) -> HSAForwardContext:
+    """The context the model's pre-hook put in the attention call's keyword arguments."""
+    ctx = kwargs.get("hsa_context")
+    if not isinstance(ctx, HSAForwardContext):
+        raise RuntimeError(
+            "HSA attention was called without its forward context: call the model enable_hsa() returned, "
+            "passing semantic_ids=..., not one of its submodules"
+        )
+    return ctx

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hsa_train.model.bias import Span
+from hsa_train.model.settings import HSASettings
 
 log = logging.getLogger("hsa_train.hsa_debug")
 
@@ -24,12 +25,10 @@ _LOGGED: weakref.WeakSet = weakref.WeakSet()
 def check_batch(model: nn.Module, semantic_ids: torch.Tensor, kwargs: dict, input_ids: torch.Tensor | None) -> None:
     """Padding (attention_mask 0) must carry the default type: anything else means the types are shifted against
     the tokens, or padded on the other side."""
-    from hsa_train.model.hsa import hsa_settings
-
     mask = kwargs.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape != semantic_ids.shape:
         return
-    settings = hsa_settings(model)
+    settings = HSASettings.of(model)
     default = settings.semantic_types.default_id
     bad = (mask.to(semantic_ids.device) == 0) & (semantic_ids != default)
     if bool(bad.any()):

@@ -1,9 +1,10 @@
-"""The end products of a run, in Hugging Face formats, and loading them back with HSA on.
+"""Model folders in Hugging Face formats, written and loaded back with HSA on.
 
-- full fine-tuning: `<run>/model/` (safetensors + tokenizer, HSA settings in config.json);
-- LoRA: `<run>/adapter/` (PEFT format + tokenizer + `hsa_config.json`) and, with `export.merge=true`,
-  `<run>/model/`, the base with the adapter merged in.
-Under FSDP every rank takes part in gathering the full weights; rank 0 writes.
+- full fine-tuning: a model folder (safetensors + tokenizer, HSA settings in config.json);
+- LoRA: an adapter folder (PEFT format + tokenizer + `hsa_config.json`), or a model folder of the base with the
+  adapter merged in.
+HSA's λ live in the config only: the `hsa.*` tensors (learnable λ) stay out of the weights, so a folder loads into
+the stock architecture without unexpected keys. Writing a run's folders from every rank is `training/export.py`.
 """
 
 from __future__ import annotations
@@ -15,51 +16,41 @@ import torch
 from torch import nn
 
 from hsa_train.model.hsa import enable_hsa, sync_hsa_config
-from hsa_train.model.loading import load_pretrained, raw_lambdas, save_pretrained, without_hsa_tensors
+from hsa_train.model.loading import load_pretrained
 from hsa_train.model.lora import quiet_peft
-from hsa_train.training import distributed as D
 
 HSA_CONFIG = "hsa_config.json"
 
 
-def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP and / or peft wrappers."""
-    model = D.unwrap(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def without_hsa_tensors(state: dict) -> dict:
+    """The state dict minus HSA's λ tensors, which live in the config."""
+    return {k: v for k, v in state.items() if ".hsa." not in f".{k}"}
 
 
-def export_model(model: nn.Module, tokenizer, out_dir: Path, info: D.DistInfo, lora: bool, merge: bool) -> dict:
-    """Writes the run's model (see module doc); returns the folders written, for metrics.json."""
-    state = _full_state_dict(D.unwrap(model))  # collective under FSDP
-    written: dict[str, str] = {}
-    if info.is_main and not lora:
-        save_pretrained(_hf_model(model), tokenizer, out_dir, state)
-        written["model_dir"] = str(out_dir)
-    elif info.is_main:
-        adapter_dir = out_dir.parent / "adapter"
-        _write_adapter(model, tokenizer, adapter_dir, state)
-        written["adapter_dir"] = str(adapter_dir)
-        if merge:
-            save_pretrained(load_exported(adapter_dir, merge=True), tokenizer, out_dir)
-            written["model_dir"] = str(out_dir)
-    D.barrier(info)
-    return written
+def raw_lambdas(state: dict):
+    """HSA's learnable λ tensor in a state dict, or None."""
+    return next((v for k, v in state.items() if k.endswith("hsa.raw")), None)
 
 
-def _write_adapter(model: nn.Module, tokenizer, adapter_dir: Path, state: dict) -> None:
-    """PEFT's adapter folder, plus the tokenizer and the HSA settings the base model needs to match training."""
-    hf = _hf_model(model)
-    sync_hsa_config(hf, raw_lambdas(state))
-    D.unwrap(model).save_pretrained(str(adapter_dir), state_dict=without_hsa_tensors(state))
-    tokenizer.save_pretrained(str(adapter_dir))
-    if getattr(hf.config, "hsa", None):
-        (adapter_dir / HSA_CONFIG).write_text(json.dumps(hf.config.hsa, indent=2))
+def save_pretrained(model: nn.Module, processing, path: str | Path, state: dict | None = None) -> None:
+    """`save_pretrained` of the model and its processing (a tokenizer, or `loading.Processing`), λ in the config.
+    `state` is the full state dict when the caller gathered it (FSDP); else the model's own."""
+    state = state if state is not None else model.state_dict()
+    sync_hsa_config(model, raw_lambdas(state))
+    model.save_pretrained(str(path), state_dict=without_hsa_tensors(state))
+    processing.save_pretrained(str(path))
+
+
+def save_adapter(peft_model: nn.Module, processing, path: str | Path, state: dict) -> None:
+    """PEFT's adapter folder, plus the processing and the HSA settings the base model needs to match training.
+    `state`: the peft model's full state dict."""
+    path = Path(path)
+    base = peft_model.get_base_model()
+    sync_hsa_config(base, raw_lambdas(state))
+    peft_model.save_pretrained(str(path), state_dict=without_hsa_tensors(state))
+    processing.save_pretrained(str(path))
+    if getattr(base.config, "hsa", None):
+        (path / HSA_CONFIG).write_text(json.dumps(base.config.hsa, indent=2))
 
 
 def load_exported(path: str | Path, merge: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
@@ -67,7 +58,7 @@ def load_exported(path: str | Path, merge: bool = False, dtype: torch.dtype | No
     For an adapter the base comes from its `base_model_name_or_path`; `merge=True` folds the adapter in."""
     path = Path(path)
     if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from peft import PeftModel  # peft is only imported where an adapter is loaded
 
         base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         base = load_pretrained(base_path, dtype=dtype)

@@ -27,8 +27,9 @@ import logging
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from hsa_train.model.context import HSAForwardContext
+from hsa_train.model.context import HSAForwardContext, forward_context
 from hsa_train.model.mask import MaskPlan
+from hsa_train.model.qkv import kernel_inputs, repeat_kv
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,6 @@ def hsa_flex_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """flex_attention with the HSA `score_mod`; (B, Q, H, D) like every attention function of the registry."""
-    from hsa_train.model.attention import forward_context, kernel_inputs
-
     ctx = forward_context(kwargs)
     if dropout > 0 and module.training:
         raise ValueError(
@@ -189,8 +188,6 @@ def _flex(device: torch.device, needs_grad: bool, signature: tuple, cached: bool
 def unfused(query, key, value, score_mod, block_mask: BlockMask, scale: float | None = None, enable_gqa: bool = True):
     """flex_attention's semantics over materialised scores: `score_mod` and the block mask's `mask_mod` evaluated
     on broadcast (b, h, q, kv) index grids, the softmax in float32, rows with no allowed key 0 (as flex gives)."""
-    from hsa_train.model.attention import repeat_kv
-
     B, H, Q, D = query.shape
     K = key.shape[2]
     key, value = repeat_kv(key, H // key.shape[1]), repeat_kv(value, H // key.shape[1])

@@ -14,6 +14,9 @@ import logging
 import torch
 from torch import nn
 
+from hsa_train.model.settings import HSASettings
+from hsa_train.model.vision import mm_token_type_ids, stack_images
+
 log = logging.getLogger(__name__)
 
 _CLASSES: dict[type, type] = {}
@@ -60,9 +63,7 @@ class HSAGenerationMixin:
 
 
 def generated_type_id(model: nn.Module) -> int:
-    from hsa_train.model.hsa import hsa_settings
-
-    return hsa_settings(model).generated_type_id
+    return HSASettings.of(model).generated_type_id
 
 
 def with_generation(model: nn.Module) -> None:
@@ -102,12 +103,8 @@ def generate_batch(
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     if getattr(model.config, "hsa", None):
         inputs["semantic_ids"] = semantic_ids.to(device)
-    from hsa_train.data.collator import add_vision
-
-    images = add_vision({}, prompts)  # in row order, as the model meets their tokens
+    images = stack_images(prompts)  # in row order, as the model meets their tokens
     if images:  # rope positions come from the model itself (its get_rope_index reads the attention mask)
-        from hsa_train.model.vision import mm_token_type_ids
-
         inputs |= {k: v.to(device) for k, v in images.items()}
         inputs["mm_token_type_ids"] = mm_token_type_ids(model.config, inputs["input_ids"])
     out = model.generate(**inputs, pad_token_id=pad_token_id, **generate_kwargs)

@@ -9,79 +9,30 @@ settings live in `model.config.hsa`, so `save_pretrained` / `from_pretrained` + 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import nn
 
-from hsa_train.model.attention import BACKENDS, register
-from hsa_train.model.bias import HEAD_SCALINGS
+from hsa_train.model.attention import register
 from hsa_train.model.context import HSAForwardContext
+from hsa_train.model.debug import check_batch
 from hsa_train.model.generation import with_generation
+from hsa_train.model.settings import HSASettings
 from hsa_train.model.vision import attn_implementation_for, text_attn_implementation
-from hsa_train.types import DEFAULT_LAMBDAS, DEFAULT_TYPE, DEFAULT_TYPES, SemanticTypes
-
-LEARNABLE = (False, True, "per_head")
+from hsa_train.types import one_line
 
 
-@dataclass
-class HSASettings:
-    types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
-    default_type: str = DEFAULT_TYPE
-    lambdas: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LAMBDAS))
-    head_scaling: str = "none"
-    backend: str = "auto"
-    learnable: bool | str = False
-    generated_type: str | None = None
-    lambdas_per_head: dict[str, list[float]] | None = None
-    debug: bool = False
-
-    def __post_init__(self) -> None:
-        self.types = list(self.types)
-        self.lambdas = {str(k): float(v) if isinstance(v, (int, float)) else v for k, v in dict(self.lambdas).items()}
-        self.semantic_types.lambda_vector(self.lambdas)  # validates names and values
-        if self.head_scaling not in HEAD_SCALINGS:
-            raise ValueError(f"hsa.head_scaling={self.head_scaling!r}: use one of {', '.join(HEAD_SCALINGS)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"hsa.backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
-        if self.learnable not in LEARNABLE or not isinstance(self.learnable, (bool, str)):
-            raise ValueError(f"hsa.learnable={self.learnable!r}: use false, true (λ per type) or per_head")
-        if self.generated_type is not None and self.generated_type not in self.types:
+def lambda_table(settings: HSASettings, num_heads: int) -> torch.Tensor:
+    """λ per type (T,), or per head and type (H, T) when learned per head (or being learned so)."""
+    if settings.lambdas_per_head is not None:
+        table = torch.tensor([settings.lambdas_per_head[t] for t in settings.types], dtype=torch.float32).T
+        if table.shape[0] != num_heads:
             raise ValueError(
-                f"hsa.generated_type={self.generated_type!r} is not one of hsa.types {self.types}; name one, or "
-                "null for the default type"
+                f"the model's HSA λ were learned for {table.shape[0]} heads, the model has {num_heads} attention heads"
             )
-        if self.lambdas_per_head is not None:
-            per_head = {str(k): [float(x) for x in v] for k, v in dict(self.lambdas_per_head).items()}
-            widths = {len(v) for v in per_head.values()}
-            if set(per_head) != set(self.types) or len(widths) != 1 or any(x < 0 for v in per_head.values() for x in v):
-                raise ValueError("hsa.lambdas_per_head: give the same number (>= 0) of per-head λ for every type")
-            self.lambdas_per_head = per_head
-
-    @property
-    def semantic_types(self) -> SemanticTypes:
-        return SemanticTypes.from_names(self.types, self.default_type)
-
-    @property
-    def generated_type_id(self) -> int:
-        return self.semantic_types.id_of(self.generated_type)
-
-    def lambda_tensor(self, num_heads: int) -> torch.Tensor:
-        """λ per type (T,), or per head and type (H, T) when learned per head (or being learned so)."""
-        if self.lambdas_per_head is not None:
-            table = torch.tensor([self.lambdas_per_head[t] for t in self.types], dtype=torch.float32).T
-            if table.shape[0] != num_heads:
-                raise ValueError(
-                    f"the model's HSA λ were learned for {table.shape[0]} heads, the model has {num_heads} "
-                    "attention heads"
-                )
-            return table.contiguous()
-        vector = torch.tensor(self.semantic_types.lambda_vector(self.lambdas), dtype=torch.float32)
-        return vector.expand(num_heads, -1).clone() if self.learnable == "per_head" else vector
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return table.contiguous()
+    vector = torch.tensor(settings.semantic_types.lambda_vector(settings.lambdas), dtype=torch.float32)
+    return vector.expand(num_heads, -1).clone() if settings.learnable == "per_head" else vector
 
 
 class HSALambdas(nn.Module):
@@ -166,8 +117,6 @@ def _hsa_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     semantic_ids = semantic_ids.to(device=lambdas.device, dtype=torch.long)
     _check_ids(semantic_ids, model.config.hsa["types"])
     if model.config.hsa.get("debug"):
-        from hsa_train.model.debug import check_batch
-
         check_batch(model, semantic_ids, kwargs, ref)
     kwargs["hsa_context"] = HSAForwardContext(
         semantic_ids,
@@ -197,66 +146,26 @@ def text_positions(position_ids: torch.Tensor | None) -> torch.Tensor | None:
     return position_ids
 
 
-def hsa_settings(model: nn.Module) -> HSASettings | None:
-    """The HSA settings stored in the model's config, or None."""
-    stored = getattr(model.config, "hsa", None)
-    return HSASettings(**stored) if stored else None
-
-
-def model_types(model: nn.Module) -> SemanticTypes:
-    """The semantic types an HSA model decays by (its `model.config.hsa`): the one source of truth that the
-    tokenizer and collator feeding it take theirs from (`SemanticTokenizer.from_model`)."""
-    settings = hsa_settings(model)
-    if settings is None:
-        raise ValueError("the model has no HSA settings (model.config.hsa): enable_hsa(model, ...) first")
-    return settings.semantic_types
-
-
-def check_types(model: nn.Module, types: SemanticTypes, theirs: str = "the tokenizer") -> None:
-    """Raises when `types` (a tokenizer's, a collator's) differ from the model's: the same id would mean
-    another type, and the wrong tokens would fade without a word."""
-    model_types(model).require_same(types, "the model", theirs)
-
-
 def enable_hsa(
     model: nn.Module,
     lambdas: Mapping[str, float] | None = None,
     backend: str | None = None,
     *,
-    types: list[str] | None = None,
-    default_type: str | None = None,
-    head_scaling: str | None = None,
-    learnable: bool | str | None = None,
-    generated_type: str | None = None,
-    debug: bool | None = None,
+    settings: HSASettings | None = None,
+    **changes,
 ) -> nn.Module:
-    """Enables HSA on `model` in place and returns it. Arguments left as None keep what `model.config.hsa` holds
-    (after `from_pretrained` of an HSA model), else the SPEC defaults. `lambdas` may name only the types it
-    changes; giving any replaces λ learned per head. A generative model also learns `generate(semantic_ids=...)`
-    (`HSAGenerationMixin`)."""
-    base = hsa_settings(model) or HSASettings()
-    new_types = list(types) if types is not None else base.types
-    merged = {k: v for k, v in base.lambdas.items() if k in new_types}
-    merged.update(dict(lambdas or {}))
-    keep_per_head = base.lambdas_per_head if not lambdas and types is None else None
-    inherited_generated = base.generated_type if base.generated_type in new_types else None
-    settings = replace(
-        base,
-        types=new_types,
-        default_type=default_type if default_type is not None else base.default_type,
-        lambdas=merged,
-        head_scaling=head_scaling if head_scaling is not None else base.head_scaling,
-        backend=backend if backend is not None else base.backend,
-        learnable=learnable if learnable is not None else base.learnable,
-        generated_type=generated_type if generated_type is not None else inherited_generated,
-        lambdas_per_head=keep_per_head,
-        debug=debug if debug is not None else base.debug,
-    )
+    """Enables HSA on `model` in place and returns it. `settings` (default: what `model.config.hsa` holds after
+    `from_pretrained` of an HSA model, else the SPEC defaults) with `changes`: any HSASettings field by name
+    (types=, default_type=, head_scaling=, learnable=, generated_type=, debug=); None keeps a field. `lambdas` may
+    name only the types it changes; giving any replaces λ learned per head. A generative model also learns
+    `generate(semantic_ids=...)` (`HSAGenerationMixin`)."""
+    base = settings if settings is not None else (HSASettings.of(model) or HSASettings())
+    settings = base.changed(lambdas, backend=backend, **changes)
     name = register(settings.backend)
     try:  # the language model only: a vision tower keeps its own attention (SPEC §3)
         model.set_attn_implementation(attn_implementation_for(model, name))
     except ValueError as exc:  # transformers' own refusal, e.g. a model that declares no sdpa support
-        first = str(exc).strip().split(". ")[0]
+        first = one_line(exc, "first").split(". ")[0]
         raise ValueError(
             f"hsa.backend={settings.backend} on {type(model).__name__}: {first}; use hsa.backend=auto"
         ) from None
@@ -268,7 +177,7 @@ def enable_hsa(
     model.config.hsa = settings.to_dict()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     heads = attention_heads(model)
-    model.hsa = HSALambdas(settings.lambda_tensor(heads), bool(settings.learnable)).to(device)
+    model.hsa = HSALambdas(lambda_table(settings, heads), bool(settings.learnable)).to(device)
     if getattr(model, "_hsa_hook", None) is None:
         model._hsa_hook = model.register_forward_pre_hook(_hsa_pre_hook, with_kwargs=True)
     with_generation(model)

@@ -4,17 +4,31 @@ architecture transformers' Auto classes know goes through the same path."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 from hsa_train.model.vision import VISION_TOKENS, is_vision_config
+from hsa_train.types import DTYPES, SemanticTypes, one_line
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def bundled_tokenizer_dir() -> Path:
@@ -57,16 +71,14 @@ def load_image_processor(model_cfg, overrides: Mapping[str, Any] | None = None):
     """The image processor of `name_or_path` (its preprocessor_config.json), or the shipped one for a model built
     from `arch`; `overrides` (model.image_processor, e.g. max_pixels) replace its settings. Pillow backend when
     torchvision is not installed."""
-    from transformers import AutoImageProcessor
-
     source = model_cfg.name_or_path or str(bundled_image_processor_dir())
     kwargs = dict(overrides or {})
     try:
         return AutoImageProcessor.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     except Exception as exc:  # OSError (missing / offline), ValueError (unknown class or setting)
         raise ValueError(
-            f"cannot load the image processor from {source} ({_first_line(exc)}); a vision-language model needs "
-            "its preprocessor_config.json beside the weights"
+            f"cannot load the image processor from {source} ({one_line(exc, 'first', 200)}); a vision-language "
+            "model needs its preprocessor_config.json beside the weights"
         ) from None
 
 
@@ -80,7 +92,7 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, ch
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError (missing / offline), ValueError (unknown class), remote code errors
         raise ValueError(
-            f"cannot load the tokenizer from {source} ({_first_line(exc)}); check model.tokenizer / "
+            f"cannot load the tokenizer from {source} ({one_line(exc, 'first', 200)}); check model.tokenizer / "
             "model.name_or_path (a folder with tokenizer files, or a hub id reachable from here)"
         ) from None
     if chat_template == "chatml":
@@ -97,47 +109,47 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, ch
     return tokenizer
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]
+class Processing:
+    """What turns inputs into a model's tokens, loaded before the model (which is sized from it) and saved beside
+    its weights: the tokenizer, with every token the model needs already added, and a vision model's image
+    processor and image token (None for a text model)."""
+
+    def __init__(self, tokenizer, image_processor=None, image_token: str | None = None):
+        self.tokenizer, self.image_processor, self.image_token = tokenizer, image_processor, image_token
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(path))
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(str(path))
 
 
-def semantic_tokenizer(model_cfg, tokenizer, types, default_type, train_on: str = "assistant", config=None):
-    """The SemanticTokenizer for the run's model: with its image processor when the model sees images (a
-    `vision_config`), the shipped tokenizer then extended with the vision tokens for a model built from `arch`.
-    `config`: the model's, when it is at hand (else read from `model_cfg`)."""
-    from hsa_train.data import SemanticTokenizer
-    from hsa_train.data.vision import VisionSemanticTokenizer
-
+def load_processing(model_cfg, config=None) -> Processing:
+    """The run's tokenizer (`model.tokenizer`, else `name_or_path`'s, else the shipped one) and, when the model
+    sees images (a `vision_config`), its image processor; a vision model built from `arch` gets the vision tokens
+    added to the shipped tokenizer here, so the model built next is sized for them. `config`: the model's, when
+    it is at hand (else read from `model_cfg`)."""
     config = config if config is not None else model_config(model_cfg)
+    tokenizer = load_tokenizer(
+        model_cfg.tokenizer or model_cfg.name_or_path, model_cfg.trust_remote_code, model_cfg.chat_template
+    )
     if not is_vision_config(config):
-        return SemanticTokenizer(tokenizer, types, default_type, train_on)
+        return Processing(tokenizer)
     if not model_cfg.name_or_path:
         add_vision_tokens(tokenizer)
     image_id = getattr(config, "image_token_id", None) if model_cfg.name_or_path else None
     image_token = tokenizer.convert_ids_to_tokens(image_id) if image_id is not None else VISION_TOKENS["image_token_id"]
-    processor = load_image_processor(model_cfg, model_cfg.image_processor)
-    return VisionSemanticTokenizer(tokenizer, processor, types, default_type, train_on, image_token=image_token)
+    return Processing(tokenizer, load_image_processor(model_cfg, model_cfg.image_processor), image_token)
 
 
-def folder_semantic_tokenizer(folder: str, model):
-    """The SemanticTokenizer of a saved model folder (a run's model/ or adapter/) for `model`, loaded from it:
-    the folder's tokenizer (and image processor for a vision model), the model's HSA types."""
-    from types import SimpleNamespace
-
-    from hsa_train.model.hsa import model_types
-
-    source = SimpleNamespace(name_or_path=str(folder), trust_remote_code=False, image_processor={}, arch=None)
-    types = model_types(model)
-    return semantic_tokenizer(source, load_tokenizer(str(folder)), types.names, types.default, config=model.config)
+def folder_source(folder: str | Path) -> SimpleNamespace:
+    """A saved model folder (a run's model/ or adapter/) as the `model` config that loads its processing."""
+    return SimpleNamespace(
+        name_or_path=str(folder), tokenizer=None, chat_template=None, trust_remote_code=False, image_processor={},
+        arch=None,
+    )  # fmt: skip
 
 
 def _is_causal_lm(config) -> bool:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    )
-
     auto_map = getattr(config, "auto_map", None) or {}
     if is_vision_config(config):
         return (
@@ -151,24 +163,17 @@ def _auto_class(config):
     return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
 
 
-def check_model_source(model_cfg, types) -> None:
-    """Reads only the model's config, before any slow work, and fails with one line when the model cannot be
-    trained as asked: an unknown architecture, one that is not a causal LM, a path that is no model folder, a hub
-    id that cannot be reached, or HSA types the checkpoint was trained with that differ from `types`
-    (a SemanticTypes: one source of truth, or the ids would decay the wrong tokens; None when HSA is off)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    )
-
+def check_model_source(model_cfg, types: SemanticTypes | None):
+    """Reads only the model's config, before any slow work, and returns it (the one read: the tokenizer and the
+    model take theirs from it). Fails with one line when the model cannot be trained as asked: an unknown
+    architecture, one that is not a causal LM, a path that is no model folder, a hub id that cannot be reached,
+    or HSA types the checkpoint was trained with that differ from `types` (a SemanticTypes: one source of truth,
+    or the ids would decay the wrong tokens; None when HSA is off)."""
     examples = "e.g. qwen2, llama, mistral, gemma2, phi3"
     name = model_cfg.name_or_path
     if not name:
         arch_type = (model_cfg.arch or {}).get("type")
         if arch_type not in CONFIG_MAPPING_NAMES:
-            import difflib
-
             close = difflib.get_close_matches(str(arch_type), list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=3)
             hint = f"did you mean {', '.join(close)}?" if close else f"use a transformers model_type ({examples})"
             raise ValueError(f"model.arch.type={arch_type!r} is not an architecture transformers knows; {hint}")
@@ -180,7 +185,7 @@ def check_model_source(model_cfg, types) -> None:
                 f"model.arch.type={arch_type!r} is not a causal language model (AutoModelForCausalLM cannot build "
                 f"it); hsa_train trains causal LMs ({examples}) and vision-language models (qwen2_vl, qwen2_5_vl)"
             )
-        return
+        return model_config(model_cfg)
     path = Path(name).expanduser()
     if path.exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         if not path.is_dir():
@@ -191,8 +196,8 @@ def check_model_source(model_cfg, types) -> None:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
     except Exception as exc:  # OSError offline / not found, ValueError for unknown model types, remote code errors
         raise ValueError(
-            f"model.name_or_path={name}: cannot read its config ({_first_line(exc)}); check the path or hub id, the "
-            "network (or HF_HUB_OFFLINE=1 with a cached copy), or trust_remote_code"
+            f"model.name_or_path={name}: cannot read its config ({one_line(exc, 'first', 200)}); check the path or "
+            "hub id, the network (or HF_HUB_OFFLINE=1 with a cached copy), or trust_remote_code"
         ) from None
     if not _is_causal_lm(config):
         raise ValueError(
@@ -201,8 +206,6 @@ def check_model_source(model_cfg, types) -> None:
         )
     stored = getattr(config, "hsa", None)
     if types is not None and stored and "types" in stored:
-        from hsa_train.types import SemanticTypes
-
         trained = SemanticTypes.from_names(stored["types"], stored.get("default_type"))
         if trained != types:
             raise ValueError(
@@ -218,12 +221,14 @@ def build_model(
     tokenizer,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    config=None,
 ):
     """From a checkpoint when `name_or_path` is set, else a fresh model of `arch` (a transformers config: `type`
-    names the architecture, the rest are its config fields), sized to the tokenizer's vocabulary."""
-    torch_dtype = DTYPES[dtype]
+    names the architecture, the rest are its config fields), sized to the tokenizer's vocabulary (built with its
+    added tokens: `load_processing`). `config`: the checkpoint's, when `check_model_source` has read it."""
+    torch_dtype = TORCH_DTYPES[dtype]
     if name_or_path:
-        return load_pretrained(name_or_path, torch_dtype, trust_remote_code)
+        return load_pretrained(name_or_path, torch_dtype, trust_remote_code, config)
     if not arch or "type" not in arch:
         raise ValueError("model.arch.type is required when model.name_or_path is null (e.g. qwen2)")
     fields = {k: plain(v) for k, v in arch.items() if k != "type"}
@@ -249,46 +254,13 @@ def build_model(
     return _auto_class(config).from_config(config, dtype=torch_dtype)
 
 
-def load_pretrained(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """A saved model, through the Auto class its config calls for (causal LM, or image-text-to-text)."""
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+def load_pretrained(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, config=None):
+    """A saved model, through the Auto class its config calls for (causal LM, or image-text-to-text); `config`
+    when it was read already."""
+    if config is None:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     auto = _auto_class(config)
     return auto.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
-
-
-class Processing:
-    """What turns inputs into a model's tokens, saved beside its weights: the tokenizer, and a vision model's
-    image processor (so `model.name_or_path=<that folder>` finds both)."""
-
-    def __init__(self, tokenizer, image_processor=None):
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-
-    def save_pretrained(self, path: str | Path) -> None:
-        self.tokenizer.save_pretrained(str(path))
-        if self.image_processor is not None:
-            self.image_processor.save_pretrained(str(path))
-
-
-def without_hsa_tensors(state: dict) -> dict:
-    """The state dict minus HSA's λ tensors, which live in the config."""
-    return {k: v for k, v in state.items() if ".hsa." not in f".{k}"}
-
-
-def raw_lambdas(state: dict):
-    """HSA's learnable λ tensor in a state dict, or None."""
-    return next((v for k, v in state.items() if k.endswith("hsa.raw")), None)
-
-
-def save_pretrained(model, tokenizer, path: str | Path, state: dict | None = None) -> None:
-    """`save_pretrained` of model and tokenizer, with HSA's λ in the config only: the `hsa.*` tensors (learnable
-    λ) stay out of the weights, so the folder loads into the stock architecture without unexpected keys.
-    `state` is the full state dict when the caller gathered it (FSDP); else the model's own."""
-    from hsa_train.model.hsa import sync_hsa_config
-
-    state = state if state is not None else model.state_dict()
-    sync_hsa_config(model, raw_lambdas(state))
-    model.save_pretrained(str(path), state_dict=without_hsa_tensors(state))
-    tokenizer.save_pretrained(str(path))
 
 
 def enable_activation_checkpointing(model) -> None:

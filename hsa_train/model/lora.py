@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from hsa_train.model.vision import freeze_vision, vision_tower
+
 
 @contextmanager
 def quiet_peft():
@@ -47,8 +49,6 @@ def apply_lora(model: nn.Module, settings: Any, train_lambdas: bool, skip: nn.Mo
 def trainable_parts(model: nn.Module, model_cfg: Any, train_lambdas: bool) -> tuple[nn.Module, list[str]]:
     """What trains, as `model_cfg` asks: a vision tower frozen (`freeze_vision`; null = frozen with LoRA), then
     LoRA adapters (none inside a frozen tower). Returns the model (peft-wrapped with LoRA) and notes for the log."""
-    from hsa_train.model.vision import freeze_vision, vision_tower
-
     lora = model_cfg.lora.enabled
     frozen = model_cfg.freeze_vision if model_cfg.freeze_vision is not None else lora
     notes = []

@@ -8,10 +8,12 @@ from whatever module defines `get_rope_index`. No architecture is named here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 # The config fields that name a vision model's special tokens, and the text of each in a Qwen-style vocabulary:
 # a model built from a config (model.arch) gets these added to the shipped tokenizer.
@@ -23,6 +25,26 @@ VISION_TOKENS = {
 }
 # Inputs of the vision side a batch may carry (SemanticCollator concatenates them over the batch's samples).
 VISION_FIELDS = ("pixel_values", "image_grid_thw")
+
+
+def has_image(sample: Mapping[str, Any]) -> bool:
+    return sample.get("image_grid_thw") is not None and len(sample["image_grid_thw"]) > 0
+
+
+def has_images(samples: Sequence[Mapping[str, Any]]) -> bool:
+    return any(map(has_image, samples))
+
+
+def stack_images(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """The samples' images as the model takes them, in the order it meets their tokens: `pixel_values`
+    (patches, dim) and `image_grid_thw` (images, 3), concatenated; nothing when no sample has an image."""
+    with_images = [s for s in samples if has_image(s)]
+    if not with_images:
+        return {}
+    return {
+        "pixel_values": torch.cat([torch.as_tensor(s["pixel_values"], dtype=torch.float32) for s in with_images]),
+        "image_grid_thw": torch.cat([torch.as_tensor(s["image_grid_thw"], dtype=torch.long) for s in with_images]),
+    }
 
 
 def is_vision_config(config: Any) -> bool:
@@ -70,8 +92,6 @@ def text_attn_implementation(model: nn.Module) -> str | None:
 def vision_tower(model: nn.Module) -> nn.Module | None:
     """The sub-model built from `config.vision_config` (with its merger / projector when the model keeps one
     inside it), or None for a text-only model."""
-    from transformers import PreTrainedModel
-
     vision_config = getattr(getattr(model, "config", None), "vision_config", None)
     if vision_config is None:
         return None

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from hsa_train.training import distributed as D
+from hsa_train.types import one_line
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 MANIFEST = "manifest.json"
@@ -305,11 +306,6 @@ def save(
     return final
 
 
-def _last_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:300]
-
-
 def trainer_state(folder: Path) -> dict[str, Any]:
     """The trainer state of checkpoint `folder` (plain JSON), read without loading any tensor."""
     try:
@@ -345,7 +341,7 @@ def load(
         saved = trainer_state(folder)
         rng = torch.load(folder / f"rng_rank{info.rank}.pt", weights_only=True)
     except (ValueError, pickle.UnpicklingError, RuntimeError, OSError) as exc:
-        raise ValueError(f"checkpoint {folder} cannot be read ({' '.join(str(exc).split())[:200]})") from None
+        raise ValueError(f"checkpoint {folder} cannot be read ({one_line(exc, limit=200)})") from None
     options = _state_options(frozen_base)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
@@ -361,7 +357,7 @@ def load(
             )
     except (Exception, CheckpointException) as exc:  # DCP wraps any failure in its own (a BaseException)
         raise ValueError(
-            f"checkpoint {folder}: the model / optimizer state cannot be loaded ({_last_line(exc)})"
+            f"checkpoint {folder}: the model / optimizer state cannot be loaded ({one_line(exc, 'last', 300)})"
         ) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     set_rng_state(rng)

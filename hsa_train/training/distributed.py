@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-MODES = ("auto", "none", "ddp", "fsdp")
+from hsa_train.types import DISTRIBUTED, check_choice
+
 SETUP_TIMEOUT_S = 1800.0  # setup's collectives: rank 0 may tokenize a large data set while the others wait
 
 
@@ -48,8 +49,7 @@ def env_world_size() -> int:
 
 def resolve_mode(mode: str) -> str:
     adopt_submitit_env()
-    if mode not in MODES:
-        raise ValueError(f"train.distributed={mode!r}: use one of {', '.join(MODES)}")
+    check_choice("train.distributed", mode, DISTRIBUTED)
     world = env_world_size()
     if mode == "auto":
         return "ddp" if world > 1 else "none"

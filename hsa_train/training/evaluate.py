@@ -18,11 +18,11 @@ from contextlib import nullcontext
 
 import torch
 
-from hsa_train.data.tokenizer import IGNORE_INDEX
 from hsa_train.model.generation import generate_batch
 from hsa_train.model.vision import image_runs, images_by_row
 from hsa_train.training import distributed as D
 from hsa_train.training.loss import next_token_targets, shift_left, token_losses
+from hsa_train.types import IGNORE_INDEX
 
 # The sums `eval_sums` returns after the per-type ones, in this order (all ranks add theirs up).
 ANSWER_SUMS = ("answers", "answers_exact", "answer_tokens", "answer_tokens_correct")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hsa_train.data.tokenizer import IGNORE_INDEX
+from hsa_train.types import IGNORE_INDEX
 
 
 def shift_left(values: torch.Tensor, fill: int) -> torch.Tensor:

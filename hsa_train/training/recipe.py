@@ -17,35 +17,26 @@ from pathlib import Path
 import transformers
 import yaml
 
-from hsa_train.config import RunConfig
-from hsa_train.data import SemanticCollator
+from hsa_train.config import RunConfig, hsa_settings
+from hsa_train.data.collator import SemanticCollator
 from hsa_train.data.dataset import SampleStream, eval_batches, rank_micro_batches
 from hsa_train.data.pipeline import load_run_data
-from hsa_train.data.vision import VisionSemanticTokenizer
-from hsa_train.model import enable_hsa
-from hsa_train.model.export import export_model
+from hsa_train.data.vision import semantic_tokenizer
 from hsa_train.model.flex import runs_flex
-from hsa_train.model.hsa import learned_lambdas
-from hsa_train.model.loading import (
-    Processing,
-    build_model,
-    check_model_source,
-    enable_activation_checkpointing,
-    load_tokenizer,
-    semantic_tokenizer,
-)
+from hsa_train.model.hsa import enable_hsa, learned_lambdas
+from hsa_train.model.loading import build_model, check_model_source, enable_activation_checkpointing, load_processing
 from hsa_train.model.lora import trainable_parts
 from hsa_train.training import checkpoint
 from hsa_train.training import distributed as D
 from hsa_train.training.console import Console, Tracker
 from hsa_train.training.device import pick_autocast, pick_device, seed_everything
 from hsa_train.training.evaluate import eval_sums, generated_answer_sums, summarize
+from hsa_train.training.export import export_model
 from hsa_train.training.optim import build_optimizer, build_scheduler
 from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_summary
 from hsa_train.training.resume import check_resume
 from hsa_train.training.rundir import claim, require_fresh
 from hsa_train.training.step import StepResult, make_forward, optimizer_step
-from hsa_train.types import SemanticTypes
 
 
 @dataclass
@@ -91,8 +82,10 @@ class Recipe:
         self.device = D.rank_device(self.device, self.info)
         self.autocast_dtype = pick_autocast(cfg.precision, self.device)
         seed_everything(self.run.seed)
-        hsa_types = SemanticTypes.from_names(self.run.hsa.types, self.run.hsa.default_type)
-        check_model_source(self.run.model, hsa_types if self.run.hsa.enabled else None)
+        self.hsa = hsa_settings(self.run)
+        self.model_config = check_model_source(
+            self.run.model, self.hsa.semantic_types if self.run.hsa.enabled else None
+        )
         self.ckpt_root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.run_dir / "checkpoints"
         self._locks = D.on_main(lambda: claim(self.run_dir, self.ckpt_root), self.info) or []
         resume_from = self._pick_checkpoint()
@@ -110,15 +103,14 @@ class Recipe:
 
     def _setup_data(self) -> None:
         run, data = self.run, self.run.data
-        self.tokenizer = load_tokenizer(
-            run.model.tokenizer or run.model.name_or_path, run.model.trust_remote_code, run.model.chat_template
-        )
-        st = semantic_tokenizer(run.model, self.tokenizer, run.hsa.types, run.hsa.default_type, data.train_on)
-        self.image_processor = st.images.image_processor if isinstance(st, VisionSemanticTokenizer) else None
+        self.processing = load_processing(run.model, self.model_config)  # before the model: it is sized from it
+        st = semantic_tokenizer(self.processing, self.hsa.semantic_types, data.train_on)
         # flex compiles one kernel per shape: bucketed lengths bound how many a run builds (flex.py)
         bucket = run.hsa.enabled and runs_flex(run.hsa.backend, self.device)
         self.collator = SemanticCollator.from_tokenizer(st, data.pad_to_multiple_of, bucket_lengths=bucket)
-        if self.image_processor is not None and self.info.world > 1:  # every rank runs the vision tower in step
+        if (
+            self.processing.image_processor is not None and self.info.world > 1
+        ):  # every rank runs the vision tower in step
             self.collator.image_filler = st.filler()
         self.data = load_run_data(data, st, self.collator, run.seed, on_main=lambda fn: D.on_main(fn, self.info))
         self.eval_samples, self.extra_evals = self.data.eval, self.data.eval_sets
@@ -143,21 +135,12 @@ class Recipe:
 
     def _setup_model(self) -> None:
         run, hsa_cfg, cfg = self.run, self.run.hsa, self.cfg
+        m = run.model
         model = build_model(
-            run.model.name_or_path, run.model.arch, self.tokenizer, run.model.dtype, run.model.trust_remote_code
+            m.name_or_path, m.arch, self.processing.tokenizer, m.dtype, m.trust_remote_code, self.model_config
         )
         if hsa_cfg.enabled:
-            enable_hsa(
-                model,
-                dict(hsa_cfg.lambdas),
-                hsa_cfg.backend,
-                types=self.type_names,
-                default_type=hsa_cfg.default_type,
-                head_scaling=hsa_cfg.head_scaling,
-                learnable=hsa_cfg.learnable,
-                generated_type=hsa_cfg.generated_type,
-                debug=hsa_cfg.debug,
-            )
+            enable_hsa(model, settings=self.hsa)
         self.lora = run.model.lora.enabled
         model, notes = trainable_parts(model, run.model, train_lambdas=hsa_cfg.enabled and bool(hsa_cfg.learnable))
         self._notes += notes
@@ -369,9 +352,8 @@ class Recipe:
         eval_result, set_results = self.evaluate(final=True)
         exported = {}
         if self.cfg.save_model:
-            processing = Processing(self.tokenizer, self.image_processor)
             exported = export_model(
-                self.model, processing, self.run_dir / "model", info, lora=self.lora, merge=run.export.merge
+                self.model, self.processing, self.run_dir / "model", info, lora=self.lora, merge=run.export.merge
             )
         if info.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))

@@ -1,0 +1,37 @@
+"""The end products of a run: `<run>/model/` (full fine-tuning, or the base with the LoRA adapter merged in under
+`export.merge=true`) and `<run>/adapter/` (LoRA). Under FSDP every rank takes part in gathering the full weights;
+rank 0 writes (the folders themselves: `model/export.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from hsa_train.model.export import load_exported, save_adapter, save_pretrained
+from hsa_train.training import distributed as D
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_model(model: nn.Module, processing, out_dir: Path, info: D.DistInfo, lora: bool, merge: bool) -> dict:
+    """Writes the run's model (see module doc); returns the folders written, for metrics.json."""
+    inner = D.unwrap(model)  # DDP's module; a peft model under LoRA
+    state = _full_state_dict(inner)  # collective under FSDP
+    written: dict[str, str] = {}
+    if info.is_main and not lora:
+        save_pretrained(inner, processing, out_dir, state)
+        written["model_dir"] = str(out_dir)
+    elif info.is_main:
+        adapter_dir = out_dir.parent / "adapter"
+        save_adapter(inner, processing, adapter_dir, state)
+        written["adapter_dir"] = str(adapter_dir)
+        if merge:
+            save_pretrained(load_exported(adapter_dir, merge=True), processing, out_dir)
+            written["model_dir"] = str(out_dir)
+    D.barrier(info)
+    return written
