@@ -7,6 +7,7 @@ line that names the key and says what to do.
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hsa_train.data.spec import resolve_datasets
+from hsa_train.data.spec import DatasetPlan, plan_datasets
 from hsa_train.model.settings import HSASettings
 from hsa_train.types import (
     DIRECTIONS,
@@ -183,6 +184,11 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @functools.cached_property
+    def dataset_plan(self) -> DatasetPlan:
+        """Every dataset the `data` group names, resolved once: validation checks it, the run's data uses it."""
+        return plan_datasets(self.data, hsa_settings(self).semantic_types)
+
 
 def _omegaconf_line(exc: OmegaConfBaseException) -> str:
     msg = one_line(exc, "first")
@@ -216,8 +222,9 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 RENAMED = {"data.max_length": "data.cutoff_len (with data.overlong=error for the old refuse-if-longer behaviour)"}
 
 
-def _check_data(d: DataConfig, types: SemanticTypes) -> None:
+def _check_data(run: RunConfig, types: SemanticTypes) -> None:
     """The data keys, and every dataset entry (formats, columns, type rules, regexes) before anything is read."""
+    d = run.data
     _check(
         len(d.train_files) + len(d.datasets) > 0,
         "no training data: set data.train_files=[file.jsonl] or data.datasets=[...]",
@@ -227,19 +234,16 @@ def _check_data(d: DataConfig, types: SemanticTypes) -> None:
         d.dataset_info is None or Path(d.dataset_info).is_file(),
         f"data.dataset_info={d.dataset_info!r}: no such file; give the path of a LLaMA-Factory dataset_info.json",
     )
-    groups = {"data.datasets": d.datasets, "data.eval_datasets": d.eval_datasets}
     for name, entries in d.eval_sets.items():
         _check(
             bool(name) and name.replace("_", "").replace("-", "").isalnum(),
             f"data.eval_sets: name {name!r} must be letters, digits, - or _ (it names metrics: eval/{name}/loss)",
         )
         _check(len(entries) > 0, f"data.eval_sets.{name} is empty; give one or more files or dataset entries")
-        groups[f"data.eval_sets.{name}"] = entries
-    for key, entries in groups.items():
-        try:
-            resolve_datasets(list(entries), d.dataset_info, types, key)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    try:
+        run.dataset_plan  # noqa: B018  (resolved here, once: the run's data takes the plan from `run`)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _choice("data.on_error", d.on_error, ON_ERROR)
     _choice("data.train_on", d.train_on, TRAIN_ON)
     _choice("data.overlong", d.overlong, OVERLONG)
@@ -270,7 +274,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_line(exc)) from None
 
-    m, d, h, t, lg = run.model, run.data, run.hsa, run.train, run.logging
+    m, h, t, lg = run.model, run.hsa, run.train, run.logging
     _choice("model.dtype", m.dtype, DTYPES)
     if not m.name_or_path:
         _check(bool(m.arch) and "type" in m.arch, "model.arch.type must be set when model.name_or_path is null")
@@ -295,7 +299,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         settings = hsa_settings(run)  # HSASettings validates the group, once
     except ValueError as exc:
         raise ConfigError(str(exc) if str(exc).startswith("hsa.") else f"hsa: {exc}") from None
-    _check_data(d, settings.semantic_types)
+    _check_data(run, settings.semantic_types)
 
     _check(t.max_steps is not None or t.epochs is not None, "set train.max_steps or train.epochs")
     _check(t.max_steps is None or t.max_steps > 0, f"train.max_steps={t.max_steps} must be > 0 (or null to use epochs)")

@@ -26,7 +26,7 @@ import torch
 from hsa_train.data.formats import IMAGE_PLACEHOLDER
 from hsa_train.data.loader import load_records
 from hsa_train.data.tokenizer import SemanticTokenizer
-from hsa_train.data.vision import VisionSemanticTokenizer, folder_semantic_tokenizer, open_image
+from hsa_train.data.vision import folder_semantic_tokenizer, open_image
 from hsa_train.model.export import load_exported
 from hsa_train.model.generation import generate_batch
 from hsa_train.model.hsa import enable_hsa
@@ -174,7 +174,7 @@ def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
 
 def _image_problem(st: SemanticTokenizer, path: str) -> str | None:
     """Why `/image path` cannot be attached (one line), or None."""
-    if not isinstance(st, VisionSemanticTokenizer):
+    if st.media is None:
         return "this model takes no images (it is a text-only model)"
     if not path:
         return "usage: /image PATH"

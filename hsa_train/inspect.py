@@ -22,6 +22,7 @@ from rich.text import Text
 from hsa_train.config import ConfigError, validate
 from hsa_train.data.collator import SemanticCollator
 from hsa_train.data.pipeline import RunData, load_run_data
+from hsa_train.data.typing import TypingReport
 from hsa_train.data.vision import semantic_tokenizer
 from hsa_train.model.loading import load_processing
 from hsa_train.overrides import unknown_key_message
@@ -111,14 +112,10 @@ def figures_table(data: RunData) -> Table:
 def rules_table(data: RunData) -> Table:
     """Which rule typed how many tokens, per type."""
     table = Table(title="where the types came from (tokens of every record kept, eval included)", title_justify="left")
-    for col in ("type", "rule", "tokens"):
-        table.add_column(col, justify="right" if col == "tokens" else "left")
-    merged: dict[tuple[str, str], int] = {}
-    for rep in data.reports.values():
-        for (type_name, rule), count in rep.typing.counts.items():
-            merged[(type_name, rule)] = merged.get((type_name, rule), 0) + count
-    for (type_name, rule), count in sorted(merged.items(), key=lambda kv: (kv[0][0], -kv[1])):
-        table.add_row(type_name, rule, f"{count:,}")
+    for col in ("type", "rule", "tokens", "share"):
+        table.add_column(col, justify="left" if col in ("type", "rule") else "right")
+    for type_name, rule, count, share in TypingReport.merged(rep.typing for rep in data.reports.values()).rows():
+        table.add_row(type_name, rule, f"{count:,}", f"{share:.1%}")
     return table
 
 
@@ -145,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         run = validate(cfg)
         types = SemanticTypes.from_names(run.hsa.types, run.hsa.default_type)
         st = semantic_tokenizer(load_processing(run.model), types, run.data.train_on)
-        data = load_run_data(run.data, st, SemanticCollator.from_tokenizer(st), run.seed)
+        data = load_run_data(run.data, st, SemanticCollator.from_tokenizer(st), run.seed, plan=run.dataset_plan)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"hsa_train.inspect: error: {one_line(exc)}", file=sys.stderr)
         return 2

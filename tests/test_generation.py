@@ -121,13 +121,11 @@ def test_generated_exact_match_equals_teacher_forced(model_factory, tokenizer):
     per_sample = []
     for sample in samples:
         forced = eval_sums(forward, eval_batches([sample], 1, collator), 3)[-len(ANSWER_SUMS) :]
-        decoded = generated_answer_sums(
-            model, eval_batches([sample], 1, collator), collator.pad_values, torch.device("cpu")
-        )
+        decoded = generated_answer_sums(model, eval_batches([sample], 1, collator), collator, torch.device("cpu"))
         assert forced[:2] == decoded[:2]  # answers, exact
         per_sample.append(decoded[1])
     assert per_sample[:2] == [1.0, 1.0] and per_sample[2] == 0.0  # the model really is overfit
-    batched = generated_answer_sums(model, eval_batches(samples, 3, collator), collator.pad_values, torch.device("cpu"))
+    batched = generated_answer_sums(model, eval_batches(samples, 3, collator), collator, torch.device("cpu"))
     assert batched[:2] == [4.0, sum(per_sample)]
 
 

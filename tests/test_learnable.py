@@ -10,8 +10,8 @@ from test_model import batch_of, sample
 
 from hsa_train import enable_hsa
 from hsa_train.model import flex
-from hsa_train.model.hsa import learned_lambdas
 from hsa_train.model.export import save_pretrained
+from hsa_train.model.hsa import learned_lambdas
 
 LAMBDAS = {"GLOBAL_CONDITION": 0.02, "KEY_EVENT": 0.05, "PROCESS_NOISE": 0.3}  # > 0: clamping is smooth here
 

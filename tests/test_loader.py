@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 
 from hsa_train.data import DataError, SemanticTokenizer
-from hsa_train.data.dataset import encode_files, split_eval
+from hsa_train.data.dataset import encode_files, split_ids
 from hsa_train.data.loader import load_records
 from hsa_train.types import SemanticTypes
 
@@ -92,8 +92,8 @@ def test_missing_file_and_wrong_suffix(tmp_path):
 def test_split_is_seeded_and_disjoint(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [GOOD] * 40)
     samples, _ = encode_files([path], SemanticTokenizer(tokenizer))
-    tr1, ev1 = split_eval(samples, 0.1, seed=3)
-    tr2, ev2 = split_eval(samples, 0.1, seed=3)
+    (kept1, held1), (_, held2) = split_ids(len(samples), 0.1, seed=3), split_ids(len(samples), 0.1, seed=3)
+    tr1, ev1, ev2 = ([samples[i] for i in ids] for ids in (kept1, held1, held2))
     assert [s.where for s in ev1] == [s.where for s in ev2] and len(ev1) == 4 and len(tr1) == 36
     assert not {s.where for s in ev1} & {s.where for s in tr1}
 

@@ -51,7 +51,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen) -> Path:
     deadline = time.time() + 300
     while time.time() < deadline:
-        found = checkpoint.latest(run_dir / "checkpoints")
+        found = checkpoint.newest_intact(run_dir / "checkpoints")[0]
         if found is not None:
             return found
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -105,7 +105,7 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(tmp_path, small_
     (line,) = lines
     assert line.startswith("hsa_train: stopped: stopped by SIGTERM after step ")
     assert "continue with train.resume=auto" in line
-    saved = checkpoint.latest(run_dir / "checkpoints")
+    saved = checkpoint.newest_intact(run_dir / "checkpoints")[0]
     assert saved is not None and not (run_dir / "model").exists()
     code, _, err = finish(start(run_dir, small_data, "train.save_every=0", "train.resume=auto"))
     assert code == 0, err[-3000:]
@@ -131,7 +131,7 @@ def test_truncated_or_partial_checkpoints_are_skipped(tmp_path):
     victim = next(p for p in (root / "step_0000006" / "state").iterdir() if p.suffix == ".distcp")
     victim.write_bytes(victim.read_bytes()[:-5])
     (root / "step_0000008.tmp").mkdir()
-    assert checkpoint.latest(root).name == "step_0000004"
+    assert checkpoint.newest_intact(root)[0].name == "step_0000004"
     model, optimizer = _tiny_state(0)
     with pytest.raises(ValueError, match="incomplete"):
         checkpoint.load(root / "step_0000006", model, optimizer, info)

@@ -441,24 +441,21 @@ def test_ranks_decoding_in_step_all_run_the_vision_tower(vl_tokenizer, st, monke
     from hsa_train.data.store import Sample
     from hsa_train.training import evaluate
 
-    collate = SemanticCollator.from_tokenizer(st)
-    collate.image_filler = st.filler()
+    collate = SemanticCollator.from_tokenizer(st, in_step=True)
     text = st.encode_detailed([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     (batch,) = eval_batches([Sample(text.features, text.answer, "x:1")], 4, collate)
     assert len(batch["input_ids"]) == 2 and batch["answer_span"][1].tolist() == [-1, -1]  # the filler row
     filler_length = len(collate.image_filler["input_ids"])
     assert int(batch["filler_tokens"]) == filler_length == int(batch["attention_mask"][1].sum())  # not data
-    packed = PackedCollator.from_tokenizer(st, 256)
-    packed.image_filler = collate.image_filler
+    packed = PackedCollator.from_tokenizer(st, 256, in_step=True)
     assert int(packed([[text.features]])["filler_tokens"]) == filler_length
     image = st.encode(conversation([SCENE]))
     assert "filler_tokens" not in collate([image]) and "filler_tokens" not in packed([[image]])  # no filler needed
     seen = []
     monkeypatch.setattr(evaluate, "generate_batch", lambda model, prompts, *a, **k: seen.append(prompts) or [[]])
     model = enable_hsa(vl_model(vl_tokenizer), backend="eager")
-    pads = collate.pad_values
     for synced in (False, True):
-        evaluate.generated_answer_sums(model, [batch], pads, torch.device("cpu"), synced=synced)
+        evaluate.generated_answer_sums(model, [batch], collate, torch.device("cpu"), synced=synced)
     alone, in_step = seen
     assert len(alone) == 1 and "image_grid_thw" not in alone[0]
     assert len(in_step) == 2 and torch.equal(

@@ -11,7 +11,7 @@ import torch
 from hsa_train.model.vision import has_images, stack_images
 from hsa_train.types import IGNORE_INDEX, SemanticTypes
 
-TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "semantic_ids")
+TOKEN_FIELDS = ("input_ids", "labels", "semantic_ids")  # per-token fields a sample may carry (input_ids always)
 
 
 def add_vision(
@@ -41,6 +41,14 @@ def pad_values(who: str, pad_token_id: int | None, default_type_id: int, pad_to_
     }
 
 
+def filler_sample(st) -> dict[str, Any] | None:
+    """What keeps ranks in step where a batch could leave some sub-model idle on one rank: for a vision model the
+    media hook's blank image (no label, the default type), which a collator adds to a batch without images so
+    that every rank runs the vision tower (and decoding ranks each decode one); None for a text model, whose
+    every forward runs the whole model. The one filler of training, evaluation and decoding."""
+    return st.media.filler(st.types.default_id) if st.media is not None else None
+
+
 def bucket_length(n: int, base: int = 128) -> int:
     """The smallest of base x {1, 2, 3, 4, 6, 8, 12, 16, 24, ...} that holds `n` tokens (multiples of `base`,
     growing by 1.5x and 4/3x in turn from 4 x base): a compiled kernel per length is built ~2·log2(L / base) times
@@ -65,6 +73,7 @@ class SemanticCollator:
         pad_to_multiple_of: int | None = None,
         padding_side: str = "right",
         bucket_lengths: bool = False,
+        filler: Mapping[str, Any] | None = None,
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"SemanticCollator: padding_side={padding_side!r}; use 'right' or 'left'")
@@ -72,15 +81,23 @@ class SemanticCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
         self.bucket_lengths = bucket_lengths
-        self.image_filler: Mapping[str, Any] | None = None  # vision runs on several ranks (VisionSemanticTokenizer)
+        self.image_filler = filler  # `filler_sample`: added to a batch without images
 
     @classmethod
     def from_tokenizer(
-        cls, st, pad_to_multiple_of: int | None = None, padding_side: str = "right", bucket_lengths: bool = False
+        cls,
+        st,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str = "right",
+        bucket_lengths: bool = False,
+        in_step: bool = False,
     ):
         """The collator for a SemanticTokenizer's samples: its pad id and its default type, so the padding's type
-        comes from the same settings as every token's."""
-        return cls(st.tokenizer.pad_token_id, st.types.default_id, pad_to_multiple_of, padding_side, bucket_lengths)
+        comes from the same settings as every token's. `in_step`: ranks run the model together (DDP / FSDP)."""
+        filler = filler_sample(st) if in_step else None
+        return cls(
+            st.tokenizer.pad_token_id, st.types.default_id, pad_to_multiple_of, padding_side, bucket_lengths, filler
+        )
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
@@ -98,25 +115,26 @@ class SemanticCollator:
         elif self.bucket_lengths:
             width = bucket_length(width)
         batch = {}
-        for f in fields:
+        for f in [*fields, "attention_mask"]:  # the attention mask: a sample's own, else 1 on each of its tokens
             out = torch.full((len(features), width), self.pad_values[f], dtype=torch.long)
-            for row, feat in enumerate(features):
-                values = torch.as_tensor(feat[f], dtype=torch.long)
+            for row, (feat, n) in enumerate(zip(features, lengths)):
+                values = torch.as_tensor(feat[f], dtype=torch.long) if f in feat else torch.ones(n, dtype=torch.long)
                 if self.padding_side == "right":
-                    out[row, : len(values)] = values
+                    out[row, :n] = values
                 else:
-                    out[row, width - len(values) :] = values
+                    out[row, width - n :] = values
             batch[f] = out
         return add_vision(batch, features, filler)
 
 
 def check_fields(features: Sequence[Mapping[str, Any]], fields: list[str], who: str, what: str) -> list[int]:
-    """Every sample has the same per-token `fields`, each as long as its input_ids; returns those lengths."""
+    """Every sample has the same per-token `fields`, each (and its attention_mask, when it has one) as long as its
+    input_ids; returns those lengths."""
     lengths = []
     for row, feat in enumerate(features):
         if [f for f in TOKEN_FIELDS if f in feat] != fields:
             raise ValueError(f"{who}: {what} {row} has fields {sorted(feat)}, {what} 0 has {fields}")
-        sizes = {f: len(feat[f]) for f in fields}
+        sizes = {f: len(feat[f]) for f in [*fields, "attention_mask"] if f in feat}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"{who}: {what} {row} has per-token fields of different lengths {sizes}")
         lengths.append(sizes["input_ids"])
@@ -144,18 +162,20 @@ class PackedCollator:
         default_type_id: int = SemanticTypes().default_id,
         capacity: int | None = None,
         pad_to_multiple_of: int | None = None,
+        filler: Mapping[str, Any] | None = None,
     ):
         if capacity is not None and capacity < 1:
             raise ValueError(f"PackedCollator: capacity={capacity} must be >= 1")
         self.pad_values = pad_values("PackedCollator", pad_token_id, default_type_id, pad_to_multiple_of)
         self.capacity = capacity
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.image_filler: Mapping[str, Any] | None = None  # as SemanticCollator's
+        self.image_filler = filler  # as SemanticCollator's
 
     @classmethod
-    def from_tokenizer(cls, st, capacity: int | None, pad_to_multiple_of: int | None = None):
+    def from_tokenizer(cls, st, capacity: int | None, pad_to_multiple_of: int | None = None, in_step: bool = False):
         """The packed collator for a SemanticTokenizer's samples (its pad id and default type)."""
-        return cls(st.tokenizer.pad_token_id, st.types.default_id, capacity, pad_to_multiple_of)
+        filler = filler_sample(st) if in_step else None
+        return cls(st.tokenizer.pad_token_id, st.types.default_id, capacity, pad_to_multiple_of, filler)
 
     def __call__(self, bins: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
         if not bins:
@@ -184,8 +204,8 @@ class PackedCollator:
             width = self.capacity
         elif self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        out_fields = [*dict.fromkeys([*fields, "attention_mask"])]
-        batch = {f: torch.full((len(bins), width), self.pad_values[f], dtype=torch.long) for f in out_fields}
+        batch = {f: torch.full((len(bins), width), self.pad_values[f], dtype=torch.long) for f in fields}
+        batch["attention_mask"] = torch.zeros((len(bins), width), dtype=torch.long)  # 1 on the documents' tokens
         positions = torch.zeros((len(bins), width), dtype=torch.long)
         for row, docs in enumerate(bins):
             start = 0

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from hsa_train.data.collator import SemanticCollator
-from hsa_train.data.loader import DataError, LoadReport, Record, load_records
+from hsa_train.data.loader import LoadReport, Record, load_records
 from hsa_train.data.prepare import Preprocess, RecordEncoder, Reports
 from hsa_train.data.store import Sample
 from hsa_train.data.tokenizer import SemanticTokenizer
@@ -23,7 +23,6 @@ __all__ = [
     "eval_batches",
     "filler_batch",
     "rank_micro_batches",
-    "split_eval",
     "split_ids",
 ]
 
@@ -45,15 +44,6 @@ def encode_files(
 
     records, report = load_records(list(paths), st.types, on_error=on_error, check=check, ignore_keys=ignore_keys)
     return [samples[id(r)] for r in records], report
-
-
-def split_eval(samples: Sequence[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """`split_ids` over a list of samples (at least one held out when ratio > 0, order kept in both parts)."""
-    try:
-        kept, held = split_ids(len(samples), ratio, seed)
-    except ValueError as exc:
-        raise DataError(samples[0].where.rsplit(":", 1)[0], 1, str(exc)) from None
-    return [samples[i] for i in kept], [samples[i] for i in held]
 
 
 def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +128,7 @@ def filler_batch(collator: SemanticCollator) -> dict[str, torch.Tensor]:
     """A batch of one row that counts for nothing: a single padding token, attended (a row with no visible key
     is undefined for some attention kernels), with no label and no answer."""
     pad = collator.pad_values
-    row = {"input_ids": [pad["input_ids"]], "attention_mask": [1], "labels": [pad["labels"]]}
+    row = {"input_ids": [pad["input_ids"]], "labels": [pad["labels"]]}
     row["semantic_ids"] = [pad["semantic_ids"]]
     batch = collator([row])
     batch["answer_span"] = torch.full((len(batch["input_ids"]), 2), -1, dtype=torch.long)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hsa_train.data.formats import FormatContext, convert_conversation, ignore_set, make_converter
+from hsa_train.data.formats import ignore_set, make_converter
 from hsa_train.data.sources import DataError, check_file, iter_source, looks_local
-from hsa_train.data.spec import DEFAULT_COLUMNS, DEFAULT_TAGS, ROLES, DatasetSpec
+from hsa_train.data.spec import ROLES, DatasetSpec
 from hsa_train.data.typing import TypeRules
 from hsa_train.types import ON_ERROR, SemanticTypes, check_choice
 
@@ -24,7 +24,6 @@ __all__ = [
     "DatasetSpec",
     "LoadReport",
     "Record",
-    "check_messages",
     "iter_records",
     "load_records",
 ]
@@ -66,20 +65,6 @@ class LoadReport:
         self.kept += other.kept
         self.skipped.extend(other.skipped)
         return self
-
-
-_MESSAGES_CONTEXTS: dict[tuple[SemanticTypes, frozenset[str]], FormatContext] = {}
-
-
-def check_messages(obj: Any, types: SemanticTypes, ignore_keys: Iterable[str] = ("id",)) -> list[dict[str, Any]]:
-    """A `messages`-format record's messages, normalised (explicit types only, no typing rules); raises ValueError
-    with the problem otherwise. A key the format does not read is refused unless it is in `ignore_keys`."""
-    ignore = ignore_set(ignore_keys)
-    ctx = _MESSAGES_CONTEXTS.get((types, ignore))
-    if ctx is None:
-        ctx = FormatContext("messages", DEFAULT_COLUMNS["messages"], DEFAULT_TAGS["messages"], types, ignore)
-        _MESSAGES_CONTEXTS[(types, ignore)] = ctx
-    return convert_conversation(obj, ctx)[0]
 
 
 def _check_on_error(on_error: str) -> None:

@@ -20,8 +20,8 @@ from hsa_train.data import cache
 from hsa_train.data.collator import PackedCollator, SemanticCollator
 from hsa_train.data.dataset import split_ids
 from hsa_train.data.packing import efficiency, pack
-from hsa_train.data.prepare import Prepared, Preprocess, Reports, prepare_all
-from hsa_train.data.spec import DatasetSpec, resolve_datasets
+from hsa_train.data.prepare import Preparation, Prepared, Preprocess, Reports
+from hsa_train.data.spec import DatasetPlan, plan_datasets
 from hsa_train.data.store import Sample
 from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.data.typing import TypingReport
@@ -86,8 +86,7 @@ class TrainRows:
             self.rows = [ids[np.asarray(b, dtype=np.int64)] for b in bins]
             self.efficiency = efficiency(lengths.tolist(), bins, capacity)
             pad = collator.pad_values
-            self._packer = PackedCollator(pad["input_ids"], pad["semantic_ids"], capacity)
-            self._packer.image_filler = collator.image_filler
+            self._packer = PackedCollator(pad["input_ids"], pad["semantic_ids"], capacity, filler=collator.image_filler)
         else:
             self.rows = None
             self.efficiency = None
@@ -136,18 +135,8 @@ class RunData:
         lines = []
         for (name, rep), note in zip(self.reports.items(), self.notes):
             lines.append(f"data: {name}: {rep.load.summary()}; {rep.truncation.summary()}; {note}")
-        typing = TypingReport()
-        for rep in self.reports.values():
-            typing.merge(rep.typing)
-        total = max(typing.total, 1)
-        by_type: dict[str, dict[str, int]] = {}
-        for (name, rule), n in typing.counts.items():
-            by_type.setdefault(name, {})[rule] = n
-        parts = []
-        for name, rules in sorted(by_type.items(), key=lambda kv: -sum(kv[1].values())):
-            detail = ", ".join(f"{rule} {n / total:.1%}" for rule, n in sorted(rules.items(), key=lambda kv: -kv[1]))
-            parts.append(f"{name} {sum(rules.values()) / total:.1%} ({detail})")
-        lines.append("types of all tokens (by rule): " + "; ".join(parts))
+        typing = TypingReport.merged(rep.typing for rep in self.reports.values())
+        lines.append("types of all tokens (by rule): " + typing.line())
         return lines
 
     def metrics(self) -> dict:
@@ -161,45 +150,38 @@ class RunData:
         }
 
 
-def _specs(files: Sequence[str], entries: Sequence, dataset_info: str | None, types, key: str) -> list[DatasetSpec]:
-    return resolve_datasets(list(files), None, types, key) + resolve_datasets(list(entries), dataset_info, types, key)
-
-
 def load_run_data(
     data_cfg,
     st: SemanticTokenizer,
     collator: SemanticCollator,
     seed: int,
     on_main: Callable = lambda fn: fn(),
+    plan: DatasetPlan | None = None,
 ) -> RunData:
-    """Prepares every dataset the data config names and assembles the run's data. `on_main(fn)` runs fn on rank 0
-    only (then every rank prepares again and finds rank 0's cache)."""
+    """Prepares every dataset the data config names (`plan`: them resolved, as the validated run config holds
+    them; else resolved here) in one pass and assembles the run's data. `on_main(fn)` runs fn on rank 0 only:
+    rank 0 builds what the cache lacks, then every rank opens the entries."""
     d = data_cfg
     pre = Preprocess(d.cutoff_len, d.overlong, tuple(d.keep_types), d.on_error, tuple(d.ignore_keys))
     root = None
     if d.cache:
         root = Path(d.cache_dir).expanduser() if d.cache_dir else cache.default_root()
-    types = st.types
-    train_specs = _specs(d.train_files, d.datasets, d.dataset_info, types, "data.datasets")
-    eval_specs = _specs(d.eval_files, d.eval_datasets, d.dataset_info, types, "data.eval_datasets")
-    set_specs = {
-        name: _specs([], entries, d.dataset_info, types, f"data.eval_sets.{name}")
-        for name, entries in d.eval_sets.items()
-    }
-    everything = train_specs + eval_specs + [s for specs in set_specs.values() for s in specs]
-
-    def build_all() -> list[Prepared]:
-        return prepare_all(everything, st, pre, root, d.num_proc)
-
-    built = on_main(build_all) if root is not None else None  # rank 0 fills the cache; the others wait for it
-    prepared = build_all()
-    was_cached = [p.cached for p in built] if built is not None else [p.cached for p in prepared]
+    plan = plan if plan is not None else plan_datasets(d, st.types)
+    train_specs, eval_specs, set_specs, everything = plan.train, plan.eval, plan.sets, plan.everything
+    preparation = Preparation(st, pre, root, d.num_proc)
+    keys = [preparation.key(spec) for spec in everything]
+    if root is not None:  # rank 0 fills the cache; the others wait for it (None: they did not build)
+        built = on_main(lambda: preparation.build_missing(everything, keys))
+    else:  # no cache: each process builds its own, in a temporary folder
+        built = preparation.build_missing(everything, keys)
+    prepared = [preparation.open(spec, key, built is None or key not in built) for spec, key in zip(everything, keys)]
     n_train, n_eval = len(train_specs), len(eval_specs)
     train_pool = Pool(prepared[:n_train])
     reports: dict[str, Reports] = {}
     notes: dict[str, str] = {}
     seen: set[str] = set()
-    for p, cached in zip(prepared, was_cached):
+    for p in prepared:
+        cached = p.cached
         if p.key in seen:  # the same dataset named twice (say, train and an eval set) is reported once
             continue
         seen.add(p.key)

@@ -25,7 +25,7 @@ import numpy as np
 from hsa_train.data import cache
 from hsa_train.data.loader import DataError, LoadReport, Record, iter_records
 from hsa_train.data.spec import DatasetSpec
-from hsa_train.data.store import EncodedSet, Sample, Writer
+from hsa_train.data.store import EncodedSet, Sample, Writer, update_digest
 from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.data.truncate import FitInfo, TruncationReport, fit
 from hsa_train.data.typing import TypingReport
@@ -152,7 +152,6 @@ class RecordEncoder:
         feats = encoding.features
         self.reports.typing.add(messages, encoding.message_index, feats["semantic_ids"], st.types.names)
         arrays = {name: np.asarray(feats[name], dtype=np.int32) for name in ("input_ids", "labels", "semantic_ids")}
-        arrays["attention_mask"] = np.ones(len(arrays["input_ids"]), dtype=np.int32)
         for name in ("pixel_values", "image_grid_thw"):
             if name in feats:
                 arrays[name] = feats[name]
@@ -161,13 +160,14 @@ class RecordEncoder:
 
 def _encode_shard(
     spec: DatasetSpec, st: SemanticTokenizer, pre: Preprocess, shard: int, n_shards: int, path: Path
-) -> tuple[Reports, tuple[int, DataError] | None]:
-    """Encodes records shard, shard + n_shards, ... of `spec` into the Arrow file `path`. Returns the reports and
+) -> tuple[Reports, tuple[int, DataError] | None, str]:
+    """Encodes records shard, shard + n_shards, ... of `spec` into the Arrow file `path`. Returns the reports,
     the first error with its place in record order (under on_error=raise the build stops there; the parent
-    raises the earliest of all shards). Every worker reads every record; only shard 0 reports the loader's."""
+    raises the earliest of all shards) and the digest of the samples written (`Writer.digest`). Every worker
+    reads every record; only shard 0 reports the loader's."""
     reports = Reports()
     encode = RecordEncoder(st, pre, reports)
-    images = getattr(st, "images", None)
+    images = st.media.images if st.media is not None else None
     if images is not None:
         images.files.clear()
     loader_report = reports.load if shard == 0 else LoadReport()
@@ -194,7 +194,7 @@ def _encode_shard(
         reports.load.kept = writer.close()
         if images is not None:
             reports.images = {path: list(stamp) for path, stamp in images.files.items()}
-    return reports, failed
+    return reports, failed, writer.digest()
 
 
 @dataclass
@@ -213,19 +213,66 @@ def _temporary_root() -> Path:
     return folder
 
 
-def dataset_key(spec: DatasetSpec, st: SemanticTokenizer, pre: Preprocess, digests: cache.FileDigests) -> str:
-    return cache.entry_key(
-        {
-            "source": cache.source_digest(spec.path, digests),
-            "spec": {k: v for k, v in asdict(spec).items() if k not in ("name", "weight")},
+class Preparation:
+    """One pass over a run's datasets with one tokenizer and one set of settings: what decides an entry besides
+    its source (tokenizer, types, settings, this code) is digested once, each dataset's key once (`key`), what
+    the cache lacks is built once (`build_missing`: rank 0 of a run), and each entry is opened once (`open`,
+    shared by every dataset entry with that key). Without a cache root, entries go to a temporary folder removed
+    at exit."""
+
+    def __init__(self, st: SemanticTokenizer, pre: Preprocess, root: Path | None, num_proc: int = 1):
+        self.st, self.pre, self.num_proc = st, pre, num_proc
+        self.digests = cache.FileDigests(root)
+        self.root = root if root is not None else _temporary_root()
+        self.common = {
             "tokenizer": cache.tokenizer_digest(st.tokenizer),
             "types": [st.types.names, st.types.default],
             "train_on": st.train_on,
             "pre": [pre.cutoff_len, pre.overlong, list(pre.keep_types), pre.on_error, sorted(pre.ignore_keys)],
             "code": cache.code_digest(),
-            "vision": st.vision_config() if hasattr(st, "vision_config") else None,
+            "vision": st.media.cache_config() if st.media is not None else None,
         }
-    )
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._opened: dict[str, EncodedSet] = {}
+
+    def key(self, spec: DatasetSpec) -> str:
+        """The cache key of `spec`'s entry: its source's bytes and its entry settings, with `common`."""
+        spec_part = {k: v for k, v in asdict(spec).items() if k not in ("name", "weight")}
+        key = cache.entry_key(
+            {"source": cache.source_digest(spec.path, self.digests), "spec": spec_part, **self.common}
+        )
+        self.digests.save()
+        return key
+
+    def build_missing(self, specs: Sequence[DatasetSpec], keys: Sequence[str]) -> set[str]:
+        """Builds every entry the cache lacks (or whose images changed since); returns the keys built."""
+        built: set[str] = set()
+        for spec, key in zip(specs, keys):
+            if key in self._meta:
+                continue
+            found = cache.find(self.root, key)
+            meta = cache.read_meta(found) if found is not None else None
+            if meta is not None and Reports.from_dict(meta["reports"]).images_changed():
+                shutil.rmtree(found, ignore_errors=True)  # an image changed under an unchanged dataset file
+                meta = None
+            if meta is None:
+                meta = _build(spec, self.st, self.pre, self.root, key, self.num_proc)
+                built.add(key)
+            self._meta[key] = meta
+        return built
+
+    def open(self, spec: DatasetSpec, key: str, cached: bool) -> Prepared:
+        """The built entry `key` of `spec`, memory-mapped (`cached`: found in the cache, not built by this run)."""
+        meta = self._meta.get(key)
+        if meta is None:  # another rank built it
+            found = cache.find(self.root, key)
+            if found is None:
+                raise RuntimeError(f"the data cache has no entry {key} for {spec.name}: it was not built")
+            meta = self._meta[key] = cache.read_meta(found)
+        if key not in self._opened:
+            self._opened[key] = _open(self.root / key, meta["shards"])
+        reports = Reports.from_dict(meta["reports"])
+        return Prepared(self._opened[key], reports, spec.name, key, meta["digest"], cached)
 
 
 def prepare(
@@ -234,27 +281,13 @@ def prepare(
     pre: Preprocess,
     root: Path | None,
     num_proc: int = 1,
-    digests: cache.FileDigests | None = None,
 ) -> Prepared:
-    """The encoded samples of `spec`: from the cache under `root` when there, else built (into the cache when
-    `root` is set, else into a temporary folder removed at exit)."""
-    digests = digests or cache.FileDigests(root)
-    key = dataset_key(spec, st, pre, digests)
-    digests.save()
-    root = root if root is not None else _temporary_root()
-    found = cache.find(root, key)
-    meta = cache.read_meta(found) if found is not None else None
-    reports = Reports.from_dict(meta["reports"]) if meta is not None else None
-    if reports is not None and reports.images_changed():
-        shutil.rmtree(found, ignore_errors=True)  # an image changed under an unchanged dataset file: rebuild
-        found = None
-    cached = found is not None
-    if not cached:
-        found = _build(spec, st, pre, root, key, num_proc)
-        meta = cache.read_meta(found)
-        reports = Reports.from_dict(meta["reports"])
-    samples = _open(found, meta["shards"])
-    return Prepared(samples, reports, spec.name, key, meta["digest"], cached)
+    """The encoded samples of one dataset: from the cache under `root` when there, else built (into the cache
+    when `root` is set, else into a temporary folder removed at exit)."""
+    preparation = Preparation(st, pre, root, num_proc)
+    key = preparation.key(spec)
+    built = preparation.build_missing([spec], [key])
+    return preparation.open(spec, key, cached=key not in built)
 
 
 def _open(folder: Path, n_shards: int) -> EncodedSet:
@@ -265,20 +298,18 @@ def _open(folder: Path, n_shards: int) -> EncodedSet:
 
 
 def content_digest(samples: EncodedSet) -> str:
-    """SHA-256 over every sample's token ids, labels and types, in order (what resuming compares)."""
+    """`Writer.digest` of samples read back (in record order): the shards of several workers, each digested
+    in its own order, interleave."""
     digest = hashlib.sha256()
     for sample in samples:
-        for key in ("input_ids", "labels", "semantic_ids"):
-            digest.update(sample.features[key].tobytes())
-            digest.update(b"|")
-        for key in ("image_grid_thw", "pixel_values"):  # text samples digest as before: old checkpoints resume
-            if key in sample.features:
-                digest.update(sample.features[key].tobytes())
-                digest.update(b"|")
+        update_digest(digest, sample.features)
     return digest.hexdigest()
 
 
-def _build(spec: DatasetSpec, st: SemanticTokenizer, pre: Preprocess, root: Path, key: str, num_proc: int) -> Path:
+def _build(
+    spec: DatasetSpec, st: SemanticTokenizer, pre: Preprocess, root: Path, key: str, num_proc: int
+) -> dict[str, Any]:
+    """Builds `spec`'s entry under `key`; returns its meta (shards, reports, digest)."""
     folder = cache.staging(root)
     try:
         paths = [folder / f"shard_{k}.arrow" for k in range(num_proc)]
@@ -289,24 +320,20 @@ def _build(spec: DatasetSpec, st: SemanticTokenizer, pre: Preprocess, root: Path
             with ProcessPoolExecutor(num_proc, mp_context=ctx) as pool:
                 futures = [pool.submit(_encode_shard, spec, st, pre, k, num_proc, p) for k, p in enumerate(paths)]
                 results = [f.result() for f in futures]
-        errors = [failed for _, failed in results if failed is not None]
+        errors = [failed for _, failed, _ in results if failed is not None]
         if errors:
             raise min(errors, key=lambda e: e[0])[1]
         reports = Reports()
-        for rep, _ in results:
+        for rep, _, _ in results:
             reports.merge(rep)
         if reports.load.kept == 0:
             detail = f" ({reports.load.summary()})" if reports.load.skipped else ""
             raise ValueError(f"no usable records in {spec.name} ({spec.path}){detail}")
-        meta = {"shards": num_proc, "reports": reports.to_dict(), "digest": content_digest(_open(folder, num_proc))}
-        return cache.publish(folder, root, key, meta)
+        # one shard was digested as it was written; several interleave in record order, so they are read back
+        digest = results[0][2] if num_proc == 1 else content_digest(_open(folder, num_proc))
+        meta = {"shards": num_proc, "reports": reports.to_dict(), "digest": digest}
+        cache.publish(folder, root, key, meta)
+        return meta
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-
-
-def prepare_all(
-    specs: Sequence[DatasetSpec], st: SemanticTokenizer, pre: Preprocess, root: Path | None, num_proc: int = 1
-) -> list[Prepared]:
-    digests = cache.FileDigests(root)
-    return [prepare(spec, st, pre, root, num_proc, digests) for spec in specs]

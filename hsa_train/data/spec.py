@@ -335,3 +335,33 @@ def resolve_datasets(
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
     return specs
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """Every dataset a run names, resolved: training, held-out, and each named eval set."""
+
+    train: list[DatasetSpec]
+    eval: list[DatasetSpec]
+    sets: dict[str, list[DatasetSpec]]
+
+    @property
+    def everything(self) -> list[DatasetSpec]:
+        """Training, held-out, then the eval sets' datasets, in that order."""
+        return [*self.train, *self.eval, *(spec for specs in self.sets.values() for spec in specs)]
+
+
+def plan_datasets(data_cfg: Any, types: SemanticTypes) -> DatasetPlan:
+    """The `data` config's files and entries as a DatasetPlan (a one-line ValueError naming the bad entry)."""
+    d = data_cfg
+
+    def specs(files: Sequence[Any], entries: Sequence[Any], key: str) -> list[DatasetSpec]:
+        return resolve_datasets(list(files), None, types, key) + resolve_datasets(
+            list(entries), d.dataset_info, types, key
+        )
+
+    return DatasetPlan(
+        train=specs(d.train_files, d.datasets, "data.datasets"),
+        eval=specs(d.eval_files, d.eval_datasets, "data.eval_datasets"),
+        sets={name: specs([], entries, f"data.eval_sets.{name}") for name, entries in d.eval_sets.items()},
+    )

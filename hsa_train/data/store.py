@@ -4,10 +4,12 @@ row in microseconds with no copy (the datasets library's row access converts eve
 
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,14 +44,33 @@ class Sample:
         return len(self.features["input_ids"])
 
 
+def update_digest(digest: Any, features: Mapping[str, Any]) -> None:
+    """Adds one sample to a SHA-256 of a dataset's content (what resuming compares): its token ids, labels and
+    types, then its image grids and pixels when it has images (text samples digest as they always did)."""
+    for name in TOKEN_COLUMNS:
+        digest.update(np.ascontiguousarray(features[name], dtype=np.int32).tobytes())
+        digest.update(b"|")
+    grid = features.get("image_grid_thw")
+    if grid is not None and len(grid):
+        digest.update(np.ascontiguousarray(grid, dtype=np.int64).tobytes())
+        digest.update(b"|")
+        digest.update(np.ascontiguousarray(features["pixel_values"], dtype=np.float32).tobytes())
+        digest.update(b"|")
+
+
 class Writer:
-    """Appends samples to an Arrow IPC file in batches of BATCH_ROWS."""
+    """Appends samples to an Arrow IPC file in batches of BATCH_ROWS, digesting them as they come (`digest`)."""
 
     def __init__(self, path: Path):
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
         self._rows: list[tuple] = []
+        self._digest = hashlib.sha256()
         self.count = 0
+
+    def digest(self) -> str:
+        """`update_digest` over the samples added so far, in order."""
+        return self._digest.hexdigest()
 
     def add(self, sample: Sample, index: int) -> None:
         f = sample.features
@@ -58,6 +79,7 @@ class Writer:
         grid = np.asarray(f.get("image_grid_thw", ()), dtype=np.int32).reshape(-1)
         pixels = np.asarray(f.get("pixel_values", ()), dtype=np.float32).reshape(-1)
         self._rows.append((*tokens, grid, pixels, start, end, sample.where, index))
+        update_digest(self._digest, f)
         if len(self._rows) >= BATCH_ROWS:
             self._flush()
 
@@ -131,7 +153,6 @@ class EncodedSet(Sequence[Sample]):
         for name, chunks in self._tokens.items():
             values, offsets = chunks[chunk]
             features[name] = values[offsets[j] : offsets[j + 1]].copy()  # not a view into the read-only map
-        features["attention_mask"] = np.ones(len(features["input_ids"]), dtype=np.int32)
         values, offsets = self._vision["image_grid_thw"][chunk]
         if offsets[j + 1] > offsets[j]:
             grid = values[offsets[j] : offsets[j + 1]].astype(np.int64).reshape(-1, 3)

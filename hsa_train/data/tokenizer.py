@@ -96,7 +96,11 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         default_type: str | None = None,
         train_on: str = "assistant",
         max_length: int | None = None,
+        media: Any = None,
     ):
+        """`media`: the media hook of a vision-language model's tokenizer (`data.vision.ImageMedia`, given by
+        `VisionSemanticTokenizer`); None for a text model. Whether a tokenizer reads images is `media is not
+        None`, nothing else."""
         check_choice("train_on", train_on, TRAIN_ON)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
@@ -109,6 +113,7 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         self.types = SemanticTypes.from_names(types, default_type)
         self.train_on = train_on
         self.max_length = max_length  # None: no limit here (truncation to data.cutoff_len happens before)
+        self.media = media
         self._marks_start: bool | None = None
         self._init_rendering()
 
@@ -312,8 +317,8 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
             raise ValueError("nothing to train on: the conversation has no assistant message content to learn")
         if self.max_length is not None and len(input_ids) > self.max_length:
             raise ValueError(
-                f"too long: {len(input_ids)} tokens > data.max_length={self.max_length} "
-                "(raise data.max_length, or use data.on_error=skip to skip such records)"
+                f"too long: {len(input_ids)} tokens > max_length={self.max_length} (raise the tokenizer's "
+                "max_length, or skip such records with on_error=skip)"
             )
         features = {
             "input_ids": input_ids,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,16 +118,41 @@ class TypingReport:
     def from_dict(cls, data: Mapping[str, Mapping[str, int]]) -> TypingReport:
         return cls(Counter({(name, rule): n for name, rules in data.items() for rule, n in rules.items()}))
 
+    @classmethod
+    def merged(cls, reports: Iterable[TypingReport]) -> TypingReport:
+        out = cls()
+        for report in reports:
+            out.merge(report)
+        return out
+
+    def rows(self) -> list[tuple[str, str, int, float]]:
+        """(type, rule, tokens, share of all tokens): the types with most tokens first, within a type its rules
+        with most tokens first. Every view of the report (table, log line, inspect) shows these rows."""
+        total = max(self.total, 1)
+        by_type = Counter()
+        for (name, _), n in self.counts.items():
+            by_type[name] += n
+        order = sorted(self.counts.items(), key=lambda kv: (-by_type[kv[0][0]], kv[0][0], -kv[1], kv[0][1]))
+        return [(name, rule, n, n / total) for (name, rule), n in order]
+
     def summary(self) -> list[str]:
-        """A small table: type, rule, tokens, share of all tokens; most tokens first."""
-        total = self.total
-        if not total:
+        """The rows as a small table: type, rule, tokens, share of all tokens."""
+        rows = self.rows()
+        if not rows:
             return ["no tokens typed"]
-        rows = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        width_t = max(4, *(len(t) for (t, _), _ in rows))
-        width_r = max(4, *(len(r) for (_, r), _ in rows))
+        width_t = max(4, *(len(t) for t, _, _, _ in rows))
+        width_r = max(4, *(len(r) for _, r, _, _ in rows))
         lines = [f"{'type':<{width_t}}  {'rule':<{width_r}}  {'tokens':>10}  share"]
-        for (name, rule), n in rows:
-            lines.append(f"{name:<{width_t}}  {rule:<{width_r}}  {n:>10}  {100 * n / total:5.1f}%")
-        lines.append(f"{'total':<{width_t}}  {'':<{width_r}}  {total:>10}  100.0%")
+        for name, rule, n, share in rows:
+            lines.append(f"{name:<{width_t}}  {rule:<{width_r}}  {n:>10}  {100 * share:5.1f}%")
+        lines.append(f"{'total':<{width_t}}  {'':<{width_r}}  {self.total:>10}  100.0%")
         return lines
+
+    def line(self) -> str:
+        """The rows on one line, per type its share and its rules' shares (the run's log)."""
+        parts: dict[str, list[str]] = {}
+        shares: Counter = Counter()
+        for name, rule, _, share in self.rows():
+            parts.setdefault(name, []).append(f"{rule} {share:.1%}")
+            shares[name] += share
+        return "; ".join(f"{name} {shares[name]:.1%} ({', '.join(rules)})" for name, rules in parts.items())

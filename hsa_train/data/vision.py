@@ -145,21 +145,12 @@ def vision_wrapper(tokenizer: Any, image_token: str) -> tuple[str, str]:
     return (start, end) if start in vocab and end in vocab else ("", "")
 
 
-class VisionSemanticTokenizer(SemanticTokenizer):
-    """A SemanticTokenizer for a vision-language model: messages may hold `images` (one per `<image>` in their
-    content); `encode_detailed` adds `pixel_values` and `image_grid_thw` to the features."""
+class ImageMedia:
+    """The media hook a vision-language model's SemanticTokenizer is built with (`SemanticTokenizer.media`; None
+    for a text model): the model's image processing, the tokens an image becomes, the filler sample that keeps
+    ranks' vision towers in step, and what of it decides an encoded sample (the data cache key)."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        image_processor: Any,
-        types: Sequence[str] | None = None,
-        default_type: str | None = None,
-        train_on: str = "assistant",
-        max_length: int | None = None,
-        image_token: str = "<|image_pad|>",
-    ):
-        super().__init__(tokenizer, types, default_type, train_on, max_length)
+    def __init__(self, tokenizer: Any, image_processor: Any, image_token: str = "<|image_pad|>"):
         self.images = ImageProcessing(image_processor)
         vocab = tokenizer.get_vocab()
         if image_token not in vocab:
@@ -172,13 +163,25 @@ class VisionSemanticTokenizer(SemanticTokenizer):
         self.prefix_ids = [vocab[prefix]] if prefix else []
         self.suffix_ids = [vocab[suffix]] if suffix else []
 
-    def vision_config(self) -> dict[str, Any]:
+    def cache_config(self) -> dict[str, Any]:
         """What, besides the tokenizer, decides an encoded sample (for the data cache key)."""
         return {"processor": self.images.config(), "wrapper": [self.prefix_ids, self.image_token_id, self.suffix_ids]}
 
-    def encode_detailed(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> Encoding:
+    @property
+    def token_ids(self) -> set[int]:
+        """Every token id an image stands for (its wrapper and its image tokens)."""
+        return {self.image_token_id, *self.prefix_ids, *self.suffix_ids}
+
+    def image_ids(self, grid: np.ndarray) -> list[int]:
+        """The tokens one image of patch grid `grid` stands for: the wrapper around one image token per merged
+        patch."""
+        return self.prefix_ids + [self.image_token_id] * self.images.tokens_of(grid) + self.suffix_ids
+
+    def substitute(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[tuple]]:
+        """The messages with each `<image>` placeholder swapped for the sentinel stretch and their images taken
+        out, and the pictures in order: [(message, image within it, picture)]."""
         rendered: list[Mapping[str, Any]] = []
-        refs: list[tuple[int, int, Any]] = []  # (message, image within it, picture)
+        refs: list[tuple[int, int, Any]] = []
         for k, msg in enumerate(messages):
             if msg.get("videos"):
                 raise ValueError(f"video: message {k} holds videos; videos are not supported yet")
@@ -200,6 +203,10 @@ class VisionSemanticTokenizer(SemanticTokenizer):
                 msg.pop("images")
                 refs += [(k, i, ref) for i, ref in enumerate(images)]
             rendered.append(msg)
+        return rendered, refs
+
+    def process(self, refs: Sequence[tuple[int, int, Any]]) -> tuple[list, list, list[list[int]]]:
+        """Each picture's (pixels, grid, tokens), a bad one named by its message and place."""
         pixels, grids, ids = [], [], []
         for k, i, ref in refs:
             where = f"message {k} image {i}"
@@ -214,38 +221,27 @@ class VisionSemanticTokenizer(SemanticTokenizer):
             pixels.append(p)
             grids.append(g)
             ids.append(self.image_ids(g))
+        return pixels, grids, ids
 
-        def media(text: str) -> list[tuple[int, int, list[int]]]:
-            out, pos = [], 0
-            for token_ids in ids:
-                at = text.find(SENTINEL, pos)
-                if at < 0:
-                    break
-                out.append((at, at + len(SENTINEL), token_ids))
-                pos = at + len(SENTINEL)
-            if len(out) != len(ids) or text.find(SENTINEL, pos) >= 0:
-                raise ValueError(
-                    f"the chat template rendered {text.count(SENTINEL)} of the conversation's {len(ids)} image "
-                    "placeholders: it changes or drops message content"
-                )
-            return out
+    @staticmethod
+    def stretches(text: str, ids: list[list[int]]) -> list[tuple[int, int, list[int]]]:
+        """Where the rendered text holds each image's sentinel stretch, with its tokens (`tokenize`'s media)."""
+        out, pos = [], 0
+        for token_ids in ids:
+            at = text.find(SENTINEL, pos)
+            if at < 0:
+                break
+            out.append((at, at + len(SENTINEL), token_ids))
+            pos = at + len(SENTINEL)
+        if len(out) != len(ids) or text.find(SENTINEL, pos) >= 0:
+            raise ValueError(
+                f"the chat template rendered {text.count(SENTINEL)} of the conversation's {len(ids)} image "
+                "placeholders: it changes or drops message content"
+            )
+        return out
 
-        encoding = self._encode_detailed(rendered, tools, media if ids else None)
-        if ids:
-            encoding.features["pixel_values"] = np.concatenate(pixels)
-            encoding.features["image_grid_thw"] = np.concatenate(grids)
-        return encoding
-
-    def tokens_of(self, grid: np.ndarray) -> int:
-        return self.images.tokens_of(grid)
-
-    def image_ids(self, grid: np.ndarray) -> list[int]:
-        """The tokens one image of patch grid `grid` stands for: the wrapper around one image token per merged
-        patch."""
-        return self.prefix_ids + [self.image_token_id] * self.tokens_of(grid) + self.suffix_ids
-
-    def filler(self) -> dict[str, Any]:
-        """A sample that is one blank image and nothing else: no label, default type. Under DDP / FSDP a batch
+    def filler(self, default_type_id: int) -> dict[str, Any]:
+        """A sample that is one blank image and nothing else: no label, the default type. Under DDP / FSDP a batch
         without images gets it as an extra row, so every rank runs the vision tower in step (FSDP gathers its
         blocks on all ranks together; DDP waits for their gradients) and the row adds nothing to any loss."""
         from PIL import Image
@@ -255,16 +251,48 @@ class VisionSemanticTokenizer(SemanticTokenizer):
         ids = self.image_ids(grid)
         return {
             "input_ids": ids,
-            "attention_mask": [1] * len(ids),
             "labels": [IGNORE_INDEX] * len(ids),
-            "semantic_ids": [self.types.default_id] * len(ids),
+            "semantic_ids": [default_type_id] * len(ids),
             "pixel_values": pixels,
             "image_grid_thw": grid,
         }
 
+
+class VisionSemanticTokenizer(SemanticTokenizer):
+    """A SemanticTokenizer built with an `ImageMedia` hook: messages may hold `images` (one per `<image>` in their
+    content); `encode_detailed` adds `pixel_values` and `image_grid_thw` to the features."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any,
+        types: Sequence[str] | None = None,
+        default_type: str | None = None,
+        train_on: str = "assistant",
+        max_length: int | None = None,
+        image_token: str = "<|image_pad|>",
+    ):
+        media = ImageMedia(tokenizer, image_processor, image_token)
+        super().__init__(tokenizer, types, default_type, train_on, max_length, media=media)
+        self.images = media.images
+
+    def encode_detailed(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> Encoding:
+        rendered, refs = self.media.substitute(messages)
+        pixels, grids, ids = self.media.process(refs)
+        media = (lambda text: self.media.stretches(text, ids)) if ids else None
+        encoding = self._encode_detailed(rendered, tools, media)
+        if ids:
+            encoding.features["pixel_values"] = np.concatenate(pixels)
+            encoding.features["image_grid_thw"] = np.concatenate(grids)
+        return encoding
+
+    def filler(self) -> dict[str, Any]:
+        """`ImageMedia.filler` with this tokenizer's default type."""
+        return self.media.filler(self.types.default_id)
+
     def _prompt_matches(self, input_ids: list[int], messages: Sequence[Mapping[str, Any]], tools: Any) -> bool:
         """The prompt's text tokens (vision tokens left out) decode to the render with each placeholder left out."""
-        vision = {self.image_token_id, *self.prefix_ids, *self.suffix_ids}
+        vision = self.media.token_ids
         text = self._decode([t for t in input_ids if t not in vision])
         plain = [{k: v for k, v in m.items() if k != "images"} for m in messages]
         return text == self.render(plain, add_generation_prompt=True, tools=tools).replace(IMAGE_PLACEHOLDER, "")

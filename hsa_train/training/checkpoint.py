@@ -137,10 +137,6 @@ def newest_intact(root: Path, info: D.DistInfo | None = None) -> tuple[Path | No
     return None, skipped
 
 
-def latest(root: Path) -> Path | None:
-    return newest_intact(root)[0]
-
-
 # -- RNG --------------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Every generator's state as tensors, ints and lists, so it loads with `weights_only=True`."""

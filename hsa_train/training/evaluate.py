@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
+from hsa_train.data.collator import SemanticCollator
 from hsa_train.model.generation import generate_batch
 from hsa_train.model.vision import image_runs, images_by_row
 from hsa_train.training import distributed as D
@@ -81,7 +82,7 @@ def summarize(sums: list[float], type_names: list[str]) -> dict:
 def generated_answer_sums(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
-    pad_values: dict[str, int],
+    collator: SemanticCollator,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     synced: bool = False,
@@ -90,8 +91,10 @@ def generated_answer_sums(
     left-padded, `generate` greedy with the KV cache (and the bias) for as many tokens as the answer has, scored
     against it: exact when every generated token is the answer's, token accuracy position by position. Greedy
     decoding from the true prompt reproduces a teacher-forced exact answer token for token, so exact match is
-    the teacher-forced one, now measured the way the model is used. `pad_values`: the collator's (input_ids and
-    semantic_ids pads); `synced`: ranks step together (FSDP)."""
+    the teacher-forced one, now measured the way the model is used. `collator`: the batches' (its pads, and its
+    filler sample); `synced`: ranks step together (FSDP): a rank whose prompts hold no image also decodes the
+    collator's filler (unscored), so every rank's first step runs the vision tower."""
+    pad_values = collator.pad_values
     answer = torch.zeros(len(ANSWER_SUMS), dtype=torch.float64)
     for batch in batches:
         spans = [(r, s, e) for r, (s, e) in enumerate(batch["answer_span"].tolist()) if s >= 1]
@@ -111,13 +114,9 @@ def generated_answer_sums(
                 if k:
                     prompt["pixel_values"] = pixels[: int(grids[:k].prod(dim=1).sum())]
                     prompt["image_grid_thw"] = grids[:k]
-            if synced and not any("image_grid_thw" in prompt for prompt in prompts):
-                # ranks decode in step, and some rank's first step runs the vision tower: so does this one's, on
-                # a row with images that is not scored (the collator's filler when nothing else has one)
-                r = next(r for r, (_, grids) in enumerate(rows) if len(grids))
-                n = int(batch["attention_mask"][r].sum())
-                extra = {k: batch[k][r, :n].tolist() for k in ("input_ids", "semantic_ids")}
-                prompts.append({**extra, "pixel_values": rows[r][0], "image_grid_thw": rows[r][1]})
+        if synced and collator.image_filler is not None and not any("image_grid_thw" in p for p in prompts):
+            filler = collator.image_filler
+            prompts.append({k: torch.as_tensor(v) for k, v in filler.items() if k != "labels"})
         new_tokens = max(e - s for _, s, e in spans)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:

@@ -107,12 +107,12 @@ class Recipe:
         st = semantic_tokenizer(self.processing, self.hsa.semantic_types, data.train_on)
         # flex compiles one kernel per shape: bucketed lengths bound how many a run builds (flex.py)
         bucket = run.hsa.enabled and runs_flex(run.hsa.backend, self.device)
-        self.collator = SemanticCollator.from_tokenizer(st, data.pad_to_multiple_of, bucket_lengths=bucket)
-        if (
-            self.processing.image_processor is not None and self.info.world > 1
-        ):  # every rank runs the vision tower in step
-            self.collator.image_filler = st.filler()
-        self.data = load_run_data(data, st, self.collator, run.seed, on_main=lambda fn: D.on_main(fn, self.info))
+        in_step = self.info.world > 1  # ranks run every sub-model (a vision tower) together: filler_sample
+        self.collator = SemanticCollator.from_tokenizer(
+            st, data.pad_to_multiple_of, bucket_lengths=bucket, in_step=in_step
+        )
+        on_main = lambda fn: D.on_main(fn, self.info)  # noqa: E731
+        self.data = load_run_data(data, st, self.collator, run.seed, on_main, plan=run.dataset_plan)
         self.eval_samples, self.extra_evals = self.data.eval, self.data.eval_sets
         if not st.renders_tools and self.data.uses_tools:
             self._notes.append(f"note: {st.tools_note}")
@@ -296,7 +296,7 @@ class Recipe:
             answers = generated_answer_sums(
                 D.unwrap(self.model),
                 batches(),
-                self.collator.pad_values,
+                self.collator,
                 self.device,
                 self.autocast_dtype,
                 synced=self.info.mode == "fsdp",
