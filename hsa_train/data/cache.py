@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hsa_train.model.compat import fast_backend
+
 CACHE_FORMAT = 1  # bump when the stored layout changes
 META = "meta.json"
 
@@ -88,7 +90,7 @@ def source_digest(path: str, digests: FileDigests) -> str:
 def tokenizer_digest(tokenizer: Any) -> str:
     """Everything of the tokenizer that changes ids: the backend (vocabulary, merges, normaliser, pre-tokenizer,
     added tokens), special tokens, chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = fast_backend(tokenizer)
     parts = {
         "class": type(tokenizer).__name__,
         "backend": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else None,
@@ -100,9 +102,10 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 
 def code_digest() -> str:
-    """The data pipeline's own source: a fix to how records become tokens invalidates what it built before."""
+    """The data pipeline's own source (and the compat module it tokenizes through): a fix to how records become
+    tokens invalidates what it built before."""
     root = Path(str(resources.files("hsa_train")))
-    files = sorted((root / "data").glob("*.py")) + [root / "types.py"]
+    files = sorted((root / "data").glob("*.py")) + [root / "types.py", root / "model" / "compat.py"]
     return digest_json([[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in files])
 
 

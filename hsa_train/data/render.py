@@ -40,6 +40,7 @@ from hsa_train.data.toolcalls import (
     TemplateInput,
     template_input,
 )
+from hsa_train.model.compat import compile_chat_template
 
 # Stands in for a message's content to find where a template puts it: letters only, so trims and escapes keep it.
 CONTENT_SENTINEL = "HSAxCONTENTxSENTINELxQZ"
@@ -194,9 +195,7 @@ class TemplateRendering:
             return None
         if self._compiled is None or self._compiled[0] != source:
             try:
-                from transformers.utils.chat_template_utils import _compile_jinja_template
-
-                self._compiled = (source, _compile_jinja_template(source))
+                self._compiled = (source, compile_chat_template(source))
             except Exception:  # a transformers without this helper: use the public path
                 self._fast_ok = False
                 return None

@@ -27,6 +27,7 @@ import numpy as np
 from hsa_train.data.prompt import GenerationPrompts
 from hsa_train.data.render import CONTENT_SENTINEL, Segments, TemplateRendering
 from hsa_train.data.toolcalls import TOOLS_FALLBACK_NOTE, TemplateInput
+from hsa_train.model.compat import encode_batch, fast_backend
 from hsa_train.model.settings import model_types
 from hsa_train.types import IGNORE_INDEX, TRAIN_ON, SemanticTypes, check_choice
 
@@ -202,16 +203,11 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         """The tokenizers `Encoding` of each text (no special tokens added). Through the tokenizers backend when it
         has no truncation or padding set (what `tokenizer(...)` does, without building a BatchEncoding per piece:
         that was a third of encode's time on long conversations), else through `tokenizer(...)`."""
-        backend = getattr(self.tokenizer, "_tokenizer", None)
+        backend = fast_backend(self.tokenizer)
         settings = (getattr(backend, "truncation", 0), getattr(backend, "padding", 0))
         if backend is None or settings != (None, None):
             return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=plain).encodings
-        before = backend.encode_special_tokens
-        backend.encode_special_tokens = plain
-        try:
-            return backend.encode_batch(texts, add_special_tokens=False)
-        finally:
-            backend.encode_special_tokens = before
+        return encode_batch(backend, texts, plain)
 
     def _marks_text_start(self) -> bool:
         """Whether the tokenizer adds something at the start of every text (then "x" twice does not decode as
@@ -222,7 +218,7 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         return self._marks_start
 
     def _decode(self, ids: list[int]) -> str:
-        backend = getattr(self.tokenizer, "_tokenizer", None)
+        backend = fast_backend(self.tokenizer)
         if backend is not None:  # what tokenizer.decode does without clean-up, minus its copy of the ids
             return backend.decode(ids, skip_special_tokens=False)
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

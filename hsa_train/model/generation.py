@@ -14,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from hsa_train.model.compat import GenerationHooks
 from hsa_train.model.settings import HSASettings
 from hsa_train.model.vision import mm_token_type_ids, stack_images
 
@@ -23,23 +24,23 @@ _CLASSES: dict[type, type] = {}
 _told_no_compile = False
 
 
-class HSAGenerationMixin:
-    """`semantic_ids` as a generation input, extended by one `hsa.generated_type` id per generated token."""
+class HSAGenerationMixin(GenerationHooks):
+    """`semantic_ids` as a generation input, extended by one `hsa.generated_type` id per generated token (the
+    private steps of `generate` that call these hooks are `compat.GenerationHooks`)."""
 
-    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+    def take_generation_inputs(self, model_kwargs: dict) -> None:
+        """Takes `semantic_ids` out of the inputs generate() checks against the forward's signature."""
         semantic_ids = model_kwargs.pop("semantic_ids", None)
         if semantic_ids is None:
             raise ValueError(
                 "generate() on an HSA model needs semantic_ids=... for the prompt (one type id per prompt token: "
                 "SemanticTokenizer.encode_prompt gives them)"
             )
-        super()._validate_model_kwargs(model_kwargs)
 
-    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+    def allow_auto_compile(self, would: bool) -> bool:
         """No auto-compile: transformers would compile each step's forward (static cache, accelerator), but
         semantic_ids grow by one token a step, and every step would build a new graph (and a new CUDA graph)."""
         global _told_no_compile
-        would = super()._valid_auto_compile_criteria(model_kwargs, generation_config)
         if would and not _told_no_compile:
             log.info(
                 "hsa: generate's auto-compile is off for HSA models (semantic_ids grow every step, so each step "
@@ -48,12 +49,8 @@ class HSAGenerationMixin:
             _told_no_compile = True
         return False
 
-    def _update_model_kwargs_for_generation(
-        self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1
-    ) -> dict:
-        model_kwargs = super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
+    def extend_generation_inputs(self, model_kwargs: dict, num_new_tokens: int) -> dict:
+        """The generated tokens' types appended to `semantic_ids`: the next forward sees one per token."""
         semantic_ids = model_kwargs.get("semantic_ids")
         if semantic_ids is not None:
             semantic_ids = torch.as_tensor(semantic_ids)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from hsa_train.model.compat import attn_implementation
+
 # The config fields that name a vision model's special tokens, and the text of each in a Qwen-style vocabulary:
 # a model built from a config (model.arch) gets these added to the shipped tokenizer.
 VISION_TOKENS = {
@@ -71,9 +73,9 @@ def attn_implementation_for(model: nn.Module, name: str) -> str | dict:
                 continue
             nested = mapping(sub)
             if nested is not None:
-                out[key], found = {"": sub._attn_implementation, **nested}, True
+                out[key], found = {"": attn_implementation(sub), **nested}, True
             else:
-                out[key] = sub._attn_implementation
+                out[key] = attn_implementation(sub)
         return out if found else None
 
     nested = mapping(config)
@@ -86,7 +88,7 @@ def attn_implementation_for(model: nn.Module, name: str) -> str | dict:
 
 
 def text_attn_implementation(model: nn.Module) -> str | None:
-    return model.config.get_text_config(decoder=True)._attn_implementation
+    return attn_implementation(model.config.get_text_config(decoder=True))
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hsa_train.model.compat import no_split_modules
 from hsa_train.types import DISTRIBUTED, check_choice
 
 SETUP_TIMEOUT_S = 1800.0  # setup's collectives: rank 0 may tokenize a large data set while the others wait
@@ -179,14 +180,13 @@ def barrier(info: DistInfo) -> None:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one, found through the model's own `_no_split_modules` list (the
+    """The repeated blocks to shard one by one, found through the model's own no-split module list (the
     decoder-layer classes transformers declares), so no architecture is named here."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
     base = getattr(model, "get_base_model", lambda: model)()
-    names |= set(getattr(base, "_no_split_modules", None) or [])
+    names = no_split_modules(model) | no_split_modules(base)
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(base).__name__} declares no _no_split_modules: cannot find its layers to shard")
+        raise ValueError(f"{type(base).__name__} declares no decoder-layer classes (no-split modules): cannot find its layers to shard")
     return layers
 
 
