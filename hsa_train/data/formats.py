@@ -18,95 +18,39 @@ silently). Problems are ValueErrors with a short reason before the first colon (
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from hsa_train.data.spec import MEDIA_COLUMNS, DatasetSpec, resolve_datasets  # noqa: F401  (re-exported)
+from hsa_train.data.parts import (
+    EMPTY,
+    IMAGE_PLACEHOLDER,
+    MEDIA_PHRASE,
+    FormatContext,
+    Message,
+    attach_images,
+    content_of,
+    explicit_type,
+    ignore_set,
+    parse_json,
+    parse_tools,
+    tool_calls_of,
+    unused_keys,
+)
+from hsa_train.data.spec import DatasetSpec
 from hsa_train.types import SemanticTypes
 
-Message = dict[str, Any]
-Converter = Callable[[Any], tuple[list[Message], list[dict[str, Any]] | None]]
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "FormatContext",
+    "convert_alpaca",
+    "convert_conversation",
+    "ignore_set",
+    "make_converter",
+]
 
-# Why a key the run does not use is refused (the data it carries would be dropped), by key.
-_VISION = "images and videos go in the record's images / videos columns (columns.images), one per placeholder"
-_AUDIO = "audio data is not supported yet"
-IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's: one per image of the record's images column, in order
-_WEIGHTS = "per-record and per-message loss weights are not supported; roles and data.train_on decide what trains"
-_PREFERENCE = "preference data is not supported (hsa_train trains on conversations: supervised fine-tuning)"
-UNUSED_HINTS = {
-    "images": _VISION,
-    "image": _VISION,
-    "videos": _VISION,
-    "video": _VISION,
-    "audios": _AUDIO,
-    "audio": _AUDIO,
-    "tools": "tool definitions are read from the dataset's tools column only (columns.tools)",
-    "system": "a record-level system prompt is read only from the dataset's system column (columns.system); "
-    "or make it a first message with role 'system'",
-    "loss_weight": _WEIGHTS,
-    "weight": _WEIGHTS,
-    "loss": _WEIGHTS,
-    "function_call": "old-style function_call is not read; give tool_calls",
-    "tool_call_id": "tool call ids are not rendered",
-    "name": "message names are not rendered",
-    "reasoning_content": "reasoning is not rendered separately; put it in the content",
-    "chosen": _PREFERENCE,
-    "rejected": _PREFERENCE,
-}
-_MEDIA_PART_TYPES = {"image": ("image", "image_url", "input_image"), "video": ("video", "video_url")}
-_MEDIA_PART_TYPES["audio"] = ("audio", "input_audio", "audio_url")
-MEDIA_PARTS = {ptype: kind for kind, ptypes in _MEDIA_PART_TYPES.items() for ptype in ptypes}
-_MEDIA_PHRASE = {
-    "video": "videos are not supported yet (Qwen2-VL's video processor needs torchvision and a video decoder)",
-    "audio": "audio is not supported",
-}
 _MESSAGE_KEYS = ("semantic_type", "tool_calls", "loss_weight")
-_PART_KEYS = frozenset({"type", "text", "value", "semantic_type"})
-_IMAGE_KEYS = ("image", "image_url", "path", "url")  # where an image part holds its picture
-_EMPTY = (None, "", [], {})
-
-
-def ignore_set(ignore_keys: Iterable[str]) -> frozenset[str]:
-    if isinstance(ignore_keys, frozenset):
-        return ignore_keys
-    if isinstance(ignore_keys, str) or not all(isinstance(k, str) for k in ignore_keys):
-        raise ValueError(f"data.ignore_keys={ignore_keys!r}: give a list of key names, e.g. [id, source]")
-    return frozenset(ignore_keys)
-
-
-def unused_keys(obj: Mapping[str, Any], used: Iterable[str], ignore: frozenset[str], where: str) -> None:
-    """Refuses keys that carry data the run would drop. None (or an empty string, list or object) carries none."""
-    used = set(used)
-    unused = [k for k, v in obj.items() if k not in used and k not in ignore and v not in _EMPTY]
-    if not unused:
-        return
-    hints = "; ".join(dict.fromkeys(UNUSED_HINTS[k] for k in unused if k in UNUSED_HINTS))
-    raise ValueError(
-        f"unused key: {where} has {', '.join(map(repr, unused))}, not used by training"
-        + (f" ({hints})" if hints else "")
-        + "; remove it, or list it in data.ignore_keys if it is only metadata"
-    )
-
-
-@dataclass(frozen=True)
-class FormatContext:
-    """What a format function needs besides the record (picklable, for worker processes)."""
-
-    format: str
-    columns: Mapping[str, str | None]
-    tags: Mapping[str, str | None]
-    types: SemanticTypes
-    ignore: frozenset[str]
-    role_of: dict[str, str] = field(init=False)  # role tag -> role ("function" for the function-call tag)
-
-    def __post_init__(self) -> None:
-        names = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
-        names |= {"observation_tag": "tool", "function_tag": "function"}
-        role_of = {self.tags[k]: role for k, role in names.items() if self.tags.get(k)}
-        object.__setattr__(self, "role_of", role_of)
+Converter = Callable[[Any], tuple[list[Message], list[dict[str, Any]] | None]]
 
 
 def make_converter(spec: DatasetSpec, types: SemanticTypes, ignore_keys: Iterable[str] = ("id",)) -> Converter:
@@ -125,65 +69,16 @@ def _format_hint(obj: Mapping[str, Any], fmt: str) -> str:
     return ""
 
 
-def _explicit_type(value: Any, types: SemanticTypes, where: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or value not in types.names):
-        raise ValueError(
-            f"unknown semantic_type: {where} has semantic_type {value!r} (known: {', '.join(types.names)})"
-        )
-    return value
-
-
 def _record_keys(obj: Mapping[str, Any], ctx: FormatContext) -> None:
     """Audio and video columns with data are errors; other keys the format does not read are refused unless
     ignored."""
     for key in ("videos", "audios"):
         col = ctx.columns.get(key)
-        if col and obj.get(col) not in _EMPTY:
+        if col and obj.get(col) not in EMPTY:
             what = "audio" if key == "audios" else "video"
-            raise ValueError(f"{what} not supported: the record has {key} in column {col!r}; {_MEDIA_PHRASE[what]}")
+            raise ValueError(f"{what} not supported: the record has {key} in column {col!r}; {MEDIA_PHRASE[what]}")
     used = {col for col in ctx.columns.values() if col}
     unused_keys(obj, used, ctx.ignore, "the record")
-
-
-def _attach_images(obj: Mapping[str, Any], messages: list[Message], ctx: FormatContext) -> None:
-    """The record's `images` column, one per `<image>` placeholder in order over the messages: each message gets
-    the images of its own placeholders (`images`: a list of references), so truncation that drops a turn drops
-    its images with it. Placeholders and images must match in number; a record without images keeps `<image>`
-    as text only when it has no image column at all."""
-    col = ctx.columns.get("images")
-    images = obj.get(col) if col else None
-    if images in _EMPTY:
-        return
-    if any(m.get("images") for m in messages):
-        raise ValueError(f"images given twice: column {col!r} and image content parts; use one of them")
-    if not isinstance(images, list):
-        images = [images]
-    counts = [m["content"].count(IMAGE_PLACEHOLDER) for m in messages]
-    if sum(counts) != len(images):
-        raise ValueError(
-            f"placeholder count: the messages hold {sum(counts)} {IMAGE_PLACEHOLDER} placeholders and column "
-            f"{col!r} has {len(images)} images; put one {IMAGE_PLACEHOLDER} in the text for each image"
-        )
-    start = 0
-    for msg, n in zip(messages, counts):
-        if n:
-            msg["images"] = images[start : start + n]
-            start += n
-
-
-def _image_part(where: str, part: Mapping[str, Any], ctx: FormatContext) -> Any:
-    """The picture of an image part: `{"type": "image", "image": path}` (or image_url: {"url": ...})."""
-    keys = [key for key in _IMAGE_KEYS if part.get(key) not in _EMPTY]
-    if len(keys) != 1:
-        raise ValueError(
-            f"malformed image part: {where} needs exactly one of {', '.join(_IMAGE_KEYS)}, it has "
-            f"{', '.join(keys) or 'none'}"
-        )
-    ref = part[keys[0]]
-    if isinstance(ref, Mapping) and "url" in ref:
-        ref = ref["url"]
-    unused_keys(part, ("type", *_IMAGE_KEYS, "semantic_type"), ctx.ignore, where)
-    return ref
 
 
 def _system(obj: Mapping[str, Any], ctx: FormatContext) -> str | None:
@@ -196,134 +91,15 @@ def _system(obj: Mapping[str, Any], ctx: FormatContext) -> str | None:
     return value
 
 
-def _json(text: str, problem: str, hint: str = "") -> Any:
-    """`text` parsed, or ValueError: `problem (what the parser said at column N)hint`."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{problem} ({exc.msg} at column {exc.colno}){hint}") from None
-
-
-def parse_tools(obj: Mapping[str, Any], ctx: FormatContext) -> list[dict[str, Any]] | None:
-    """The record's tool definitions (a JSON string or a list of objects), or None when it has none."""
-    col = ctx.columns.get("tools")
-    raw = obj.get(col) if col else None
-    if raw in (None, ""):
-        return None
-    if isinstance(raw, str):
-        raw = _json(raw, f"tools not JSON: column {col!r} is not JSON", "; give a JSON list of function descriptions")
-    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-        got = type(raw).__name__ if not isinstance(raw, list) else "a list with non-objects"
-        raise ValueError(
-            f"malformed tools: column {col!r} must be a list of objects (function descriptions), got {got}"
-        )
-    return raw or None
-
-
-def _content(k: int, raw: Any, ctx: FormatContext) -> tuple[str, list[tuple[int, int, str]] | None, list[Any]]:
-    """A message's text, its typed spans and its images: a string, or parts joined with "" (an image part becomes
-    an `<image>` placeholder in the text, its picture the message's next image)."""
-    if isinstance(raw, str):
-        return raw, None, []
-    if not isinstance(raw, list):
-        raise ValueError(f"non-string content: message {k} has content of type {type(raw).__name__}")
-    texts: list[str] = []
-    spans: list[tuple[int, int, str]] = []
-    images: list[Any] = []
-    pos = 0
-    for p, part in enumerate(raw):
-        where = f"message {k} part {p}"
-        if not isinstance(part, dict):
-            raise ValueError(
-                f"non-string content: {where} is a {type(part).__name__}; content is a string or a list of parts "
-                '{"type": "text", "text": ...}'
-            )
-        ptype = part.get("type") or "text"
-        if MEDIA_PARTS.get(ptype) == "image":
-            images.append(_image_part(where, part, ctx))
-            stype = _explicit_type(part.get("semantic_type"), ctx.types, where)
-            if stype is not None:
-                spans.append((pos, pos + len(IMAGE_PLACEHOLDER), stype))
-            texts.append(IMAGE_PLACEHOLDER)
-            pos += len(IMAGE_PLACEHOLDER)
-            continue
-        if ptype in MEDIA_PARTS:
-            kind = MEDIA_PARTS[ptype]
-            raise ValueError(f"{kind} part: {_MEDIA_PHRASE[kind]} ({where} has type {ptype!r})")
-        if ptype != "text":
-            raise ValueError(f"unknown content part: {where} has type {ptype!r} (known: text)")
-        keys = [key for key in ("text", "value") if part.get(key) is not None]
-        if len(keys) > 1:
-            raise ValueError(f"malformed content part: {where} has both 'text' and 'value'; give one")
-        text = part[keys[0]] if keys else None
-        if not isinstance(text, str):
-            got = "none" if text is None else f"a {type(text).__name__}"
-            raise ValueError(f"part without text: {where} has {got} for its text; give {{'type': 'text', 'text': ...}}")
-        stype = _explicit_type(part.get("semantic_type"), ctx.types, where)
-        unused_keys(part, _PART_KEYS, ctx.ignore, where)
-        if stype is not None and text:
-            spans.append((pos, pos + len(text), stype))
-        if IMAGE_PLACEHOLDER in text:
-            raise ValueError(
-                f"placeholder in a text part: {where} holds {IMAGE_PLACEHOLDER}; with content parts, give each "
-                'image as its own part {"type": "image", "image": path}'
-            )
-        texts.append(text)
-        pos += len(text)
-    return "".join(texts), spans or None, images
-
-
-def _tool_call(where: str, call: Any, ctx: FormatContext) -> dict[str, Any]:
-    """One call, OpenAI's {"id", "type", "function": {"name", "arguments"}} or flat {"name", "arguments"}."""
-    if not isinstance(call, dict):
-        raise ValueError(f"malformed tool call: {where} is a {type(call).__name__}, expected an object")
-    fn = call.get("function")
-    if fn is not None:
-        if call.get("type") not in (None, "function"):
-            raise ValueError(
-                f"malformed tool call: {where} has type {call['type']!r}; only function calls are supported"
-            )
-        if not isinstance(fn, dict):
-            raise ValueError(f"malformed tool call: {where} has a function of type {type(fn).__name__}")
-        unused_keys(call, ("id", "type", "function"), ctx.ignore, where)
-    else:
-        fn = call
-    unused_keys(fn, ("name", "arguments", "id", "type"), ctx.ignore, where)
-    name = fn.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"malformed tool call: {where} has no function name")
-    args = fn.get("arguments")
-    if args in (None, ""):
-        args = {}
-    if isinstance(args, str):
-        args = _json(args, f"tool call not JSON: {where} ({name}) has arguments that are not JSON")
-    if not isinstance(args, dict):
-        raise ValueError(
-            f"malformed tool call: {where} ({name}) has arguments of type {type(args).__name__}; give an object"
-        )
-    out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}
-    if isinstance(call.get("id"), str) and call["id"]:
-        out["id"] = call["id"]
-    return out
-
-
-def _tool_calls(k: int, calls: Any, ctx: FormatContext) -> list[dict[str, Any]]:
-    if isinstance(calls, dict):
-        calls = [calls]
-    if not isinstance(calls, list) or not calls:
-        raise ValueError(f"malformed tool call: message {k} has tool calls of type {type(calls).__name__}; give a list")
-    return [_tool_call(f"message {k} call {i}", call, ctx) for i, call in enumerate(calls)]
-
-
 def _function_turn(k: int, raw: Any, ctx: FormatContext) -> list[dict[str, Any]]:
     """A ShareGPT function_call turn: its value is JSON {"name", "arguments"} (or a list of them)."""
     if isinstance(raw, str):
-        raw = _json(
+        raw = parse_json(
             raw,
             f"tool call not JSON: message {k} ({ctx.tags['function_tag']}) has a value that is not JSON",
             '; give {"name": ..., "arguments": {...}}',
         )
-    return _tool_calls(k, raw, ctx)
+    return tool_calls_of(k, raw, ctx)
 
 
 def _loss_weight(k: int, role: str, weight: Any) -> None:
@@ -355,12 +131,12 @@ def _turn(k: int, msg: Any, ctx: FormatContext) -> Message:
     else:
         if raw is None and role == "assistant" and msg.get("tool_calls"):
             raw = ""  # OpenAI: content null beside tool_calls
-        text, spans, images = _content(k, raw, ctx)
-    stype = _explicit_type(msg.get("semantic_type"), ctx.types, f"message {k}")
-    if msg.get("tool_calls") not in _EMPTY:
+        text, spans, images = content_of(k, raw, ctx)
+    stype = explicit_type(msg.get("semantic_type"), ctx.types, f"message {k}")
+    if msg.get("tool_calls") not in EMPTY:
         if role != "assistant" or calls:
             raise ValueError(f"malformed tool call: message {k} ({role}) has tool_calls; only assistant messages call")
-        calls = _tool_calls(k, msg["tool_calls"], ctx)
+        calls = tool_calls_of(k, msg["tool_calls"], ctx)
     _loss_weight(k, role, msg.get("loss_weight"))
     unused_keys(msg, (role_key, content_key, *_MESSAGE_KEYS), ctx.ignore, f"message {k}")
     out: Message = {"role": role, "content": text, "semantic_type": stype}
@@ -398,7 +174,7 @@ def convert_conversation(obj: Any, ctx: FormatContext) -> tuple[list[Message], l
             col = ctx.columns["system"]
             raise ValueError(f"system given twice: column {col!r} and a first system message; keep one")
         messages.insert(0, {"role": "system", "content": system, "semantic_type": None})
-    _attach_images(obj, messages, ctx)
+    attach_images(obj, messages, ctx)
     return messages, parse_tools(obj, ctx)
 
 
@@ -451,7 +227,7 @@ def convert_alpaca(obj: Any, ctx: FormatContext) -> tuple[list[Message], list[di
     user = "\n".join(text for text in (prompt, query) if text)  # LLaMA-Factory joins exactly so
     messages.append({"role": "user", "content": user, "semantic_type": None})
     messages.append({"role": "assistant", "content": response, "semantic_type": None})
-    _attach_images(obj, messages, ctx)
+    attach_images(obj, messages, ctx)
     return messages, parse_tools(obj, ctx)
 
 

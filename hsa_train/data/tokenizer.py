@@ -18,12 +18,13 @@ Two things follow inference rather than the one-text tokenization:
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from hsa_train.data.piece import Piece
 from hsa_train.data.prompt import GenerationPrompts
 from hsa_train.data.render import CONTENT_SENTINEL, Segments, TemplateRendering
 from hsa_train.data.toolcalls import TOOLS_FALLBACK_NOTE, TemplateInput
@@ -39,46 +40,6 @@ __all__ = [
     "Segments",
     "SemanticTokenizer",
 ]
-
-
-class Piece:
-    """The tokens of the text between two cuts, [start, end) of the render, and where each token starts: read from
-    the tokenizer's `Encoding` only where asked (building every token's offsets in Python was a fifth of encode's
-    time), or given as a list of first characters (the plain-content path)."""
-
-    __slots__ = ("start", "end", "ids", "_encoding", "_skip", "_shift", "_firsts")
-
-    def __init__(
-        self,
-        start: int,
-        end: int,
-        ids: list[int],
-        encoding: Any = None,
-        skip: int = 0,
-        shift: int = 0,
-        firsts: list[int] | None = None,
-    ):
-        self.start, self.end, self.ids = start, end, ids
-        self._encoding, self._skip, self._shift, self._firsts = encoding, skip, shift, firsts
-
-    def tokens_before(self, pos: int) -> int:
-        """How many of the piece's tokens start before character `pos` of the render (token starts never decrease
-        along a text)."""
-        if pos <= self.start:
-            return 0
-        if pos >= self.end:
-            return len(self.ids)
-        if self._firsts is not None:
-            return bisect_left(self._firsts, pos)
-        at, q = self._encoding.token_to_chars, pos - self._shift
-        lo, hi = self._skip, self._skip + len(self.ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if at(mid)[0] < q:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo - self._skip
 
 
 class Encoding(NamedTuple):

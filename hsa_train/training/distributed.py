@@ -186,7 +186,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = no_split_modules(model) | no_split_modules(base)
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(base).__name__} declares no decoder-layer classes (no-split modules): cannot find its layers to shard")
+        raise ValueError(
+            f"{type(base).__name__} declares no decoder-layer classes (no-split modules): cannot find its layers to "
+            "shard"
+        )
     return layers
 
 

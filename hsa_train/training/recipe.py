@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import transformers
@@ -36,26 +35,7 @@ from hsa_train.training.optim import build_optimizer, build_scheduler
 from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_summary
 from hsa_train.training.resume import check_resume
 from hsa_train.training.rundir import claim, require_fresh
-from hsa_train.training.step import StepResult, make_forward, optimizer_step
-
-
-@dataclass
-class Progress:
-    """What training adds up step by step; checkpointed (as plain data) with the model."""
-
-    step: int = 0
-    losses: list[float] = field(default_factory=list)
-    tokens_seen: int = 0
-    skipped_steps: int = 0
-    train_time: float = 0.0  # seconds spent in steps (for tokens/s over a resumed run too)
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.losses = int(state["step"]), [float(x) for x in state["losses"]]
-        self.tokens_seen, self.skipped_steps = int(state["tokens_seen"]), int(state["skipped_steps"])
-        self.train_time = float(state.get("train_time", 0.0))
+from hsa_train.training.step import Progress, StepResult, make_forward, optimizer_step
 
 
 class Recipe:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -123,3 +123,22 @@ def gather_wheres(wheres: list[str], info: D.DistInfo) -> list[str]:
     everyone: list[list[str] | None] = [None] * info.world
     dist.all_gather_object(everyone, wheres)
     return [w for part in everyone for w in (part or [])]
+
+
+@dataclass
+class Progress:
+    """What training adds up step by step; checkpointed (as plain data) with the model."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    train_time: float = 0.0  # seconds spent in steps (for tokens/s over a resumed run too)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.losses = int(state["step"]), [float(x) for x in state["losses"]]
+        self.tokens_seen, self.skipped_steps = int(state["tokens_seen"]), int(state["skipped_steps"])
+        self.train_time = float(state.get("train_time", 0.0))
