@@ -11,34 +11,27 @@ The layers, bottom to top (an import only ever points down; tests/test_imports.p
     training/  the recipe, its step, loss, evaluation, checkpoints, distributed, export of a run's model
     CLIs       __main__ (train), generate, inspect, diagnose, sweep: thin mains over the library
 
-One sample, file to loss, in the names the code uses:
+One sample, file to loss, in the names the code uses (the README's layout section says the same):
 
     record      a dict as a source holds it, in any format (data/sources.py)
-    Record      our messages: role, content parts, semantic_type, tools, and where it came from (data/loader.py)
-    Sample      the encoded conversation: input_ids, labels, semantic_ids (+ media) as int32 arrays, the final
+    Record      our messages (role, content with typed spans, semantic_type, tool calls, images) and tools, typed
+                by the dataset's rules, with its file:line (data/loader.py)
+    Sample      input_ids, labels, semantic_ids (+ pixel_values, image_grid_thw) as int32 arrays, the final
                 answer's span, file:line (data/store.py); stored as one Arrow row, read back memory-mapped
-    batch       samples padded (or packed) into tensors by the collator, the model's keyword arguments
+    batch       samples padded (or packed) into tensors by the collator, with the attention mask and the one
+                filler that keeps ranks in step: the model's inputs (data/collator.py)
+
+Everything between (the tokenizer's render segments and pieces, the pipeline's pools and rows) is a view or a
+helper of one of these four, named where it is used.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from hsa_train.types import SemanticTypes
+from hsa_train.types import SemanticTypes, lazy_exports
 
 __all__ = ["enable_hsa", "HSASettings", "SemanticTypes"]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str) -> Any:
-    """`hsa_train.enable_hsa` and `hsa_train.HSASettings` without importing torch for the package itself (the
-    config schema and the CLIs' --help stay light)."""
-    if name == "enable_hsa":
-        from hsa_train.model.hsa import enable_hsa
-
-        return enable_hsa
-    if name == "HSASettings":
-        from hsa_train.model.settings import HSASettings
-
-        return HSASettings
-    raise AttributeError(f"module 'hsa_train' has no attribute {name!r}")
+# `hsa_train.enable_hsa` and `hsa_train.HSASettings` without importing torch for the package itself: the config
+# schema and the CLIs' --help stay light
+__getattr__ = lazy_exports(__name__, {"enable_hsa": "hsa_train.model.hsa", "HSASettings": "hsa_train.model.settings"})

@@ -7,7 +7,7 @@ line that names the key and says what to do.
 
 from __future__ import annotations
 
-import functools
+import json
 import math
 import typing
 from collections.abc import Mapping
@@ -184,10 +184,17 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    @functools.cached_property
+    @property
     def dataset_plan(self) -> DatasetPlan:
-        """Every dataset the `data` group names, resolved once: validation checks it, the run's data uses it."""
-        return plan_datasets(self.data, hsa_settings(self).semantic_types)
+        """Every dataset the `data` group names, resolved once: validation checks it, the run's data uses it (a
+        `data` group edited after validation, as benchmarks do, is resolved again)."""
+        d, h = self.data, self.hsa
+        names = [d.train_files, d.datasets, d.dataset_info, d.eval_files, d.eval_datasets, d.eval_sets, h.types]
+        key = json.dumps([*names, h.default_type], sort_keys=True, default=str)
+        memo = self.__dict__.get("_dataset_plan")
+        if memo is None or memo[0] != key:
+            memo = self.__dict__["_dataset_plan"] = (key, plan_datasets(d, hsa_settings(self).semantic_types))
+        return memo[1]
 
 
 def _omegaconf_line(exc: OmegaConfBaseException) -> str:

@@ -4,8 +4,10 @@ the one way an exception becomes a one-line message."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import importlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_TYPES: tuple[str, ...] = ("GLOBAL_CONDITION", "KEY_EVENT", "PROCESS_NOISE")
 DEFAULT_TYPE: str = "PROCESS_NOISE"
@@ -134,3 +136,15 @@ class SemanticTypes:
         return cls(
             tuple(names) if names is not None else DEFAULT_TYPES, default if default is not None else DEFAULT_TYPE
         )
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
+    """A package's `__getattr__` that imports each exported name from its module on first use (PEP 562), so a
+    light module of the package (the config schema, the HSA settings) imports without the heavy ones."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(exports[name]), name)
+
+    return __getattr__

@@ -3,7 +3,7 @@ store and cache → collator. It uses the HSA settings (types), never attention.
 
 from __future__ import annotations
 
-from typing import Any
+from hsa_train.types import lazy_exports
 
 _EXPORTS = {
     "SemanticTokenizer": "hsa_train.data.tokenizer",
@@ -16,12 +16,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    """Exports resolved on first use, so `hsa_train.data.spec` (which the config schema reads) imports without
-    torch."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'hsa_train.data' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)  # resolved on first use: light modules stay light

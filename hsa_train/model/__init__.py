@@ -3,7 +3,7 @@ datasets or training. `enable_hsa` (hsa.py) is the way in; `settings.py` holds t
 
 from __future__ import annotations
 
-from typing import Any
+from hsa_train.types import lazy_exports
 
 _EXPORTS = {
     "enable_hsa": "hsa_train.model.hsa",
@@ -14,11 +14,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    """Exports resolved on first use, so `hsa_train.model.settings` imports without torch."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'hsa_train.model' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)  # resolved on first use: light modules stay light
