@@ -1,8 +1,8 @@
 """Two versions of hsa_train measured side by side: this checkout and another commit's tree (a `git worktree`).
 
-Each measure runs as a subprocess inside each tree (its own package, its own copy of the benchmark), the trees
-alternating, `--repeats` times; the report gives each one's medians and the median of the per-repeat ratios
-this / other (below 1: this checkout is faster).
+Each measure runs as a subprocess over each tree's package (the same benchmark scripts, this checkout's), the
+trees alternating, `--repeats` times; the report gives each one's medians and the median of the per-repeat ratios
+this / other (for seconds, below 1: this checkout is faster; for conversations/s, above 1).
 
 - preprocess: `benchmarks/preprocess.py` (conversations/s of the full pipeline, building a cache entry, finding it);
 - run data: `load_run_data` of a run over a generated trajectory file, cold (an empty cache) and warm (what a
@@ -83,13 +83,24 @@ def staged(tree: Path, work: Path) -> Path:
 def run_in(tree: Path, args: list[str], work: Path) -> str:
     path = staged(tree, work)
     env = {**os.environ, "PYTHONPATH": str(path), "HSA_TRAIN_CACHE": tempfile.mkdtemp(prefix="hsa_sbs_cache_")}
-    done = subprocess.run([sys.executable, *args], cwd=tree, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{tree}: {' '.join(args[:2])} failed:\n{done.stderr[-2000:]}")
     return done.stdout
 
 
-def measures(tree: Path, work: Path, conversations: int, lengths: str) -> dict[str, float]:
+def measures(tree: Path, work: Path, conversations: int, lengths: str, which: set[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "preprocess" in which:
+        out |= preprocess_measures(tree, work, conversations)
+    if "run_data" in which:
+        out |= run_data_measures(tree, work)
+    if "step" in which:
+        out |= step_measures(tree, work, lengths)
+    return out
+
+
+def preprocess_measures(tree: Path, work: Path, conversations: int) -> dict[str, float]:
     out: dict[str, float] = {}
     pre = work / f"pre_{tree.name}.json"
     run_in(
@@ -101,15 +112,25 @@ def measures(tree: Path, work: Path, conversations: int, lengths: str) -> dict[s
     out["preprocess conversations/s"] = p["ways"]["full"]["conversations_per_s"]
     out["preprocess build s"] = p["prepare_build_s"]
     out["preprocess cached rerun s"] = p["prepare_cached_s"]
+    return out
+
+
+def run_data_measures(tree: Path, work: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
     script = work / "run_data.py"
     script.write_text(RUN_DATA)
     cache = tempfile.mkdtemp(prefix=f"hsa_sbs_{tree.name}_")
     r = json.loads(run_in(tree, [str(script), str(work / "trajectories.jsonl"), cache], work).strip().splitlines()[-1])
     out["run data cold s"], out["run data warm s"] = r["cold_s"], r["warm_s"]
+    return out
+
+
+def step_measures(tree: Path, work: Path, lengths: str) -> dict[str, float]:
+    out: dict[str, float] = {}
     step = work / f"step_{tree.name}.json"
     run_in(tree, ["benchmarks/hsa_cost.py", "--lengths", lengths, "--repeats", "3", "--out", str(step)], work)
     s = json.loads(step.read_text())
-    for length, variants in s.items():
+    for length, variants in s["lengths"].items():
         out[f"step L={length} HSA sdpa s"] = variants["HSA sdpa"]["seconds_median"]
         out[f"step L={length} HSA sdpa / stock"] = variants["HSA sdpa"]["ratio_to_stock_median"]
     return out
@@ -133,6 +154,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--conversations", type=int, default=1500)
     parser.add_argument("--lengths", default="1024,2048")
+    parser.add_argument("--measures", default="preprocess,run_data,step", help="which: preprocess, run_data, step")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     other = args.other.resolve()
@@ -143,13 +165,15 @@ def main() -> None:
     for r in range(args.repeats):
         order = list(trees) if r % 2 == 0 else list(reversed(trees))
         for name in order:
-            got[name].append(measures(trees[name], work, args.conversations, args.lengths))
+            which = set(args.measures.split(","))
+            got[name].append(measures(trees[name], work, args.conversations, args.lengths, which))
             print(f"repeat {r + 1} {name}: {json.dumps(got[name][-1])}", flush=True)
     report = {
         "this": str(HERE),
         "other": str(other),
         "repeats": args.repeats,
         "conversations": args.conversations,
+        "command": " ".join(sys.argv),
         "measures": {},
     }
     for key in got["this"][0]:

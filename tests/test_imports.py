@@ -127,6 +127,20 @@ def test_every_import_points_down_the_layers():
     assert upward == []
 
 
+def test_only_the_entry_point_imports_the_package_inside_functions():
+    """An import of our own modules inside a function would hide an edge from a reader (and once hid cycles):
+    only `python -m hsa_train` defers torch and training until its config is known to be good."""
+    modules = _modules()
+    nested = []
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                nested += [f"{module} -> {t}" for t in _targets(module, path, node, modules)]
+    assert nested and all(line.startswith("hsa_train.__main__ -> hsa_train.training.") for line in nested), nested
+
+
 def test_the_cycle_finder_finds_a_cycle():
     """The checks above are only as good as this: a two-node and a three-node cycle, and a DAG."""
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]

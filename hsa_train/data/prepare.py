@@ -30,6 +30,7 @@ from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.data.truncate import FitInfo, TruncationReport, fit
 from hsa_train.data.typing import TypingReport
 from hsa_train.data.vision import image_key
+from hsa_train.types import DEFAULT_KEEP_TYPES
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Preprocess:
 
     cutoff_len: int | None = None
     overlong: str = "error"  # truncate | drop | error
-    keep_types: tuple[str, ...] = ("GLOBAL_CONDITION",)
+    keep_types: tuple[str, ...] = DEFAULT_KEEP_TYPES
     on_error: str = "raise"
     ignore_keys: tuple[str, ...] = ("id",)
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hsa_train.model.compat import no_split_modules
-from hsa_train.types import DISTRIBUTED, check_choice
+from hsa_train.types import DISTRIBUTED, check_choice, one_line
 
 SETUP_TIMEOUT_S = 1800.0  # setup's collectives: rank 0 may tokenize a large data set while the others wait
 
@@ -157,7 +157,7 @@ def on_main(fn, info: DistInfo):
         try:
             result = fn()
         except Exception as exc:  # re-raised on every rank below
-            failure = [(type(exc), " ".join(str(exc).split()))]
+            failure = [(type(exc), one_line(exc))]
     dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
         kind, message = failure[0]
