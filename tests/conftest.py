@@ -19,6 +19,17 @@ PEER_DATA = ROOT.parent / "shared" / "peer-data" / "llamafactory"
 os.environ["HSA_TRAIN_CACHE"] = tempfile.mkdtemp(prefix="hsa_train_test_cache_")
 
 
+# The smallest run the CLI tests train: a one-layer model, two samples a step, a tenth held out, no progress bar.
+TINY_RUN = [
+    "model.arch.hidden_size=32",
+    "model.arch.intermediate_size=64",
+    "model.arch.num_hidden_layers=1",
+    "train.micro_batch_size=2",
+    "data.eval_ratio=0.1",
+    "logging.progress=none",
+]
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_tokenizer(None)

@@ -11,19 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env
+from conftest import TINY_RUN, cli_env
 from safetensors.torch import load_file
 
 from hsa_train.training import checkpoint
 from hsa_train.training.distributed import DistInfo
 
 TINY = [
-    "model.arch.hidden_size=32",
-    "model.arch.intermediate_size=64",
-    "model.arch.num_hidden_layers=1",
-    "train.micro_batch_size=2",
-    "data.eval_ratio=0.1",
-    "logging.progress=none",
+    *TINY_RUN,
     "train.save_every=2",
     "train.keep_last=3",
 ]

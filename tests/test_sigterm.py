@@ -14,17 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, _descendants, _rank_logs, cli_env
+from conftest import ROOT, TINY_RUN, _descendants, _rank_logs, cli_env
 
 from hsa_train.training import checkpoint
 
 TINY = [
-    "model.arch.hidden_size=32",
-    "model.arch.intermediate_size=64",
-    "model.arch.num_hidden_layers=1",
-    "train.micro_batch_size=2",
-    "data.eval_ratio=0.1",
-    "logging.progress=none",
+    *TINY_RUN,
     "train.max_steps=100000",  # never reached: the test stops it
     "train.stop_grace_s=5",
 ]

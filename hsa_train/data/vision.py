@@ -274,7 +274,11 @@ class VisionSemanticTokenizer(SemanticTokenizer):
     ):
         media = ImageMedia(tokenizer, image_processor, image_token)
         super().__init__(tokenizer, types, default_type, train_on, max_length, media=media)
-        self.images = media.images
+
+    @property
+    def images(self) -> ImageProcessing:
+        """The media hook's image processing (its processor, and the processed-picture cache)."""
+        return self.media.images
 
     def encode_detailed(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> Encoding:
         rendered, refs = self.media.substitute(messages)
@@ -285,10 +289,6 @@ class VisionSemanticTokenizer(SemanticTokenizer):
             encoding.features["pixel_values"] = np.concatenate(pixels)
             encoding.features["image_grid_thw"] = np.concatenate(grids)
         return encoding
-
-    def filler(self) -> dict[str, Any]:
-        """`ImageMedia.filler` with this tokenizer's default type."""
-        return self.media.filler(self.types.default_id)
 
     def _prompt_matches(self, input_ids: list[int], messages: Sequence[Mapping[str, Any]], tools: Any) -> bool:
         """The prompt's text tokens (vision tokens left out) decode to the render with each placeholder left out."""
