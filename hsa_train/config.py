@@ -19,6 +19,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hsa_train.data.rules import SavedRules
 from hsa_train.data.spec import DatasetPlan, plan_datasets
 from hsa_train.model.settings import HSASettings
 from hsa_train.types import (
@@ -148,6 +149,7 @@ class TrainConfig:
 @dataclass
 class ExportConfig:
     merge: bool = MISSING
+    typing_dataset: Optional[str] = None
 
 
 @dataclass
@@ -195,6 +197,12 @@ class RunConfig:
         if memo is None or memo[0] != key:
             memo = self.__dict__["_dataset_plan"] = (key, plan_datasets(d, hsa_settings(self).semantic_types))
         return memo[1]
+
+
+def saved_rules(run: RunConfig) -> SavedRules:
+    """What the run's model folders keep of its data settings (`hsa_rules.json`): typing rules and truncation."""
+    d = run.data
+    return SavedRules.from_plan(run.dataset_plan, d.cutoff_len, d.keep_types, run.export.typing_dataset)
 
 
 def _omegaconf_line(exc: OmegaConfBaseException) -> str:
@@ -249,6 +257,7 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
         _check(len(entries) > 0, f"data.eval_sets.{name} is empty; give one or more files or dataset entries")
     try:
         run.dataset_plan  # noqa: B018  (resolved here, once: the run's data takes the plan from `run`)
+        saved_rules(run)  # export.typing_dataset names a training dataset
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _choice("data.on_error", d.on_error, ON_ERROR)

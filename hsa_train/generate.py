@@ -4,12 +4,15 @@
     python -m hsa_train.generate outputs/<run>/adapter --chat
 
 The model folder is one hsa_train wrote (a full model, or a LoRA adapter whose base is loaded from its
-`base_model_name_or_path`) or any causal LM folder. Each conversation (the `messages` format, typed like training
-data) is rendered with the generation prompt and encoded as training encodes it; the model decodes with its KV
-cache and the bias, every generated token typed `hsa.generated_type`. A conversation that ends with an assistant
+`base_model_name_or_path`) or any causal LM folder. Each conversation (the `messages` format) is typed as training
+typed it: an explicit `semantic_type` wins, else the rules saved with the model (`hsa_rules.json`; `--typing NAME`
+picks a training dataset's set); the output shows every message's type and the rule that gave it. It is rendered
+with the generation prompt and encoded as training encodes it; the model decodes with its KV cache and the bias,
+every generated token typed `hsa.generated_type`. A conversation that ends with an assistant
 message has that message regenerated: it is written out as the reference beside the new reply.
 
-In the chat, every user turn takes the current type (`/type KEY_EVENT` changes it; `/types` lists them);
+In the chat, user turns are typed by the saved rules, or take the type `/type KEY_EVENT` sets (`/type rules` goes
+back; `/types` lists them);
 `/image PATH` attaches a picture to the next user turn (vision models; its tokens take that turn's type),
 `/system TEXT` sets a system message, `/reset` starts over, `/quit` (or end of input) leaves.
 """
@@ -23,34 +26,16 @@ from pathlib import Path
 
 import torch
 
+from hsa_train.agent.folder import Trained, load_trained
 from hsa_train.data.formats import IMAGE_PLACEHOLDER
-from hsa_train.data.loader import load_records
+from hsa_train.data.loader import LoadReport, iter_records
+from hsa_train.data.sources import check_file
 from hsa_train.data.tokenizer import SemanticTokenizer
-from hsa_train.data.vision import folder_semantic_tokenizer, open_image
-from hsa_train.model.export import load_exported
+from hsa_train.data.vision import open_image
 from hsa_train.model.generation import generate_batch
-from hsa_train.model.hsa import enable_hsa
 from hsa_train.model.loading import TORCH_DTYPES
 from hsa_train.model.settings import HSASettings
 from hsa_train.types import one_line
-
-
-def load_for_generation(model_dir: str, device: str, dtype: str, backend: str | None):
-    """(model, SemanticTokenizer) of a trained folder, HSA enabled as trained (`backend` to switch kernels)."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{model_dir}: no such model folder")
-    model = load_exported(path, dtype=TORCH_DTYPES[dtype])
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA adapter's base
-    if HSASettings.of(base) is None:
-        print(f"note: {model_dir} was not trained with HSA; generating with the default λ")
-    if HSASettings.of(base) is None or backend is not None:
-        enable_hsa(base, backend=backend)
-    model.to(device).eval()
-    return model, folder_semantic_tokenizer(str(path), base)
 
 
 def generation_options(args, st: SemanticTokenizer) -> dict:
@@ -64,11 +49,16 @@ def reply_text(st: SemanticTokenizer, ids: list[int]) -> str:
     return st.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_file(model, st: SemanticTokenizer, args) -> int:
-    """Replies for every conversation of --input, written to --output (JSONL) in input order; returns the count."""
+def generate_file(trained: Trained, args) -> int:
+    """Replies for every conversation of --input, written to --output (JSONL) in input order; returns the count.
+    Untyped messages are typed by the rules the model was trained with (`--typing` picks a dataset's)."""
     from rich.progress import Progress
 
-    records, report = load_records([args.input], st.types)
+    model, st = trained.model, trained.st
+    check_file(args.input)
+    records = list(iter_records(trained.rules.spec(args.input, args.typing), st.types, report=LoadReport()))
+    if not records:
+        raise ValueError(f"no conversations in {args.input}")
     generated = HSASettings.of(model).generated_type
     jobs = []
     for record in records:
@@ -107,15 +97,19 @@ def generate_file(model, st: SemanticTokenizer, args) -> int:
 
 def _plain(message: dict) -> dict:
     """A message as written in data files (the loader's bookkeeping keys dropped)."""
-    return {k: v for k, v in message.items() if k in ("role", "content", "semantic_type", "tool_calls", "spans")}
+    keys = ("role", "content", "semantic_type", "type_rule", "tool_calls", "spans")
+    return {k: v for k, v in message.items() if k in keys}
 
 
-def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
-    """The interactive loop: typed user turns, replies generated with the bias."""
+def chat(trained: Trained, args, stdin=None, out=None) -> None:
+    """The interactive loop: user turns typed by the saved rules (or the `/type` chosen), replies generated with
+    the bias."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
+    model, st = trained.model, trained.st
+    typer = trained.typer(args.typing)
     generated = HSASettings.of(model).generated_type
     options = generation_options(args, st)
-    kind = args.user_type or st.types.default
+    kind = args.user_type  # None: the saved rules type each turn
     messages: list[dict] = []
     system = None
     images: list[str] = []  # attached to the next user turn
@@ -123,7 +117,7 @@ def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
         f"chat with {args.model}: /type NAME sets the user turns' type ({', '.join(st.types.names)}), /quit", file=out
     )
     while True:
-        print(f"[{kind}] you> ", end="", file=out, flush=True)
+        print(f"[{kind or 'rules'}] you> ", end="", file=out, flush=True)
         line = stdin.readline()
         if not line:
             break
@@ -133,8 +127,10 @@ def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
             if command == "/quit":
                 break
             if command == "/type":
-                if rest.strip() not in st.types.names:
-                    print(f"unknown type {rest.strip()!r}; one of {', '.join(st.types.names)}", file=out)
+                if rest.strip() == "rules":
+                    kind = None
+                elif rest.strip() not in st.types.names:
+                    print(f"unknown type {rest.strip()!r}; one of {', '.join(st.types.names)}, or rules", file=out)
                 else:
                     kind = rest.strip()
             elif command == "/types":
@@ -157,7 +153,8 @@ def chat(model, st: SemanticTokenizer, args, stdin=None, out=None) -> None:
             continue
         if not line.strip():
             continue
-        turn = {"role": "user", "content": IMAGE_PLACEHOLDER * len(images) + line, "semantic_type": kind}
+        turn = typer([{"role": "user", "content": IMAGE_PLACEHOLDER * len(images) + line, "semantic_type": kind}])[0][0]
+        turn.pop("type_rule")
         conversation = ([system] if system else []) + messages + [{**turn, "images": images} if images else turn]
         try:
             prompt = st.encode_prompt(conversation, generated_type=generated)
@@ -193,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="JSON/JSONL conversations (messages format, typed) to reply to")
     parser.add_argument("--output", help="JSONL to write (default: <input stem>.replies.jsonl beside it)")
     parser.add_argument("--chat", action="store_true", help="chat interactively instead")
-    parser.add_argument("--user-type", default=None, help="the chat's initial user-turn type (default_type)")
+    parser.add_argument(
+        "--user-type", default=None, help="the chat's user-turn type (default: typed by the saved rules)"
+    )
+    parser.add_argument(
+        "--typing", default=None, help="the training dataset whose saved rules type untyped messages (the default set)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="conversations per generate call (8)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (256)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -212,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.input and not args.output:
             args.output = str(Path(args.input).with_suffix("")) + ".replies.jsonl"
         torch.manual_seed(args.seed)
-        model, st = load_for_generation(args.model, args.device, args.dtype, args.backend)
+        trained = load_trained(args.model, args.device, args.dtype, args.backend)
+        st = trained.st
         if args.user_type is not None and args.user_type not in st.types.names:
             raise ValueError(f"--user-type {args.user_type!r}: use one of {', '.join(st.types.names)}")
+        trained.rules.rules(args.typing)  # a --typing that names no saved set fails now
         if args.chat:
-            chat(model, st, args)
+            chat(trained, args)
             return 0
-        n = generate_file(model, st, args)
+        n = generate_file(trained, args)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"hsa_train.generate: error: {one_line(exc)}", file=sys.stderr)
         return 2

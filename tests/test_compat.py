@@ -12,6 +12,7 @@ import torch
 import transformers
 from conftest import tiny_model
 from transformers import GenerationMixin
+from transformers.cache_utils import DynamicCache
 
 from hsa_train.model import compat
 from hsa_train.model.hsa import enable_hsa
@@ -101,6 +102,34 @@ def test_the_backend_encodes_special_token_text_as_plain_text_only_when_asked(to
     assert len(as_text.ids) > 1 and special not in tokenizer.convert_ids_to_tokens(as_text.ids)
     assert backend.encode_special_tokens is False  # put back: the backend is shared with its tokenizer
     assert tokenizer(special, add_special_tokens=False)["input_ids"] == as_special.ids
+
+
+def test_a_cache_taken_apart_and_built_again_continues_the_sequence():
+    """compat.cache_tensors / cache_of: a dynamic cache's per-layer tensors, and a cache built from them (cut to a
+    prefix) that a forward extends exactly as the original; a sliding-window cache is refused (None)."""
+    model = tiny_model(vocab_size=50)
+    name = compat.cache_argument(model)
+    assert name in ("cache", "past_key_values")
+    ids = torch.arange(3, 23)[None]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+        first = compat.output_cache(model(input_ids=ids[:, :15], use_cache=True))
+        tensors = compat.cache_tensors(first)
+        assert tensors is not None and len(tensors) == 2, _changed("DynamicCache.layers[i].keys/values", "moved")
+        assert tensors[0][0].shape[2] == 15
+        rebuilt = compat.cache_of([(k[:, :, :12], v[:, :, :12]) for k, v in tensors])
+        assert rebuilt.get_seq_length() == 12
+        again = model(input_ids=ids[:, 12:], **{name: rebuilt}).logits[0, -1]
+    torch.testing.assert_close(again, full, atol=1e-6, rtol=1e-5)
+    sliding = tiny_model(vocab_size=50, model_type="mistral")
+    sliding.config.sliding_window = 4
+    with torch.no_grad():
+        cache = compat.output_cache(
+            sliding(
+                input_ids=ids, use_cache=True, **{compat.cache_argument(sliding): DynamicCache(config=sliding.config)}
+            )
+        )
+    assert compat.cache_tensors(cache) is None
 
 
 def test_no_module_but_compat_names_a_private_transformers_name():

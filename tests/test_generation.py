@@ -157,8 +157,9 @@ def test_lora_adapter_generates_with_the_bias(model_factory, tokenizer, tmp_path
 
 
 def test_generate_cli_on_a_trained_model(tmp_path, small_data):
-    """Train the default tiny model briefly, then reply to conversations (one ends with an assistant message: it
-    is regenerated, and written as the reference), and chat with typed turns."""
+    """Train the default tiny model briefly (its dataset types `Event:` lines by a rule), then reply to
+    conversations (one ends with an assistant message: it is regenerated, and written as the reference; an
+    untyped `Event:` message is typed by the rule saved with the model), and chat with typed turns."""
     import subprocess
     import sys
 
@@ -166,12 +167,18 @@ def test_generate_cli_on_a_trained_model(tmp_path, small_data):
 
     run_dir = tmp_path / "run"
     done = run_cli(
-        f"data.train_files=[{small_data}]", "train.max_steps=2", "logging.progress=none",
-        f"hydra.run.dir={run_dir}", cwd=tmp_path,
+        "data.train_files=[]", "export.typing_dataset=small",
+        f"data.datasets=[{{path:'{small_data}',semantic_type_rules:[{{pattern:'^Event:',type:KEY_EVENT}}]}}]",
+        "train.max_steps=2", "logging.progress=none", f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads((run_dir / "model" / "hsa_rules.json").read_text())
+    assert saved["default"] == "small" and saved["cutoff_len"] == 2048 and saved["keep_types"] == ["GLOBAL_CONDITION"]
+    rule = {"pattern": "^Event:", "type": "KEY_EVENT", "role": None}
+    assert saved["datasets"]["small"]["semantic_type_rules"] == [rule]
+    untyped = [{k: v for k, v in m.items() if k != "semantic_type"} for m in CONVERSATION[:4]]
     convs = tmp_path / "convs.jsonl"
-    convs.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"messages": CONVERSATION[:4]}) + "\n")
+    convs.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"messages": untyped}) + "\n")
     out = tmp_path / "replies.jsonl"
     cmd = [sys.executable, "-m", "hsa_train.generate", str(run_dir / "model"), "--input", str(convs)]
     result = subprocess.run(
@@ -181,7 +188,12 @@ def test_generate_cli_on_a_trained_model(tmp_path, small_data):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["reference"] == CONVERSATION[-1]["content"] and "reference" not in rows[1]
-    assert rows[0]["messages"] == CONVERSATION[:-1] and rows[1]["messages"] == CONVERSATION[:4]
+    assert [{k: v for k, v in m.items() if k != "type_rule"} for m in rows[0]["messages"]] == CONVERSATION[:-1]
+    assert {m["type_rule"] for m in rows[0]["messages"]} == {"explicit"}
+    assert [(m["semantic_type"], m["type_rule"]) for m in rows[1]["messages"]] == [
+        ("PROCESS_NOISE", "default"), ("PROCESS_NOISE", "default"), ("PROCESS_NOISE", "default"),
+        ("KEY_EVENT", "rule:0:^Event:"),
+    ]  # fmt: skip
     assert all(isinstance(r["reply"]["content"], str) and r["reply"]["role"] == "assistant" for r in rows)
     chat = subprocess.run(
         [sys.executable, "-m", "hsa_train.generate", str(run_dir / "model"), "--chat", "--max-new-tokens", "4"],

@@ -17,8 +17,9 @@ LAYERS = [
     ["model"],
     ["data"],
     ["config"],
+    ["agent"],
     ["training"],
-    ["overrides", "sweep", "inspect", "generate", "diagnose", "__main__", "(package)"],
+    ["overrides", "sweep", "inspect", "generate", "diagnose", "serve", "rollout", "__main__", "(package)"],
 ]
 
 

@@ -219,12 +219,14 @@ def test_chat_attaches_pictures_to_the_next_user_turn(full_run, vl_data, tmp_pat
 
     from PIL import Image
 
+    from hsa_train.agent.folder import load_trained
     from hsa_train.data import SemanticTokenizer
-    from hsa_train.generate import _image_problem, chat, load_for_generation
+    from hsa_train.generate import _image_problem, chat
     from hsa_train.model.loading import load_tokenizer
 
     _, metrics = full_run
-    model, st = load_for_generation(metrics["model_dir"], "cpu", "float32", None)
+    trained = load_trained(metrics["model_dir"])
+    st = trained.st
     scene = json.loads(vl_data.read_text().splitlines()[0])["images"][0]
     not_a_picture = tmp_path / "notes.png"
     not_a_picture.write_text("hello")
@@ -246,8 +248,8 @@ def test_chat_attaches_pictures_to_the_next_user_turn(full_run, vl_data, tmp_pat
         "/quit",
     ]
     out = io.StringIO()
-    args = argparse.Namespace(model=metrics["model_dir"], max_new_tokens=2, sample=False, user_type=None)
-    chat(model, st, args, io.StringIO("\n".join(script) + "\n"), out)
+    args = argparse.Namespace(model=metrics["model_dir"], max_new_tokens=2, sample=False, user_type=None, typing=None)
+    chat(trained, args, io.StringIO("\n".join(script) + "\n"), out)
     text = out.getvalue()
     assert f"no such image file: {tmp_path / 'gone.png'}" in text and f"unreadable image: {not_a_picture}" in text
     assert "image 1 goes with your next message" in text and "not sent: image too large" in text

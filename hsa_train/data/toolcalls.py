@@ -113,6 +113,30 @@ def hermes_tool_calls(calls: Sequence[Any], where: str = "a message") -> str:
     return "\n".join(blocks)
 
 
+_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """A generated reply split into its content and its Hermes <tool_call> blocks (the inverse of
+    `hermes_tool_calls`), as OpenAI-style calls: {"type": "function", "function": {"name", "arguments"}} with the
+    arguments as a JSON string. A block that is not a JSON object with a name stays in the content."""
+    calls, kept, last = [], [], 0
+    for match in _CALL_BLOCK.finditer(text):
+        try:
+            body = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            continue
+        arguments = body.get("arguments", {})
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        calls.append({"type": "function", "function": {"name": body["name"], "arguments": arguments}})
+        kept.append(text[last : match.start()])
+        last = match.end()
+    kept.append(text[last:])
+    return "\n".join(piece.strip() for piece in kept if piece.strip()), calls
+
+
 def tools_system_text(tools: Sequence[Any]) -> str:
     """The tool list as system-prompt text (Qwen2.5's wording), one JSON schema per line."""
     return TOOLS_HEADER + "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools) + "\n</tools>"

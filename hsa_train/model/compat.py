@@ -9,15 +9,22 @@ installed version and says which to update here. Nothing else in the package tou
 - `chat_template_utils._compile_jinja_template`: the compiled chat template, run directly for speed.
 - `PretrainedConfig._attn_implementation`: which attention a (sub-)config's model runs.
 - `PreTrainedModel._no_split_modules`: the decoder-layer classes (what FSDP shards one by one).
+- the forward's cache argument: `cache` since transformers 5.x (`past_key_values` before, now deprecated), and the
+  output's `cache` / `past_key_values`.
+- `DynamicCache(ddp_cache_data=...)`, `cache.layers[i].keys / .values`, `DynamicLayer`: a KV cache taken apart
+  into per-layer tensors and built again (the agent runtime cuts, pads and batches sessions' caches).
 - `PreTrainedTokenizerFast._tokenizer` (`backend_tokenizer`) and its `encode_special_tokens` switch: batch
   encoding straight through the tokenizers backend, special-token text as plain text when asked.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.utils import chat_template_utils
 
 GENERATION_STEPS = ("_validate_model_kwargs", "_update_model_kwargs_for_generation", "_valid_auto_compile_criteria")
@@ -73,3 +80,29 @@ def encode_batch(backend: Any, texts: Sequence[str], plain: bool) -> list[Any]:
         return backend.encode_batch(list(texts), add_special_tokens=False)
     finally:
         backend.encode_special_tokens = before
+
+
+def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each layer's (keys, values), (B, H, L, D), of a cache whose every layer holds every token (a plain dynamic
+    cache); None for any other (sliding windows, recurrent states, quantised or offloaded layers): those cannot be
+    cut at a token or padded, so a caller recomputes instead."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def cache_of(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A dynamic cache holding these per-layer (keys, values); an empty one (filled by the forward) for none."""
+    return DynamicCache(ddp_cache_data=list(tensors)) if tensors else DynamicCache()
+
+
+def cache_argument(model: Any) -> str:
+    """The name the model's forward takes its KV cache by."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

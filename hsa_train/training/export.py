@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from hsa_train.data.rules import SavedRules
 from hsa_train.model.export import load_exported, save_adapter, save_pretrained
 from hsa_train.training import distributed as D
 
@@ -18,8 +19,17 @@ def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_model(model: nn.Module, processing, out_dir: Path, info: D.DistInfo, lora: bool, merge: bool) -> dict:
-    """Writes the run's model (see module doc); returns the folders written, for metrics.json."""
+def export_model(
+    model: nn.Module,
+    processing,
+    out_dir: Path,
+    info: D.DistInfo,
+    lora: bool,
+    merge: bool,
+    rules: SavedRules | None = None,
+) -> dict:
+    """Writes the run's model (see module doc), each folder with the run's typing `rules`; returns the folders
+    written, for metrics.json."""
     inner = D.unwrap(model)  # DDP's module; a peft model under LoRA
     state = _full_state_dict(inner)  # collective under FSDP
     written: dict[str, str] = {}
@@ -33,5 +43,8 @@ def export_model(model: nn.Module, processing, out_dir: Path, info: D.DistInfo, 
         if merge:
             save_pretrained(load_exported(adapter_dir, merge=True), processing, out_dir)
             written["model_dir"] = str(out_dir)
+    if rules is not None:
+        for folder in written.values():
+            rules.save(folder)
     D.barrier(info)
     return written

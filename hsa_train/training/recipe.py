@@ -16,7 +16,7 @@ from pathlib import Path
 import transformers
 import yaml
 
-from hsa_train.config import RunConfig, hsa_settings
+from hsa_train.config import RunConfig, hsa_settings, saved_rules
 from hsa_train.data.collator import SemanticCollator
 from hsa_train.data.dataset import SampleStream, eval_batches, rank_micro_batches
 from hsa_train.data.pipeline import load_run_data
@@ -333,7 +333,13 @@ class Recipe:
         exported = {}
         if self.cfg.save_model:
             exported = export_model(
-                self.model, self.processing, self.run_dir / "model", info, lora=self.lora, merge=run.export.merge
+                self.model,
+                self.processing,
+                self.run_dir / "model",
+                info,
+                lora=self.lora,
+                merge=run.export.merge,
+                rules=saved_rules(run),
             )
         if info.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))

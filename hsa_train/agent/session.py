@@ -1,0 +1,246 @@
+"""The agent runtime: sessions over a trained model, turn by turn, with the bias.
+
+    agent = Agent(load_trained("outputs/run/model"))
+    session = agent.session([{"role": "system", "content": "Task: ..."}])
+    session.add({"role": "user", "content": "Obs: ..."})
+    reply = agent.respond([session])[0]          # reply.message is appended to the session
+
+Each turn the conversation is typed (saved rules; an explicit `semantic_type` wins), rendered with the generation
+prompt and encoded exactly as training encodes it; the part it shares with what the session fed the model before
+(tokens and types) is taken from its KV cache, and only the rest is fed (kv.py). Several sessions reply in one
+batch. A conversation that would outgrow the limit (the run's `data.cutoff_len`, or `max_tokens`) with room for
+the reply is cut as training cuts it (truncate.py: whole turns, the oldest noise first, keep_types and the newest
+turn stay), logged, and fed again from the first token that changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hsa_train.agent.decoding import DecodeOptions, Decoding, Sampler
+from hsa_train.agent.folder import Trained, base_model
+from hsa_train.agent.kv import Batch, KVState
+from hsa_train.data.rules import MessageTyper
+from hsa_train.data.toolcalls import parse_tool_calls
+from hsa_train.data.truncate import FitInfo, fit
+from hsa_train.model.compat import cache_argument
+from hsa_train.model.settings import HSASettings
+
+log = logging.getLogger(__name__)
+
+OnText = Callable[[int, str, "str | None"], None]  # (session index in the call, new text, finish reason or None)
+
+
+@dataclass
+class Reply:
+    """One session's next assistant message, and what it cost."""
+
+    message: dict[str, Any]  # role, content, semantic_type, type_rule (+ tool_calls)
+    tokens: list[int]
+    finish_reason: str  # "stop" (a stop token or string) | "length" (max_new_tokens)
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens taken from the session's cache
+    cut: FitInfo | None = None  # how the conversation was cut to fit this turn, if it was
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    sem: list[int]
+    cut: FitInfo | None = None
+
+
+@dataclass
+class Session:
+    """One conversation: its typed messages, its tools, and what the model holds of it (`state`)."""
+
+    typer: MessageTyper
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[Any] | None = None
+    max_tokens: int | None = None
+    state: KVState = field(default_factory=KVState)
+    cuts: int = 0  # times the conversation was cut to fit
+
+    def add(self, *messages: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Appends messages (checked and typed as training data; an explicit semantic_type wins); returns them
+        typed."""
+        typed, _ = self.typer(list(messages))
+        self.messages.extend(typed)
+        return typed
+
+    def fork(self) -> Session:
+        """A copy that continues on its own (the state is shared, never changed in place)."""
+        return Session(self.typer, [dict(m) for m in self.messages], self.tools, self.max_tokens, self.state, self.cuts)
+
+
+class Agent:
+    """A trained folder run as an agent: sessions, and their replies in batches."""
+
+    def __init__(self, trained: Trained, max_tokens: int | None = None):
+        if trained.st.media is not None:
+            raise ValueError(
+                f"{trained.path}: agent sessions run text models; a vision-language model replies through "
+                "python -m hsa_train.generate"
+            )
+        self.trained = trained
+        self.model = trained.model
+        self.st = trained.st
+        self.hsa = HSASettings.of(base_model(self.model)) is not None
+        self.generated_type = trained.generated_type
+        self.generated_id = self.st.types.id_of(self.generated_type)
+        self.stop_ids = self.st.stop_token_ids()
+        self.pad_id = self.st.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.stop_ids[0] if self.stop_ids else 0
+        config = base_model(self.model).config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        positions = getattr(config, "max_position_embeddings", None)
+        self.max_tokens = max_tokens or trained.rules.cutoff_len or positions
+        self.device = next(self.model.parameters()).device
+        self.cache_name = cache_argument(base_model(self.model))
+
+    def session(
+        self,
+        messages: Sequence[Mapping[str, Any]] = (),
+        tools: Sequence[Any] | None = None,
+        typing: str | None = None,
+        max_tokens: int | None = None,
+    ) -> Session:
+        """A new session; `typing` names the training dataset whose rules type its messages (None: the default
+        set); `max_tokens` overrides the limit it is cut to."""
+        typer = self.trained.typer(typing)
+        _, tools = typer([], tools) if tools else (None, None)
+        session = Session(typer, tools=tools, max_tokens=max_tokens)
+        if messages:
+            session.add(*messages)
+        return session
+
+    # -- one turn ------------------------------------------------------------------------------------------------
+    def prompt(self, session: Session, reserve: int = 0) -> Prompt:
+        """The session's prompt, the conversation cut first when it and `reserve` tokens exceed the limit."""
+        encoded = self.st.encode_prompt(session.messages, session.tools, generated_type=self.generated_type)
+        limit = session.max_tokens or self.max_tokens
+        if limit is None or len(encoded["input_ids"]) + reserve <= limit:
+            return Prompt(encoded["input_ids"], encoded["semantic_ids"])
+        if reserve >= limit:
+            raise ValueError(f"max_tokens={reserve} leaves no room for a prompt in the limit of {limit} tokens")
+        info = self._cut(session, len(encoded["input_ids"]), limit - reserve)
+        encoded = self.st.encode_prompt(session.messages, session.tools, generated_type=self.generated_type)
+        if len(encoded["input_ids"]) > limit - reserve:
+            raise ValueError(
+                f"the conversation takes {len(encoded['input_ids'])} tokens after cutting, over the {limit - reserve} "
+                f"left for the prompt (limit {limit}, {reserve} for the reply)"
+            )
+        return Prompt(encoded["input_ids"], encoded["semantic_ids"], info)
+
+    def _cut(self, session: Session, prompt_len: int, budget: int) -> FitInfo:
+        """Cuts the session's messages as training cuts a sample to `budget` prompt tokens (raises when what must
+        stay does not fit)."""
+        probe = {"role": "assistant", "content": "", "semantic_type": self.generated_type}
+        conversation = [*session.messages, probe]
+        full = len(self.st.encode_detailed(conversation, session.tools).features["input_ids"])
+        names = self.st.types.names
+        rules = self.trained.rules
+        try:
+            _, info = fit(
+                self.st.encode_detailed,
+                conversation,
+                session.tools,
+                budget + full - prompt_len,
+                types_order=names,
+                keep_types=rules.keep_types,
+                default_type=self.st.types.default,
+            )
+        except ValueError as exc:
+            raise ValueError(f"the conversation cannot be cut to fit: {exc}") from None
+        kept = [i for i in info.kept if i < len(session.messages)]
+        session.messages = [session.messages[i] for i in kept]
+        session.cuts += 1
+        dropped = ", ".join(f"{n} {name}" for name, n in sorted(info.turns_dropped.items()))
+        log.info(
+            "session cut to fit %d prompt tokens: %d -> %d tokens, turns dropped: %s",
+            budget,
+            prompt_len,
+            info.tokens_after - (full - prompt_len),
+            dropped,
+        )
+        return info
+
+    @torch.no_grad()
+    def start(self, sessions: Sequence[Session], prompts: Sequence[Prompt]) -> Batch:
+        """One forward over the sessions' new tokens; the batch holds each one's next-token logits."""
+        return Batch(
+            self.model,
+            [(p.ids, p.sem) for p in prompts],
+            [s.state for s in sessions],
+            self.pad_id,
+            self.st.types.default_id,
+            hsa=self.hsa,
+            cache_name=self.cache_name,
+        )
+
+    @torch.no_grad()
+    def respond(
+        self,
+        sessions: Sequence[Session],
+        options: DecodeOptions | Sequence[DecodeOptions] | None = None,
+        on_text: OnText | None = None,
+    ) -> list[Reply]:
+        """Each session's next assistant message, decoded together, appended to its session."""
+        if not sessions:
+            return []
+        options = list(options) if isinstance(options, Sequence) else [options or DecodeOptions()] * len(sessions)
+        if len(options) != len(sessions):
+            raise ValueError(f"{len(options)} decoding options for {len(sessions)} sessions")
+        prompts = [self.prompt(s, o.max_new_tokens) for s, o in zip(sessions, options)]
+        reused = [min(s.state.shared_prefix(p.ids, p.sem), len(p.ids) - 1) for s, p in zip(sessions, prompts)]
+        batch = self.start(sessions, prompts)
+        decodings = [Decoding(self._decode, o, self.stop_ids) for o in options]
+        samplers = [Sampler(o, self.device) for o in options]
+        active = list(range(len(sessions)))
+        while True:
+            for j, i in enumerate(active):
+                decodings[i].add(samplers[i](batch.logits[j]))
+                if on_text is not None:
+                    delta = decodings[i].delta()
+                    if delta or decodings[i].done:
+                        on_text(i, delta, decodings[i].finish_reason)
+            still = []
+            for j, i in enumerate(active):
+                if decodings[i].done:
+                    sessions[i].state = batch.state(j)
+                else:
+                    still.append(j)
+            if not still:
+                break
+            if len(still) < len(active):
+                batch.keep(still)
+                active = [active[j] for j in still]
+            batch.step([decodings[i].tokens[-1] for i in active], self.generated_id)
+        replies = []
+        for session, prompt, decoding, cached in zip(sessions, prompts, decodings, reused):
+            message = self._message(session, decoding.text)
+            session.messages.append(message)
+            replies.append(Reply(message, decoding.tokens, decoding.finish_reason, len(prompt.ids), cached, prompt.cut))
+        return replies
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.st.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+
+    def _message(self, session: Session, text: str) -> dict[str, Any]:
+        """The reply as a typed assistant message (typed by the rules, as an assistant message in the data was)."""
+        content, calls = parse_tool_calls(text) if session.tools else (text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        typed, _ = session.typer([message])
+        return typed[0]
