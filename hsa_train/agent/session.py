@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 OnText = Callable[[int, str, "str | None"], None]  # (session index in the call, new text, finish reason or None)
 
 
+class ContextTooLong(ValueError):
+    """A conversation (with room for its reply) over the limit, where cutting it is not wanted."""
+
+
 @dataclass
 class Reply:
     """One session's next assistant message, and what it cost."""
@@ -125,14 +129,18 @@ class Agent:
         return session
 
     # -- one turn ------------------------------------------------------------------------------------------------
-    def prompt(self, session: Session, reserve: int = 0) -> Prompt:
-        """The session's prompt, the conversation cut first when it and `reserve` tokens exceed the limit."""
+    def prompt(self, session: Session, reserve: int = 0, cut: bool = True) -> Prompt:
+        """The session's prompt, the conversation cut first when it and `reserve` tokens exceed the limit (with
+        `cut=False`, a ContextTooLong instead)."""
         encoded = self.st.encode_prompt(session.messages, session.tools, generated_type=self.generated_type)
         limit = session.max_tokens or self.max_tokens
         if limit is None or len(encoded["input_ids"]) + reserve <= limit:
             return Prompt(encoded["input_ids"], encoded["semantic_ids"])
-        if reserve >= limit:
-            raise ValueError(f"max_tokens={reserve} leaves no room for a prompt in the limit of {limit} tokens")
+        if not cut or reserve >= limit:
+            raise ContextTooLong(
+                f"the conversation takes {len(encoded['input_ids'])} tokens and the reply up to {reserve}: over the "
+                f"model's limit of {limit} tokens; send fewer messages or a smaller max_tokens"
+            )
         info = self._cut(session, len(encoded["input_ids"]), limit - reserve)
         encoded = self.st.encode_prompt(session.messages, session.tools, generated_type=self.generated_type)
         if len(encoded["input_ids"]) > limit - reserve:
@@ -194,14 +202,17 @@ class Agent:
         sessions: Sequence[Session],
         options: DecodeOptions | Sequence[DecodeOptions] | None = None,
         on_text: OnText | None = None,
+        prompts: Sequence[Prompt] | None = None,
     ) -> list[Reply]:
-        """Each session's next assistant message, decoded together, appended to its session."""
+        """Each session's next assistant message, decoded together, appended to its session (`prompts`: their
+        prompts when the caller encoded them already)."""
         if not sessions:
             return []
         options = list(options) if isinstance(options, Sequence) else [options or DecodeOptions()] * len(sessions)
         if len(options) != len(sessions):
             raise ValueError(f"{len(options)} decoding options for {len(sessions)} sessions")
-        prompts = [self.prompt(s, o.max_new_tokens) for s, o in zip(sessions, options)]
+        if prompts is None:
+            prompts = [self.prompt(s, o.max_new_tokens) for s, o in zip(sessions, options)]
         reused = [min(s.state.shared_prefix(p.ids, p.sem), len(p.ids) - 1) for s, p in zip(sessions, prompts)]
         batch = self.start(sessions, prompts)
         decodings = [Decoding(self._decode, o, self.stop_ids) for o in options]
