@@ -153,8 +153,20 @@ class ExportConfig:
 
 
 @dataclass
+class RolloutConfig:
+    episodes: int = 0
+    env: Optional[Any] = None
+    variants: Optional[dict[str, Any]] = None
+    seed: int = 0
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    max_turns: Optional[int] = None
+
+
+@dataclass
 class EvalConfig:
     generate: bool = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass
@@ -271,6 +283,26 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
     _check(d.num_proc > 0, f"data.num_proc={d.num_proc} must be > 0")
 
 
+def _check_rollout(run: RunConfig) -> None:
+    """eval.rollout: closed-loop episodes after training, on the exported model."""
+    r = run.eval.rollout
+    _check(r.episodes >= 0, f"eval.rollout.episodes={r.episodes} must be >= 0")
+    if r.episodes == 0:
+        return
+    _check(
+        isinstance(r.env, dict) and isinstance(r.env.get("_target_"), str),
+        "eval.rollout.env: give the environment, e.g. {_target_: hsa_train.agent.envs.minigrid.MemoryText, size: 9}",
+    )
+    _check(run.train.save_model, "eval.rollout rolls out the exported model: set train.save_model=true")
+    _check(r.batch_size >= 1 and r.max_new_tokens >= 1, "eval.rollout.batch_size and max_new_tokens must be >= 1")
+    _check(r.max_turns is None or r.max_turns >= 1, f"eval.rollout.max_turns={r.max_turns} must be >= 1 or null")
+    for name, changes in (r.variants or {}).items():
+        _check(
+            bool(name) and name.replace("_", "").replace("-", "").isalnum() and isinstance(changes, dict),
+            f"eval.rollout.variants.{name}: give a name of letters, digits, - or _ and a mapping of env fields",
+        )
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """The typed, checked run config (raises ConfigError). `hydra` keys are ignored."""
     plain = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}) if "hydra" in cfg else cfg
@@ -363,6 +395,7 @@ def validate(cfg: DictConfig) -> RunConfig:
             "train.lr), or data for the training data",
         )
     _choice("logging.progress", lg.progress, PROGRESS)
+    _check_rollout(run)
     _choice("objective.direction", run.objective.direction, DIRECTIONS)
     _check(bool(run.objective.metric), "objective.metric is empty; name a metrics.json key, e.g. eval_loss")
     return run

@@ -34,6 +34,7 @@ from hsa_train.training.export import export_model
 from hsa_train.training.optim import build_optimizer, build_scheduler
 from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_summary
 from hsa_train.training.resume import check_resume
+from hsa_train.training.rollouts import closed_loop
 from hsa_train.training.rundir import claim, require_fresh
 from hsa_train.training.step import Progress, StepResult, make_forward, optimizer_step
 
@@ -341,6 +342,11 @@ class Recipe:
                 merge=run.export.merge,
                 rules=saved_rules(run),
             )
+        rollouts = None
+        if run.eval.rollout.episodes and info.is_main:  # after export: the folder users will deploy acts
+            folder = exported.get("model_dir") or exported["adapter_dir"]
+            rollouts = closed_loop(folder, run.eval.rollout, str(self.device), log=self.console.print)
+        D.barrier(info)
         if info.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         skipped_records = sum(len(rep.load.skipped) for rep in self.data.reports.values())
@@ -362,6 +368,7 @@ class Recipe:
             "train_losses": p.losses,
             **eval_summary(eval_result),
             "eval_sets": set_results,
+            "rollout": rollouts,
             "train_time_s": p.train_time,
             "wall_time_s": time.perf_counter() - self._t_start,
             "device": str(self.device),

@@ -1,0 +1,174 @@
+"""Episodes in a text environment: batched agent sessions (or the environment's expert) acting turn by turn.
+
+Each episode is written as a record in the training data's `messages` format, every message with the type it
+was given (so the record trains as it was seen), and its outcome under `episode` (seed, return, success, steps,
+tokens): `data.ignore_keys` lists `episode`, so rollouts load as training data as they are. The summary gives the
+success rate with its 95% interval (Wilson's), the mean return, steps and tokens per episode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from hsa_train.agent.decoding import DecodeOptions
+from hsa_train.agent.envs.base import TextEnv
+from hsa_train.agent.session import Agent, Session
+
+
+@dataclass
+class Episode:
+    env: str
+    seed: int
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    reward: float = 0.0  # the return: the sum of the environment's rewards
+    success: bool = False
+    steps: int = 0
+    tokens: int = 0  # the conversation's length in tokens at its last turn (0 for the expert)
+    truncated: bool = False  # ended by the environment's step limit (or the rollout's max_turns)
+    cuts: int = 0  # times the session was cut to fit the model's limit
+    invalid_actions: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """The episode as training data: messages (role, content, semantic_type) and its outcome."""
+        keep = ("role", "content", "semantic_type", "tool_calls")
+        outcome = {k: v for k, v in asdict(self).items() if k != "messages"}
+        return {"messages": [{k: m[k] for k in keep if k in m} for m in self.messages], "episode": outcome}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success rate (sound at 0 and 1, unlike the normal approximation)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(episodes: Sequence[Episode]) -> dict[str, Any]:
+    n = len(episodes)
+    wins = sum(e.success for e in episodes)
+    low, high = wilson_interval(wins, n)
+    mean = lambda values: sum(values) / n if n else 0.0  # noqa: E731
+    return {
+        "episodes": n,
+        "success_rate": wins / n if n else 0.0,
+        "success_ci95": [low, high],
+        "return_mean": mean([e.reward for e in episodes]),
+        "steps_mean": mean([e.steps for e in episodes]),
+        "tokens_mean": mean([e.tokens for e in episodes]),
+        "truncated": sum(e.truncated for e in episodes),
+        "invalid_actions": sum(e.invalid_actions for e in episodes),
+        "cuts": sum(e.cuts for e in episodes),
+    }
+
+
+def env_maker(env_cfg: Any, check: bool = True) -> Callable[[], TextEnv]:
+    """A function making the environment a config names (Hydra `_target_` and its fields); `check` makes one now,
+    so that a bad config fails before any model loads."""
+    from hydra.utils import instantiate
+
+    def make() -> TextEnv:
+        env = instantiate(env_cfg)
+        if not isinstance(env, TextEnv):
+            raise ValueError(f"env._target_={env_cfg['_target_']} is not a TextEnv (reset(seed), step(action))")
+        return env
+
+    if check:
+        make().close()
+    return make
+
+
+class _Slot:
+    """One environment and the episode running in it."""
+
+    def __init__(self, env: TextEnv):
+        self.env = env
+        self.episode: Episode | None = None
+        self.session: Session | None = None
+
+
+def run_episodes(
+    make_env: Callable[[], TextEnv],
+    seeds: Sequence[int],
+    agent: Agent | None = None,
+    batch_size: int = 8,
+    options: DecodeOptions | None = None,
+    max_turns: int | None = None,
+    typing: str | None = None,
+    on_episode: Callable[[Episode], None] | None = None,
+) -> list[Episode]:
+    """One episode per seed (in seed order in the result), `batch_size` at a time, acted by `agent` (batched
+    sessions) or, with no agent, by each environment's expert."""
+    options = options or DecodeOptions(max_new_tokens=16, temperature=0.0)
+    slots = [_Slot(make_env()) for _ in range(max(1, min(batch_size, len(seeds))))]
+    todo = list(seeds)[::-1]
+    done: dict[int, Episode] = {}
+    try:
+        while todo or any(s.episode for s in slots):
+            for slot in slots:
+                if slot.episode is None and todo:
+                    _start(slot, todo.pop(), agent, typing)
+            active = [s for s in slots if s.episode is not None]
+            if agent is not None:
+                per_turn = [_turn_options(options, s.episode) for s in active]
+                replies = agent.respond([s.session for s in active], per_turn)
+                actions = [r.message["content"] for r in replies]
+                for slot, reply in zip(active, replies):
+                    slot.episode.messages.append(reply.message)
+                    slot.episode.tokens = reply.prompt_tokens + reply.completion_tokens
+            else:
+                actions = [s.env.expert_action() for s in active]
+            for slot, action in zip(active, actions):
+                if _act(slot, action, agent, max_turns):
+                    finished = slot.episode
+                    done[finished.seed] = finished
+                    slot.episode = slot.session = None
+                    if on_episode is not None:
+                        on_episode(finished)
+    finally:
+        for slot in slots:
+            slot.env.close()
+    return [done[seed] for seed in seeds]
+
+
+def _turn_options(options: DecodeOptions, episode: Episode) -> DecodeOptions:
+    """Sampling seeded by the episode and the turn: an episode acts the same whichever others share its batch."""
+    if options.greedy:
+        return options
+    base = options.seed or 0
+    return replace(options, seed=(base * 1_000_003 + episode.seed * 10_007 + episode.steps) % 2**63)
+
+
+def _start(slot: _Slot, seed: int, agent: Agent | None, typing: str | None) -> None:
+    messages = slot.env.reset(seed)
+    slot.episode = Episode(env=slot.env.name, seed=seed)
+    if agent is not None:
+        slot.session = agent.session(messages, typing=typing)
+        slot.episode.messages = list(slot.session.messages)  # the whole episode, whatever cuts the session makes
+    else:
+        slot.episode.messages = [dict(m) for m in messages]
+
+
+def _act(slot: _Slot, action: str, agent: Agent | None, max_turns: int | None) -> bool:
+    """Steps the environment with `action`; True when the episode is over."""
+    episode = slot.episode
+    if agent is None:
+        episode.messages.append({"role": "assistant", "content": action})
+    new, reward, terminated, truncated, info = slot.env.step(action)
+    episode.steps += 1
+    episode.reward += reward
+    episode.invalid_actions += not info.get("valid_action", True)
+    over = terminated or truncated or (max_turns is not None and episode.steps >= max_turns)
+    if agent is not None:
+        episode.messages.extend(slot.session.add(*new))  # the last observation too: how the episode ended
+        episode.cuts = slot.session.cuts
+    else:
+        episode.messages.extend(dict(m) for m in new)
+    if over:
+        episode.success = bool(info.get("success", terminated and reward > 0))
+        episode.truncated = bool(truncated or not terminated)
+    return over

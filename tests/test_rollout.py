@@ -1,0 +1,152 @@
+"""Rollouts: minigrid's Memory task as text (the package's own dynamics, reward and termination), its expert,
+batched episodes by a model, episodes as training data, the rollout CLI, and `eval.rollout` after training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("minigrid")
+
+from conftest import cli_env  # noqa: E402
+from minigrid.envs.memory import MemoryEnv  # noqa: E402
+
+from hsa_train.agent import Agent, load_trained  # noqa: E402
+from hsa_train.agent.envs.minigrid import ACTIONS, MemoryText  # noqa: E402
+from hsa_train.agent.rollout import run_episodes, summarize, wilson_interval  # noqa: E402
+from hsa_train.config import bundled_path  # noqa: E402
+from hsa_train.data.loader import iter_records  # noqa: E402
+from hsa_train.data.spec import DatasetSpec  # noqa: E402
+from hsa_train.types import SemanticTypes  # noqa: E402
+
+AGENT_DEMO_RULES = {
+    "semantic_type_rules": [
+        {"pattern": "^Mission:", "type": "GLOBAL_CONDITION", "role": None},
+        {"pattern": "^Event:", "type": "KEY_EVENT", "role": None},
+    ],
+    "default_semantic_type": "PROCESS_NOISE",
+}
+
+
+@pytest.mark.parametrize("size", [9, 15])
+def test_the_text_env_is_minigrid_itself_and_its_expert_succeeds(size):
+    """Stepping the adapter moves minigrid's agent exactly as stepping MemoryEnv does; the expert reaches the
+    matching object on every seed, after exactly one key event: the start room's object, seen before the end."""
+    for seed in range(12):
+        text, raw = MemoryText(size), MemoryEnv(size=size)
+        messages = text.reset(seed)
+        raw.reset(seed=seed)
+        assert messages[0]["content"].startswith("Mission: go to the matching object")
+        start_object = text.env.grid.get(1, size // 2 - 1).type
+        while True:
+            action = text.expert_action()
+            new, reward, terminated, truncated, info = text.step(action)
+            _, raw_reward, raw_terminated, raw_truncated, _ = raw.step(ACTIONS[action])
+            assert tuple(text.env.agent_pos) == tuple(raw.agent_pos) and text.env.agent_dir == raw.agent_dir
+            assert (reward, terminated, truncated) == (raw_reward, raw_terminated, raw_truncated)
+            messages += [{"role": "assistant", "content": action}, *new]
+            if terminated or truncated:
+                break
+        assert info["success"] and reward > 0
+        events = [m["content"] for m in messages if m["content"].startswith("Event:")]
+        assert len(events) == 1 and f"green {start_object}" in events[0]
+    env = MemoryText(9)
+    env.reset(0)
+    assert env.step("jump")[4]["valid_action"] is False  # not an action: minigrid's no-op, one step
+    assert env.env.step_count == 1
+    with pytest.raises(ValueError, match="odd size"):
+        MemoryText(8)
+
+
+def test_expert_episodes_are_training_data_typed_by_the_demo_rules(tmp_path):
+    episodes = run_episodes(lambda: MemoryText(9), [3, 1, 2], batch_size=2)
+    assert [e.seed for e in episodes] == [3, 1, 2] and all(e.success for e in episodes)
+    path = tmp_path / "episodes.jsonl"
+    path.write_text("".join(json.dumps(e.record()) + "\n" for e in episodes))
+    spec = DatasetSpec(path=str(path), **AGENT_DEMO_RULES)
+    records = list(iter_records(spec, SemanticTypes(), ignore_keys=("id", "episode")))
+    assert len(records) == 3
+    types = {m["content"].split(":")[0]: m["semantic_type"] for r in records for m in r.messages if ":" in m["content"]}
+    assert types == {"Mission": "GLOBAL_CONDITION", "Event": "KEY_EVENT", "Obs": "PROCESS_NOISE"}
+    summary = summarize(episodes)
+    assert summary["success_rate"] == 1.0 and summary["episodes"] == 3
+    assert summary["steps_mean"] == sum(e.steps for e in episodes) / 3
+
+
+def test_the_bundled_expert_episodes_are_what_the_documented_command_writes():
+    bundled = [json.loads(line) for line in open(bundled_path("agent_demo/memory9_expert.jsonl"))]
+    assert len(bundled) == 300
+    again = run_episodes(lambda: MemoryText(9), list(range(1000, 1010)), batch_size=8)
+    assert [e.record() for e in again] == bundled[:10]
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    low, high = wilson_interval(8, 10)  # Newcombe (1998), table I: 0.4902 - 0.9433
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    assert wilson_interval(0, 10)[0] == 0.0 and round(wilson_interval(0, 10)[1], 4) == 0.2775
+
+
+def test_model_episodes_are_batched_sessions_and_do_not_depend_on_the_batch(tmp_path):
+    from test_agent import write_folder
+
+    from hsa_train.data.rules import SavedRules
+
+    folder = write_folder(tmp_path / "model")
+    SavedRules({"memory9": AGENT_DEMO_RULES | {"semantic_type_by_role": {}}}, "memory9").save(folder)
+    agent = Agent(load_trained(folder))
+    seeds = [5, 6, 7]
+    one = run_episodes(lambda: MemoryText(7), seeds, agent, batch_size=1, max_turns=4)
+    three = run_episodes(lambda: MemoryText(7), seeds, agent, batch_size=3, max_turns=4)
+    assert [e.record() for e in one] == [e.record() for e in three]
+    for episode in three:
+        assert episode.steps == 4 and episode.tokens > 0 and episode.truncated
+        roles = [m["role"] for m in episode.messages]
+        assert roles[:2] == ["system", "user"] and roles.count("assistant") == 4
+        assert episode.messages[0]["semantic_type"] == "GLOBAL_CONDITION"  # the saved rules typed it
+        assert all(m["semantic_type"] == "PROCESS_NOISE" for m in episode.messages if m["content"].startswith("Obs:"))
+
+
+def test_the_rollout_cli(tmp_path, capsys):
+    from hsa_train.rollout import main
+
+    out = tmp_path / "expert"
+    done = subprocess.run(
+        [sys.executable, "-m", "hsa_train.rollout", "expert", "episodes=4", f"out={out}", "env.size=11"],
+        capture_output=True, text=True, env=cli_env(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "minigrid-memory-11: success 100.0% (95% CI 51.0%-100.0%) over 4 episodes" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes"] == 4 and summary["seeds"] == [0, 3]
+    assert len((out / "episodes.jsonl").read_text().splitlines()) == 4
+    for bad, says in [(["env.size=8"], "odd size"), (["episodes=0"], "episodes=0"), (["colour=1"], "colour")]:
+        assert main(["expert", f"out={tmp_path / 'bad'}", *bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_rollout_puts_success_rates_in_metrics(tmp_path):
+    from test_training import tiny_run
+
+    from hsa_train.config import ConfigError
+    from hsa_train.sweep import metric_value
+    from hsa_train.training.loop import train
+
+    env = "{_target_:hsa_train.agent.envs.minigrid.MemoryText,size:7}"
+    rollout = ["eval.rollout.episodes=2", f"eval.rollout.env={env}", "eval.rollout.max_turns=3"]
+    variants = "eval.rollout.variants={short:{size:7},long:{size:9}}"
+    cfg, resolved = tiny_run(tmp_path, "train.max_steps=2", "train.save_model=true", *rollout, variants)
+    metrics = train(cfg, resolved, tmp_path / "run")
+    assert set(metrics["rollout"]) == {"short", "long"}
+    for summary in metrics["rollout"].values():
+        assert summary["episodes"] == 2 and summary["steps_mean"] <= 3 and 0 <= summary["success_rate"] <= 1
+    assert metric_value(metrics, "rollout.long.success_rate") == metrics["rollout"]["long"]["success_rate"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["rollout"] == metrics["rollout"]
+    with pytest.raises(ConfigError, match="eval.rollout.env"):
+        tiny_run(tmp_path, "eval.rollout.episodes=2")
+    with pytest.raises(ConfigError, match="train.save_model"):
+        tiny_run(tmp_path, *rollout)  # tiny_run exports nothing
