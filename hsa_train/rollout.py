@@ -35,6 +35,7 @@ def compose(overrides: list[str]) -> Any:
         (isinstance(cfg.episodes, int) and cfg.episodes >= 1, f"episodes={cfg.episodes}: give an integer >= 1"),
         (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: give >= 1"),
         (cfg.max_turns is None or cfg.max_turns >= 1, f"max_turns={cfg.max_turns}: give >= 1 or null"),
+        (0 <= cfg.expert_noise < 1, f"expert_noise={cfg.expert_noise}: give a share in [0, 1)"),
     ]
     for ok, problem in checks:
         if not ok:
@@ -83,7 +84,7 @@ def _run(cfg: Any, make_env, agent, options: DecodeOptions, out: Path):
         task = progress.add_task("episodes", total=len(seeds))
         episodes = run_episodes(
             make_env, seeds, agent, cfg.batch_size, options, cfg.max_turns, cfg.typing,
-            on_episode=lambda _: progress.advance(task),
+            on_episode=lambda _: progress.advance(task), expert_noise=cfg.expert_noise,
         )  # fmt: skip
     with (out / "episodes.jsonl").open("w", encoding="utf-8") as f:
         for episode in episodes:

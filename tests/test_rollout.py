@@ -76,6 +76,19 @@ def test_expert_episodes_are_training_data_typed_by_the_demo_rules(tmp_path):
     assert summary["steps_mean"] == sum(e.steps for e in episodes) / 3
 
 
+def test_a_noisy_expert_recovers_from_random_steps_reproducibly():
+    seeds = list(range(20))
+    clean = run_episodes(lambda: MemoryText(9), seeds)
+    noisy = run_episodes(lambda: MemoryText(9), seeds, expert_noise=0.3)
+    assert [e.record() for e in noisy] == [
+        e.record() for e in run_episodes(lambda: MemoryText(9), seeds, expert_noise=0.3)
+    ]
+    assert sum(e.steps for e in noisy) > sum(e.steps for e in clean)  # random steps, then the way back
+    assert sum(e.success for e in noisy) >= 12  # it recovers, unless a random step walks into the wrong object
+    with pytest.raises(ValueError, match="expert_noise"):
+        run_episodes(lambda: MemoryText(9), seeds, expert_noise=1.0)
+
+
 def test_the_bundled_expert_episodes_are_what_the_documented_command_writes():
     bundled = [json.loads(line) for line in open(bundled_path("agent_demo/memory9_expert.jsonl"))]
     assert len(bundled) == 300

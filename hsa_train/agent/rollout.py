@@ -9,6 +9,7 @@ success rate with its 95% interval (Wilson's), the mean return, steps and tokens
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -100,9 +101,14 @@ def run_episodes(
     max_turns: int | None = None,
     typing: str | None = None,
     on_episode: Callable[[Episode], None] | None = None,
+    expert_noise: float = 0.0,
 ) -> list[Episode]:
     """One episode per seed (in seed order in the result), `batch_size` at a time, acted by `agent` (batched
-    sessions) or, with no agent, by each environment's expert."""
+    sessions) or, with no agent, by each environment's expert; `expert_noise` of the expert's steps take a random
+    one of the environment's `actions` instead (seeded by episode and step), so that its episodes also show how
+    to recover from a wrong step, which an agent trained on them will take."""
+    if not 0.0 <= expert_noise < 1.0:
+        raise ValueError(f"expert_noise={expert_noise}: give a share in [0, 1)")
     options = options or DecodeOptions(max_new_tokens=16, temperature=0.0)
     slots = [_Slot(make_env()) for _ in range(max(1, min(batch_size, len(seeds))))]
     todo = list(seeds)[::-1]
@@ -121,7 +127,7 @@ def run_episodes(
                     slot.episode.messages.append(reply.message)
                     slot.episode.tokens = reply.prompt_tokens + reply.completion_tokens
             else:
-                actions = [s.env.expert_action() for s in active]
+                actions = [_expert(s, expert_noise) for s in active]
             for slot, action in zip(active, actions):
                 if _act(slot, action, agent, max_turns):
                     finished = slot.episode
@@ -133,6 +139,14 @@ def run_episodes(
         for slot in slots:
             slot.env.close()
     return [done[seed] for seed in seeds]
+
+
+def _expert(slot: _Slot, noise: float) -> str:
+    if noise:
+        draw = random.Random(slot.episode.seed * 10_007 + slot.episode.steps)
+        if draw.random() < noise:
+            return draw.choice(list(slot.env.actions))
+    return slot.env.expert_action()
 
 
 def _turn_options(options: DecodeOptions, episode: Episode) -> DecodeOptions:

@@ -21,6 +21,7 @@ class TextEnv(ABC):
     """An environment that speaks text: observations as messages, actions as the agent's reply text."""
 
     name: str = "env"
+    actions: tuple[str, ...] = ()  # the action words, where the environment has a fixed set (expert noise draws them)
 
     @abstractmethod
     def reset(self, seed: int) -> Messages:

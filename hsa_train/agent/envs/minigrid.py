@@ -42,6 +42,8 @@ def _minigrid():
 class MemoryText(TextEnv):
     """`MiniGrid-Memory` of `size` x `size` as a text environment (see the module docstring)."""
 
+    actions = tuple(ACTIONS)
+
     def __init__(self, size: int = 9, max_steps: int | None = None):
         if size < 7 or size % 2 == 0:
             raise ValueError(f"env.size={size}: minigrid's Memory needs an odd size >= 7")
