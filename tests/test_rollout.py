@@ -76,6 +76,33 @@ def test_expert_episodes_are_training_data_typed_by_the_demo_rules(tmp_path):
     assert summary["steps_mean"] == sum(e.steps for e in episodes) / 3
 
 
+def test_successful_episodes_only_load_as_training_data(tmp_path):
+    """Rejection sampling: `successful_only` keeps the episodes whose outcome says success, counts the others, and
+    refuses a record that is no episode; the cache keys of entries without it are those of before."""
+    from hsa_train.data.loader import LoadReport
+    from hsa_train.data.spec import resolve_datasets
+
+    episodes = run_episodes(lambda: MemoryText(9), list(range(6)), expert_noise=0.6)
+    wins = sum(e.success for e in episodes)
+    assert 0 < wins < 6  # a noisy expert: some walk into the wrong object
+    path = tmp_path / "episodes.jsonl"
+    path.write_text("".join(json.dumps(e.record()) + "\n" for e in episodes))
+    (spec,) = resolve_datasets([{"path": str(path), "successful_only": True}], None, SemanticTypes(), "data.datasets")
+    report = LoadReport()
+    kept = list(iter_records(spec, SemanticTypes(), report=report))
+    assert len(kept) == wins and report.unsuccessful == 6 - wins
+    assert f"{6 - wins} unsuccessful episodes left out" in report.summary()
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    )
+    (spec,) = resolve_datasets([{"path": str(plain), "successful_only": True}], None, SemanticTypes(), "data.datasets")
+    with pytest.raises(ValueError, match="no episode.success"):
+        list(iter_records(spec, SemanticTypes()))
+    with pytest.raises(ValueError, match="successful_only"):
+        resolve_datasets([{"path": str(plain), "successful_only": "yes"}], None, SemanticTypes(), "data.datasets")
+
+
 def test_a_noisy_expert_recovers_from_random_steps_reproducibly():
     seeds = list(range(20))
     clean = run_episodes(lambda: MemoryText(9), seeds)
@@ -91,8 +118,8 @@ def test_a_noisy_expert_recovers_from_random_steps_reproducibly():
 
 def test_the_bundled_expert_episodes_are_what_the_documented_command_writes():
     bundled = [json.loads(line) for line in open(bundled_path("agent_demo/memory9_expert.jsonl"))]
-    assert len(bundled) == 300
-    again = run_episodes(lambda: MemoryText(9), list(range(1000, 1010)), batch_size=8)
+    assert len(bundled) == 600
+    again = run_episodes(lambda: MemoryText(9), list(range(1000, 1010)), batch_size=8, expert_noise=0.2)
     assert [e.record() for e in again] == bundled[:10]
 
 

@@ -46,24 +46,28 @@ class Record:
 
 @dataclass
 class LoadReport:
-    """What a load kept and what it skipped (with `on_error=skip`), by reason."""
+    """What a load kept, what it skipped (with `on_error=skip`) by reason, and how many rollout episodes it left
+    out as unsuccessful (`successful_only`)."""
 
     kept: int = 0
     skipped: list[DataError] = field(default_factory=list)
+    unsuccessful: int = 0
 
     def summary(self) -> str:
+        left = f", {self.unsuccessful} unsuccessful episodes left out" if self.unsuccessful else ""
         if not self.skipped:
-            return f"{self.kept} records"
+            return f"{self.kept} records{left}"
         reasons: dict[str, int] = {}
         for err in self.skipped:
             reason = err.problem.split(":")[0]
             reasons[reason] = reasons.get(reason, 0) + 1
         detail = "; ".join(f"{n}x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-        return f"{self.kept} records, {len(self.skipped)} skipped ({detail}); first: {self.skipped[0]}"
+        return f"{self.kept} records{left}, {len(self.skipped)} skipped ({detail}); first: {self.skipped[0]}"
 
     def merge(self, other: LoadReport) -> LoadReport:
         self.kept += other.kept
         self.skipped.extend(other.skipped)
+        self.unsuccessful += other.unsuccessful
         return self
 
 
@@ -84,6 +88,8 @@ def iter_records(
     it and counts it in `report`. `max_samples` keeps the first N valid records. The arguments, the format and a
     local path are checked now; records are read as the iterator is consumed."""
     _check_on_error(on_error)
+    if spec.successful_only:  # the episode's outcome is read, so it is no unused key
+        ignore_keys = {*ignore_keys, "episode"}
     convert = make_converter(spec, types, ignore_keys)
     rules = TypeRules(spec, types)
     if not Path(spec.path).expanduser().exists() and looks_local(spec.path):
@@ -104,6 +110,9 @@ def _records(
         try:
             if isinstance(obj, DataError):
                 raise obj
+            if spec.successful_only and not _succeeded(obj):
+                report.unsuccessful += 1
+                continue
             messages, tools = convert(obj)
             resolve_images(messages, source)
             record = Record(rules.apply(messages), source, line, tools)
@@ -125,6 +134,15 @@ def _records(
         yield record
         if spec.max_samples is not None and kept >= spec.max_samples:
             return
+
+
+def _succeeded(obj: Any) -> bool:
+    """Whether a rollout record (`python -m hsa_train.rollout`) is a successful episode; a record that is no
+    episode is an error under successful_only, not a silent drop."""
+    episode = obj.get("episode") if isinstance(obj, dict) else None
+    if not isinstance(episode, dict) or not isinstance(episode.get("success"), bool):
+        raise ValueError("successful_only: the record has no episode.success (not written by hsa_train.rollout)")
+    return episode["success"]
 
 
 def resolve_images(messages: list[dict[str, Any]], source: str) -> None:

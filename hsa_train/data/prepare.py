@@ -55,8 +55,7 @@ class Reports:
     images: dict[str, list[int]] = field(default_factory=dict)  # image file -> [size, mtime_ns] when read
 
     def merge(self, other: Reports) -> Reports:
-        self.load.kept += other.load.kept
-        self.load.skipped += other.load.skipped
+        self.load.merge(other.load)
         self.tool_records += other.tool_records
         self.images.update(other.images)
         self.typing.merge(other.typing)
@@ -66,7 +65,7 @@ class Reports:
     def to_dict(self) -> dict[str, Any]:
         skipped = [[e.source, e.line, e.problem] for e in self.load.skipped]
         return {
-            "load": {"kept": self.load.kept, "skipped": skipped},
+            "load": {"kept": self.load.kept, "skipped": skipped, "unsuccessful": self.load.unsuccessful},
             "typing": self.typing.as_dict(),
             "truncation": self.truncation.as_dict(),
             "tool_records": self.tool_records,
@@ -78,13 +77,15 @@ class Reports:
         return {
             "records": self.load.kept,
             "skipped": len(self.load.skipped),
+            "unsuccessful_left_out": self.load.unsuccessful,
             "truncation": self.truncation.as_dict(),
             "tokens_by_type_and_rule": self.typing.as_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Reports:
-        load = LoadReport(kept=data["load"]["kept"], skipped=[DataError(*e) for e in data["load"]["skipped"]])
+        saved = data["load"]
+        load = LoadReport(saved["kept"], [DataError(*e) for e in saved["skipped"]], saved.get("unsuccessful", 0))
         typing = TypingReport.from_dict(data["typing"])
         truncation = TruncationReport.from_dict(data["truncation"])
         return cls(load, typing, truncation, data["tool_records"], data.get("images", {}))
@@ -239,6 +240,8 @@ class Preparation:
     def key(self, spec: DatasetSpec) -> str:
         """The cache key of `spec`'s entry: its source's bytes and its entry settings, with `common`."""
         spec_part = {k: v for k, v in asdict(spec).items() if k not in ("name", "weight")}
+        if not spec.successful_only:  # keys stay those of caches written before the option existed
+            del spec_part["successful_only"]
         key = cache.entry_key(
             {"source": cache.source_digest(spec.path, self.digests), "spec": spec_part, **self.common}
         )

@@ -73,6 +73,7 @@ ENTRY_KEYS = (
     "default_semantic_type",
     "semantic_type_by_role",
     "semantic_type_rules",
+    "successful_only",
     "name",
 )
 RULE_KEYS = ("pattern", "type", "role")
@@ -98,6 +99,7 @@ class DatasetSpec:
     default_semantic_type: str | None = None
     semantic_type_by_role: dict[str, str] = field(default_factory=dict)
     semantic_type_rules: list[dict[str, str | None]] = field(default_factory=list)
+    successful_only: bool = False  # rollout episodes: keep those whose `episode.success` is true
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -231,6 +233,8 @@ def _spec(entry: dict[str, Any], types: SemanticTypes) -> DatasetSpec:
         raise ValueError(f"semantic_type_by_role must be a mapping role -> type, got {type(by_role).__name__}")
     default = entry.get("default_semantic_type")
     max_samples = entry.get("max_samples")
+    if not isinstance(entry.get("successful_only", False), bool):
+        raise ValueError(f"successful_only={entry['successful_only']!r}: give true or false")
     for key in ("split", "subset", "name"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise ValueError(f"{key}={entry[key]!r}: give a string")
@@ -249,6 +253,7 @@ def _spec(entry: dict[str, Any], types: SemanticTypes) -> DatasetSpec:
             for r, t in by_role.items()
         },
         semantic_type_rules=_rules(entry.get("semantic_type_rules") or [], types),
+        successful_only=entry.get("successful_only", False),
         name=entry.get("name") or "",
     )
 
