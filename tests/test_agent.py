@@ -116,7 +116,7 @@ def test_untyped_messages_are_typed_by_the_saved_rules(folder):
 def test_a_long_session_is_cut_as_training_cuts(tmp_path, caplog):
     """Over the limit (the saved cutoff_len, room kept for the reply), the session keeps the messages training's
     truncation keeps for the same conversation: the task, the key event, the newest turn; the oldest noise goes."""
-    agent = Agent(load_trained(write_folder(tmp_path / "model", cutoff_len=120)))
+    agent = Agent(load_trained(write_folder(tmp_path / "model", cutoff_len=120)), cut_margin=0.0)
     session = agent.session([{"role": "system", "content": "Find the key."}])
     for i in range(8):
         session.add({"role": "user", "content": "Event: the key" if i == 2 else f"Obs: hallway {i} " + "x " * 6})
@@ -139,6 +139,9 @@ def test_a_long_session_is_cut_as_training_cuts(tmp_path, caplog):
     assert kept == [before[i]["content"] for i in info.kept if i < len(before)]
     reply = agent.respond([session], DecodeOptions(max_new_tokens=reserve))[0]
     assert reply.prompt_tokens + reply.completion_tokens <= 120
+    roomy = Agent(agent.trained, cut_margin=0.25)  # the default: a cut leaves a quarter of the limit free
+    session = roomy.session(before)
+    assert len(roomy.prompt(session, reserve).ids) <= 0.75 * 120 - reserve
 
 
 def test_greedy_replies_match_transformers_generate_and_seeds_ignore_the_batch(folder):

@@ -10,7 +10,8 @@ prompt and encoded exactly as training encodes it; the part it shares with what 
 (tokens and types) is taken from its KV cache, and only the rest is fed (kv.py). Several sessions reply in one
 batch. A conversation that would outgrow the limit (the run's `data.cutoff_len`, or `max_tokens`) with room for
 the reply is cut as training cuts it (truncate.py: whole turns, the oldest noise first, keep_types and the newest
-turn stay), logged, and fed again from the first token that changed.
+turn stay) to `cut_margin` below the limit, so that the next turns fit again, logged, and fed again from the first
+token that changed.
 """
 
 from __future__ import annotations
@@ -89,7 +90,12 @@ class Session:
 class Agent:
     """A trained folder run as an agent: sessions, and their replies in batches."""
 
-    def __init__(self, trained: Trained, max_tokens: int | None = None):
+    def __init__(self, trained: Trained, max_tokens: int | None = None, cut_margin: float = 0.25):
+        """`cut_margin`: a cut leaves this share of the limit free, so that the next turns fit without another cut
+        (each cut feeds the conversation again from the first token that changed); 0 cuts to the limit exactly."""
+        if not 0.0 <= cut_margin < 1.0:
+            raise ValueError(f"cut_margin={cut_margin}: give a share in [0, 1)")
+        self.cut_margin = cut_margin
         if trained.st.media is not None:
             raise ValueError(
                 f"{trained.path}: agent sessions run text models; a vision-language model replies through "
@@ -108,7 +114,8 @@ class Agent:
         config = base_model(self.model).config
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         positions = getattr(config, "max_position_embeddings", None)
-        self.max_tokens = max_tokens or trained.rules.cutoff_len or positions
+        limits = [n for n in (max_tokens or trained.rules.cutoff_len, positions) if n]
+        self.max_tokens = min(limits) if limits else None  # never past the positions the model has
         self.device = next(self.model.parameters()).device
         self.cache_name = cache_argument(base_model(self.model))
 
@@ -141,12 +148,13 @@ class Agent:
                 f"the conversation takes {len(encoded['input_ids'])} tokens and the reply up to {reserve}: over the "
                 f"model's limit of {limit} tokens; send fewer messages or a smaller max_tokens"
             )
-        info = self._cut(session, len(encoded["input_ids"]), limit - reserve)
+        budget = max(int(limit * (1.0 - self.cut_margin)) - reserve, 1)
+        info = self._cut(session, len(encoded["input_ids"]), budget)
         encoded = self.st.encode_prompt(session.messages, session.tools, generated_type=self.generated_type)
-        if len(encoded["input_ids"]) > limit - reserve:
+        if len(encoded["input_ids"]) > budget:
             raise ValueError(
-                f"the conversation takes {len(encoded['input_ids'])} tokens after cutting, over the {limit - reserve} "
-                f"left for the prompt (limit {limit}, {reserve} for the reply)"
+                f"the conversation takes {len(encoded['input_ids'])} tokens after cutting, over the {budget} "
+                f"left for the prompt (limit {limit}, {reserve} for the reply, margin {self.cut_margin:.0%})"
             )
         return Prompt(encoded["input_ids"], encoded["semantic_ids"], info)
 

@@ -111,8 +111,9 @@ def _rules_of(spec: DatasetSpec) -> dict[str, Any]:
 
 
 # OpenAI chat keys that carry no content the model trained on (a message's author name, the id a tool result
-# answers): accepted from a client, never rendered.
-CLIENT_KEYS = ("id", "name", "tool_call_id")
+# answers), and the rule that typed a message before (a typed message sent again keeps its type, now explicit):
+# accepted, never rendered.
+CLIENT_KEYS = ("id", "name", "tool_call_id", "type_rule")
 
 
 class MessageTyper:
