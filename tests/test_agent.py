@@ -194,6 +194,17 @@ def test_decoding_stops_at_stop_strings_and_holds_back_their_start():
             DecodeOptions(**bad)
 
 
+def test_a_session_with_tools_renders_them_and_checks_them(folder):
+    agent = Agent(load_trained(folder))
+    tools = [{"type": "function", "function": {"name": "open_door", "parameters": {"type": "object"}}}]
+    session = agent.session(tools=tools)
+    assert session.messages == [] and session.tools[0]["function"]["name"] == "open_door"
+    session.add({"role": "user", "content": "Open it."})
+    assert "open_door" in agent.st.tokenizer.decode(agent.prompt(session).ids)
+    with pytest.raises(ValueError, match="tool"):
+        agent.session([{"role": "user", "content": "hi"}], tools=[42])
+
+
 def test_tool_calls_in_a_reply_are_parsed_back():
     calls = [{"function": {"name": "open_door", "arguments": {"door": 3}}}, {"name": "look", "arguments": "{}"}]
     text = "Opening it.\n" + hermes_tool_calls(calls) + "\n<tool_call>not json</tool_call>"

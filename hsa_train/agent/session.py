@@ -129,11 +129,8 @@ class Agent:
         """A new session; `typing` names the training dataset whose rules type its messages (None: the default
         set); `max_tokens` overrides the limit it is cut to."""
         typer = self.trained.typer(typing)
-        _, tools = typer([], tools) if tools else (None, None)
-        session = Session(typer, tools=tools, max_tokens=max_tokens)
-        if messages:
-            session.add(*messages)
-        return session
+        typed, tools = typer(list(messages), tools)
+        return Session(typer, typed, tools, max_tokens)
 
     # -- one turn ------------------------------------------------------------------------------------------------
     def prompt(self, session: Session, reserve: int = 0, cut: bool = True) -> Prompt:

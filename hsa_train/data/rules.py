@@ -136,6 +136,10 @@ class MessageTyper:
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None
     ) -> tuple[list[dict[str, Any]], list[Any] | None]:
         """(typed messages, tools); a ValueError names the message and what is wrong."""
+        if not messages:  # tools alone (a session's, before its first message): checked on a stand-in message
+            if not tools:
+                return [], None
+            return [], self.convert({"messages": [{"role": "user", "content": "."}], "tools": list(tools)})[1]
         record: dict[str, Any] = {"messages": list(messages)}
         if tools:
             record["tools"] = list(tools)
