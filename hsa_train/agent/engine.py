@@ -184,7 +184,7 @@ class Engine:
             self.requests += 1
             try:
                 ready.append((job, self._sessions(job)))
-            except ValueError as exc:  # the request's fault: the caller answers 400
+            except Exception as exc:  # a ValueError is the request's fault (400); anything else its own 500
                 self.failed += 1
                 job.future.set_exception(exc)
         if not ready:
