@@ -34,7 +34,6 @@ from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.data.vision import open_image
 from hsa_train.model.generation import generate_batch
 from hsa_train.model.loading import TORCH_DTYPES
-from hsa_train.model.settings import HSASettings
 from hsa_train.types import one_line
 
 
@@ -59,7 +58,7 @@ def generate_file(trained: Trained, args) -> int:
     records = list(iter_records(trained.rules.spec(args.input, args.typing), st.types, report=LoadReport()))
     if not records:
         raise ValueError(f"no conversations in {args.input}")
-    generated = HSASettings.of(model).generated_type
+    generated = trained.settings.generated_type
     jobs = []
     for record in records:
         messages = [dict(m) for m in record.messages]
@@ -107,7 +106,7 @@ def chat(trained: Trained, args, stdin=None, out=None) -> None:
     stdin, out = stdin or sys.stdin, out or sys.stdout
     model, st = trained.model, trained.st
     typer = trained.typer(args.typing)
-    generated = HSASettings.of(model).generated_type
+    generated = trained.settings.generated_type
     options = generation_options(args, st)
     kind = args.user_type  # None: the saved rules type each turn
     messages: list[dict] = []

@@ -17,7 +17,7 @@ from typing import Any
 
 from hsa_train.agent.decoding import DecodeOptions
 from hsa_train.agent.folder import load_trained
-from hsa_train.agent.rollout import env_maker, run_episodes, summarize
+from hsa_train.agent.rollout import env_maker, run_episodes, summarize, summary_line
 from hsa_train.agent.session import Agent
 from hsa_train.types import one_line
 
@@ -66,12 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = {"env": name, "model": source, **summarize(episodes), "seeds": [cfg.seed, cfg.seed + cfg.episodes - 1]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    low, high = summary["success_ci95"]
-    print(
-        f"{name}: success {summary['success_rate']:.1%} (95% CI {low:.1%}-{high:.1%}) over {len(episodes)} "
-        f"episodes, return {summary['return_mean']:.3f}, {summary['steps_mean']:.1f} steps and "
-        f"{summary['tokens_mean']:.0f} tokens per episode -> {out}"
-    )
+    print(f"{name}: {summary_line(summary)} -> {out}")
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from hsa_train.agent.decoding import DecodeOptions
 from hsa_train.agent.kv import KVState
-from hsa_train.agent.session import Agent, Reply
+from hsa_train.agent.session import Agent, OnText, Reply
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,6 @@ class PrefixCache:
             "tokens_reused": self.tokens_reused,
             "hit_rate": self.tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0,
         }
-
-
-OnText = Callable[[int, str, "str | None"], None]  # (choice index, new text, finish reason or None)
 
 
 @dataclass

@@ -45,7 +45,8 @@ class Trained:
 
     @property
     def name(self) -> str:
-        return self.path.name if self.path.name not in ("model", "adapter") else f"{self.path.parent.name}"
+        """The folder's name, or its run's for a run's model/ or adapter/."""
+        return self.path.parent.name if self.path.name in ("model", "adapter") else self.path.name
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -72,16 +72,17 @@ class Batch:
         hsa: bool = True,
         cache_name: str | None = None,
     ):
-        self.model, self.pad_id, self.pad_type, self.hsa = model, pad_id, pad_type, hsa
+        self.model, self.hsa = model, hsa
         self.cache_name = cache_name or cache_argument(model)
         self.last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.device = next(model.parameters()).device
         lengths = [len(ids) for ids, _ in sequences]
-        reuse = [min(state.shared_prefix(*seq), n - 1) for state, seq, n in zip(states, sequences, lengths)]
-        q = max(n - r for n, r in zip(lengths, reuse))  # queries per row this forward
+        # what each row's state could give (it must feed one token at least, for its logits)
+        self.shared = [min(state.shared_prefix(*seq), n - 1) for state, seq, n in zip(states, sequences, lengths)]
+        q = max(n - r for n, r in zip(lengths, self.shared))  # queries per row this forward
         width = max(lengths)
         self.pads = [width - n for n in lengths]
-        self.reused = [max(0, n - q) for n in lengths]  # tokens each row takes from its state
+        self.reused = [max(0, n - q) for n in lengths]  # tokens each row takes from its state (<= shared)
         self.fed = [n - r for n, r in zip(lengths, self.reused)]  # tokens each row feeds (pads not counted)
         self.ids = [list(ids) for ids, _ in sequences]
         self.sem_rows = [list(sem) for _, sem in sequences]

@@ -83,6 +83,16 @@ def env_maker(env_cfg: Any, check: bool = True) -> Callable[[], TextEnv]:
     return make
 
 
+def summary_line(summary: dict[str, Any]) -> str:
+    """A summary on one line: success with its interval, return, steps and tokens per episode."""
+    low, high = summary["success_ci95"]
+    return (
+        f"success {summary['success_rate']:.1%} (95% CI {low:.1%}-{high:.1%}) over {summary['episodes']} episodes, "
+        f"return {summary['return_mean']:.3f}, {summary['steps_mean']:.1f} steps and {summary['tokens_mean']:.0f} "
+        "tokens per episode"
+    )
+
+
 class _Slot:
     """One environment and the episode running in it."""
 

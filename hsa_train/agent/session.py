@@ -34,7 +34,7 @@ from hsa_train.model.settings import HSASettings
 
 log = logging.getLogger(__name__)
 
-OnText = Callable[[int, str, "str | None"], None]  # (session index in the call, new text, finish reason or None)
+OnText = Callable[[int, str, "str | None"], None]  # (index of the session or choice, new text, finish reason or None)
 
 
 class ContextTooLong(ValueError):
@@ -218,7 +218,6 @@ class Agent:
             raise ValueError(f"{len(options)} decoding options for {len(sessions)} sessions")
         if prompts is None:
             prompts = [self.prompt(s, o.max_new_tokens) for s, o in zip(sessions, options)]
-        reused = [min(s.state.shared_prefix(p.ids, p.sem), len(p.ids) - 1) for s, p in zip(sessions, prompts)]
         batch = self.start(sessions, prompts)
         decodings = [Decoding(self._decode, o, self.stop_ids) for o in options]
         samplers = [Sampler(o, self.device) for o in options]
@@ -243,7 +242,7 @@ class Agent:
                 active = [active[j] for j in still]
             batch.step([decodings[i].tokens[-1] for i in active], self.generated_id)
         replies = []
-        for session, prompt, decoding, cached in zip(sessions, prompts, decodings, reused):
+        for session, prompt, decoding, cached in zip(sessions, prompts, decodings, batch.shared):
             message = self._message(session, decoding.text)
             session.messages.append(message)
             replies.append(Reply(message, decoding.tokens, decoding.finish_reason, len(prompt.ids), cached, prompt.cut))

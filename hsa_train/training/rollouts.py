@@ -8,7 +8,7 @@ from typing import Any
 
 from hsa_train.agent.decoding import DecodeOptions
 from hsa_train.agent.folder import load_trained
-from hsa_train.agent.rollout import env_maker, run_episodes, summarize
+from hsa_train.agent.rollout import env_maker, run_episodes, summarize, summary_line
 from hsa_train.agent.session import Agent
 
 
@@ -23,9 +23,5 @@ def closed_loop(model_dir: str, cfg: Any, device: str, log=print) -> dict[str, d
         options = DecodeOptions(max_new_tokens=cfg.max_new_tokens)
         episodes = run_episodes(make, seeds, agent, cfg.batch_size, options, cfg.max_turns)
         results[name] = summarize(episodes)
-        low, high = results[name]["success_ci95"]
-        log(
-            f"rollout {name}: success {results[name]['success_rate']:.1%} (95% CI {low:.1%}-{high:.1%}), "
-            f"{results[name]['steps_mean']:.1f} steps, {results[name]['tokens_mean']:.0f} tokens per episode"
-        )
+        log(f"rollout {name}: {summary_line(results[name])}")
     return results
