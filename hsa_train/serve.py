@@ -15,7 +15,6 @@ flight, then exits.
 import argparse
 import asyncio
 import json
-import logging
 import re
 import signal
 import sys
@@ -30,8 +29,6 @@ from hsa_train.agent.folder import load_trained
 from hsa_train.agent.session import Agent, ContextTooLong
 from hsa_train.model.loading import TORCH_DTYPES
 from hsa_train.types import one_line
-
-log = logging.getLogger("hsa_train.serve")
 
 
 def error_response(exc: Exception):

@@ -128,9 +128,8 @@ class MessageTyper:
         dataset: str | None = None,
         ignore_keys: Sequence[str] = CLIENT_KEYS,
     ):
-        spec = saved.spec(dataset=dataset)
-        self.convert = make_converter(spec, types, ignore_keys)
-        self.rules = TypeRules(spec, types)
+        self.convert = make_converter(saved.spec(dataset=dataset), types, ignore_keys)
+        self.rules = saved.type_rules(types, dataset)
 
     def __call__(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None
