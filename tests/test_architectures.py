@@ -119,3 +119,29 @@ def test_cached_decode_equals_full_recompute(stock_models, family):
             torch.testing.assert_close(
                 logits[0], full[len(prompt) - 1 + step], atol=1e-4, rtol=1e-4, msg=f"{family} {backend} step {step}"
             )
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2_vl"])
+def test_a_run_tokenizes_as_its_exported_folder_reloads(tmp_path, family):
+    """transformers 5 picks a folder's tokenizer class by its config's model type, and qwen2's class rebuilds the
+    pre-tokenizer (digits one by one): the shipped tokenizer must be loaded as its exported folder will load it,
+    or a deployed model reads its observations in tokens it was never trained on."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from hsa_train.model.loading import folder_source, load_processing
+
+    fields = dict(FAMILIES[family])
+    model_cfg = SimpleNamespace(
+        name_or_path=None, tokenizer=None, chat_template=None, trust_remote_code=False, image_processor={},
+        arch={"type": fields.pop("model_type"), **fields},
+    )  # fmt: skip
+    trained = load_processing(model_cfg).tokenizer
+    config = tiny(family).config
+    config.save_pretrained(tmp_path)
+    trained.save_pretrained(tmp_path)
+    probe = "Obs: facing east, ahead 3, left wall; key 12 ahead 345 left\n<|im_start|>user"
+    expected = trained(probe)["input_ids"]
+    assert AutoTokenizer.from_pretrained(tmp_path)(probe)["input_ids"] == expected  # any tool's reload
+    assert load_processing(folder_source(tmp_path), config).tokenizer(probe)["input_ids"] == expected  # ours

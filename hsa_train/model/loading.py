@@ -82,14 +82,22 @@ def load_image_processor(model_cfg, overrides: Mapping[str, Any] | None = None):
         ) from None
 
 
-def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, chat_template: str | None = None):
+def load_tokenizer(
+    name_or_path: str | None, trust_remote_code: bool = False, chat_template: str | None = None, config=None
+):
     """The tokenizer at `name_or_path`, or the shipped one; given a pad token if it has none.
+
+    `config`: the config of the model it will be saved beside. transformers 5 picks a tokenizer's class by the
+    model type of the folder's config.json when there is one, and some types' classes rebuild the pre-tokenizer
+    (qwen2's splits digits one by one): loaded without it, the shipped tokenizer would split text one way in
+    training and another once reloaded from the exported folder, by us or by any other tool.
 
     `chat_template` replaces the tokenizer's template: "chatml" (the shipped ChatML template), or a path to a Jinja
     file. Base models often have none, and training needs one to know where messages begin and end."""
     source = name_or_path or str(bundled_tokenizer_dir())
+    kwargs = {"config": config} if config is not None else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:  # OSError (missing / offline), ValueError (unknown class), remote code errors
         raise ValueError(
             f"cannot load the tokenizer from {source} ({one_line(exc, 'first', 200)}); check model.tokenizer / "
@@ -130,7 +138,7 @@ def load_processing(model_cfg, config=None) -> Processing:
     it is at hand (else read from `model_cfg`)."""
     config = config if config is not None else model_config(model_cfg)
     tokenizer = load_tokenizer(
-        model_cfg.tokenizer or model_cfg.name_or_path, model_cfg.trust_remote_code, model_cfg.chat_template
+        model_cfg.tokenizer or model_cfg.name_or_path, model_cfg.trust_remote_code, model_cfg.chat_template, config
     )
     if not is_vision_config(config):
         return Processing(tokenizer)
