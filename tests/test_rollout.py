@@ -53,6 +53,8 @@ def test_the_text_env_is_minigrid_itself_and_its_expert_succeeds(size):
         assert info["success"] and reward > 0
         events = [m["content"] for m in messages if m["content"].startswith("Event:")]
         assert len(events) == 1 and f"green {start_object}" in events[0]
+        headings = [m["content"].split("facing ")[1].split(",")[0] for m in messages if m["role"] == "user"]
+        assert headings[-1] == ("east", "south", "west", "north")[raw.agent_dir]  # minigrid's own direction
     env = MemoryText(9)
     env.reset(0)
     assert env.step("jump")[4]["valid_action"] is False  # not an action: minigrid's no-op, one step

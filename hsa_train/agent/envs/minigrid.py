@@ -10,7 +10,8 @@ what they are, and a run's typing rules (conf/data/agent_demo.yaml) type them as
 - `Event: you see ...`: the first observation that shows the start room's object, KEY_EVENT;
 - `Obs: ...`: every other observation (the hallway steps), PROCESS_NOISE.
 
-An observation reads e.g. `Obs: ahead 2, left wall, right wall; green ball 2 ahead 2 left`. Actions: `left`,
+An observation reads e.g. `Obs: facing east, ahead 2, left wall, right wall; green ball 2 ahead 2 left`: the
+heading is minigrid's own `direction` field, without which a view in the hallway reads the same both ways. Actions: `left`,
 `right`, `forward` (the reply's first word); anything else is minigrid's no-op `done`, and still costs a step.
 The expert (`expert_action`) plans over the grid: back to the start room until the object is in view, then the
 shortest path to the matching object.
@@ -26,6 +27,7 @@ from hsa_train.agent.envs.base import Messages, TextEnv
 ACTIONS = {"left": 0, "right": 1, "forward": 2}
 NO_OP = 6  # minigrid's `done`: unused by Memory, a wasted step
 DIRECTIONS = [(1, 0), (0, 1), (-1, 0), (0, -1)]  # minigrid's agent_dir: east, south, west, north
+HEADINGS = ("east", "south", "west", "north")
 
 
 def _minigrid():
@@ -96,7 +98,8 @@ class MemoryText(TextEnv):
                         f" {abs(lateral)} {'left' if lateral < 0 else 'right'}" if lateral else ""
                     )
                     things.append(f"{self._colors[int(image[x, y, 1])]} {name} {where}")
-        text = f"ahead {ahead}, {', '.join(sides)}" + (f"; {'; '.join(things)}" if things else "")
+        text = f"facing {HEADINGS[int(obs['direction'])]}, ahead {ahead}, {', '.join(sides)}"
+        text += f"; {'; '.join(things)}" if things else ""
         first_sight = not self.seen and self._sees_start_object()
         self.seen = self.seen or first_sight
         return f"Event: you see {text}" if first_sight else f"Obs: {text}"
