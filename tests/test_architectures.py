@@ -130,7 +130,7 @@ def test_a_run_tokenizes_as_its_exported_folder_reloads(tmp_path, family):
 
     from transformers import AutoTokenizer
 
-    from hsa_train.model.loading import folder_source, load_processing
+    from hsa_train.model.loading import folder_source, load_processing, model_config
 
     fields = dict(FAMILIES[family])
     model_cfg = SimpleNamespace(
@@ -138,7 +138,7 @@ def test_a_run_tokenizes_as_its_exported_folder_reloads(tmp_path, family):
         arch={"type": fields.pop("model_type"), **fields},
     )  # fmt: skip
     trained = load_processing(model_cfg).tokenizer
-    config = tiny(family).config
+    config = model_config(model_cfg)
     config.save_pretrained(tmp_path)
     trained.save_pretrained(tmp_path)
     probe = "Obs: facing east, ahead 3, left wall; key 12 ahead 345 left\n<|im_start|>user"

@@ -95,9 +95,8 @@ def load_tokenizer(
     `chat_template` replaces the tokenizer's template: "chatml" (the shipped ChatML template), or a path to a Jinja
     file. Base models often have none, and training needs one to know where messages begin and end."""
     source = name_or_path or str(bundled_tokenizer_dir())
-    kwargs = {"config": config} if config is not None else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, config=config)
     except Exception as exc:  # OSError (missing / offline), ValueError (unknown class), remote code errors
         raise ValueError(
             f"cannot load the tokenizer from {source} ({one_line(exc, 'first', 200)}); check model.tokenizer / "

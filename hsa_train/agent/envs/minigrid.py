@@ -11,10 +11,10 @@ what they are, and a run's typing rules (conf/data/agent_demo.yaml) type them as
 - `Obs: ...`: every other observation (the hallway steps), PROCESS_NOISE.
 
 An observation reads e.g. `Obs: facing east, ahead 2, left wall, right wall; green ball 2 ahead 2 left`: the
-heading is minigrid's own `direction` field, without which a view in the hallway reads the same both ways. Actions: `left`,
-`right`, `forward` (the reply's first word); anything else is minigrid's no-op `done`, and still costs a step.
-The expert (`expert_action`) plans over the grid: back to the start room until the object is in view, then the
-shortest path to the matching object.
+heading is minigrid's own `direction` field, without which a view in the hallway reads the same both ways.
+Actions: `left`, `right`, `forward` (the reply's first word); anything else is minigrid's no-op `done`, and still
+costs a step. The expert (`expert_action`) plans over the grid: back to the start room until the object is in
+view, then the shortest path to the matching object.
 """
 
 from __future__ import annotations
