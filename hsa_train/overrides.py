@@ -12,11 +12,22 @@ import difflib
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from hsa_train.config import RENAMED
 
 _MISSING = object()
+
+
+def _exists(cfg: DictConfig, key: str) -> bool:
+    """Whether `key` is in the config, with a value or one still to give (`???`)."""
+    try:
+        return OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True) is not _MISSING
+    except MissingMandatoryValue:
+        return True
+
+
 _FLAGS_WITH_VALUES = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun"}
 
 
@@ -25,13 +36,14 @@ def _config_groups() -> set[str]:
     return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
 
 
-def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+def _leaf_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """Every key's dotted path, list entries by index (data.datasets.0.path)."""
     keys = []
-    for key in cfg.keys():
+    for key in cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg)):
         path = f"{prefix}{key}"
         node = cfg._get_node(key)
         keys.append(path)
-        if isinstance(node, DictConfig):
+        if isinstance(node, (DictConfig, ListConfig)) and not node._is_missing() and not node._is_none():
             keys.extend(_leaf_keys(node, path + "."))
     return keys
 
@@ -60,7 +72,7 @@ def unknown_key_message(argv: list[str]) -> str | None:
             continue
         if key == "hydra" or key.startswith("hydra."):
             continue
-        if OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING:
+        if _exists(cfg, key):
             continue
         if key in RENAMED:
             return f"{key} was renamed: use {RENAMED[key]}"

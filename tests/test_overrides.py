@@ -14,6 +14,8 @@ from hsa_train.overrides import unknown_key_message
         ["+hsa.lambdas.TOOL=0.1", "model=tiny_qwen2", "data.train_files=[a.jsonl,b.jsonl]", "model.name_or_path=null"],
         ["hydra/job_logging=disabled", "--cfg", "job"],
         ["train.max_steps=[1"],  # a syntax error is Hydra's to report
+        # a list entry's key that waits for its value (`???`) is a key: experiment=agent_demo_rft's own episodes
+        ["experiment=agent_demo_rft", "data.datasets.1.path=own/episodes.jsonl"],
     ],
 )
 def test_valid_or_foreign_command_lines_pass(argv):
@@ -27,6 +29,7 @@ def test_valid_or_foreign_command_lines_pass(argv):
         (["hsa.lambda.PROCESS_NOISE=0.2"], "hsa.lambda.PROCESS_NOISE", "hsa.lambdas.PROCESS_NOISE"),
         (["-m", "hsa.lambdas.PROCES_NOISE=0,0.1"], "hsa.lambdas.PROCES_NOISE", "hsa.lambdas.PROCESS_NOISE"),
         (["data.train_file=[x.jsonl]"], "data.train_file", "data.train_files"),
+        (["experiment=agent_demo_rft", "data.datasets.1.pat=x.jsonl"], "data.datasets.1.pat", "data.datasets.1.path"),
     ],
 )
 def test_unknown_keys_are_named_with_the_closest_key(argv, key, suggestion):
