@@ -132,6 +132,36 @@ def test_a_cache_taken_apart_and_built_again_continues_the_sequence():
     assert compat.cache_tensors(cache) is None
 
 
+def test_a_cache_with_room_decodes_as_a_dynamic_one_and_writes_in_place():
+    """compat.with_room / RoomyLayer: token by token, a forward over a cache with room gives the logits a plain
+    dynamic cache gives; within the room the buffers stay where they are (no copy of the cache per token); past
+    it they grow; rows are selected, and a reset cache fills again."""
+    model = tiny_model(vocab_size=50)
+    name = compat.cache_argument(model)
+    ids = torch.arange(3, 24)[None].repeat(2, 1)
+    ids[1] = ids[1].flip(0)
+    with torch.no_grad():
+        plain = compat.output_cache(model(input_ids=ids[:, :12], use_cache=True))
+        roomy = compat.with_room(compat.output_cache(model(input_ids=ids[:, :12], use_cache=True)), room=3)
+        assert isinstance(roomy.layers[0], compat.RoomyLayer) and roomy.get_seq_length() == 12
+        where = roomy.layers[0].buffers[0].data_ptr()
+        for t in range(12, 20):  # 3 tokens in the room, then 5 past it
+            expected = model(input_ids=ids[:, t : t + 1], **{name: plain}).logits[:, -1]
+            got = model(input_ids=ids[:, t : t + 1], **{name: roomy}).logits[:, -1]
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+            moved = roomy.layers[0].buffers[0].data_ptr() != where
+            assert moved == (t >= 15), f"token {t}: the buffer {'moved' if moved else 'stayed'}"
+        assert compat.cache_tensors(roomy) is not None and roomy.get_seq_length() == 20
+        roomy.batch_select_indices(torch.tensor([1]))
+        plain.batch_select_indices(torch.tensor([1]))
+        expected = model(input_ids=ids[1:, 20:], **{name: plain}).logits[:, -1]
+        torch.testing.assert_close(model(input_ids=ids[1:, 20:], **{name: roomy}).logits[:, -1], expected)
+        roomy.reset()
+        assert roomy.get_seq_length() == 0
+        again = model(input_ids=ids[:1, :12], **{name: roomy}).logits[:, -1]
+        torch.testing.assert_close(again, model(input_ids=ids[:1, :12]).logits[:, -1], atol=1e-6, rtol=1e-5)
+
+
 def test_no_module_but_compat_names_a_private_transformers_name():
     pattern = re.compile(r"\b(" + "|".join(re.escape(p) for p in PRIVATE) + r")\b")
     users = sorted(

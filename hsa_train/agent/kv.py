@@ -8,7 +8,8 @@ a new tensor, so a server's prefix cache can hand one state to many requests.
 
 `Batch` runs several sessions in one forward: each row left-padded to the longest, cached keys padded the same way
 (the bias counts raw index differences, which left padding leaves unchanged for every allowed pair), positions
-counted per row.
+counted per row. The batch's cache has room for the tokens its decoding steps add (`RoomyLayer`), so a step writes
+its keys in place instead of copying the whole cache: what a step costs then grows only with the attention itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hsa_train.model.compat import cache_argument, cache_of, cache_tensors, output_cache
+from hsa_train.model.compat import cache_argument, cache_of, cache_tensors, output_cache, roomy_cache, with_room
 
 Layers = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
@@ -71,7 +72,9 @@ class Batch:
         pad_type: int,
         hsa: bool = True,
         cache_name: str | None = None,
+        room: int = 0,
     ):
+        """`room`: the tokens the decoding steps will feed after this forward (a reply's max_new_tokens - 1)."""
         self.model, self.hsa = model, hsa
         self.cache_name = cache_name or cache_argument(model)
         self.last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -88,7 +91,10 @@ class Batch:
         self.sem_rows = [list(sem) for _, sem in sequences]
         past = width - q
         layers = [state.cropped(r).layers for state, r in zip(states, self.reused)]
-        cache = cache_of(_left_padded(layers, [past - r for r in self.reused]) if past else [])
+        if past:
+            cache = roomy_cache(_left_padded(layers, past, q + room), past)
+        else:
+            cache = cache_of([])
         rows = [[pad_id] * p + list(ids) for (ids, _), p in zip(sequences, self.pads)]
         sem_rows = [[pad_type] * p + list(sem) for (_, sem), p in zip(sequences, self.pads)]
         self.mask = torch.tensor([[0] * p + [1] * n for p, n in zip(self.pads, lengths)], device=self.device)
@@ -96,6 +102,8 @@ class Batch:
         positions = torch.tensor([[max(j - p, 0) for j in range(past, width)] for p in self.pads], device=self.device)
         input_ids = torch.tensor([row[past:] for row in rows], device=self.device)
         self._forward(input_ids, positions, cache)
+        if not past:  # the forward filled a plain cache: one copy now, none per decoded token
+            self.cache = with_room(self.cache, room)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> None:
         kwargs = {"semantic_ids": self.sem} if self.hsa else {}
@@ -139,18 +147,21 @@ class Batch:
         self.sem_rows = [self.sem_rows[i] for i in rows]
 
 
-def _left_padded(layers: Sequence[Layers], pads: Sequence[int]) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer, the rows' (keys, values) left-padded with `pads` zeros and stacked (masked anyway)."""
-    out = []
+def _left_padded(layers: Sequence[Layers], past: int, room: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (keys, values) buffers of `past` + `room` tokens: each row's state at the end of its first `past`
+    (left-padded with zeros: masked anyway, and finite, as a masked NaN would still poison the weighted sum), the
+    `room` after them unset."""
     template = next(state for state in layers if state)
+    out = []
     for depth, (k0, v0) in enumerate(template):
-        keys, values = [], []
-        for state, pad in zip(layers, pads):
-            if state:
-                k, v = state[depth]
-            else:
-                k, v = k0[:, :, :0], v0[:, :, :0]
-            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-        out.append((torch.cat(keys), torch.cat(values)))
+        buffers = []
+        for which, t in enumerate((k0, v0)):
+            buffer = t.new_empty(len(layers), t.shape[1], past + room, t.shape[-1])
+            for row, state in enumerate(layers):
+                n = state[depth][which].shape[2] if state else 0
+                buffer[row, :, : past - n] = 0
+                if n:
+                    buffer[row, :, past - n : past] = state[depth][which][0]
+            buffers.append(buffer)
+        out.append((buffers[0], buffers[1]))
     return out

@@ -189,8 +189,9 @@ class Agent:
         return info
 
     @torch.no_grad()
-    def start(self, sessions: Sequence[Session], prompts: Sequence[Prompt]) -> Batch:
-        """One forward over the sessions' new tokens; the batch holds each one's next-token logits."""
+    def start(self, sessions: Sequence[Session], prompts: Sequence[Prompt], room: int = 0) -> Batch:
+        """One forward over the sessions' new tokens; the batch holds each one's next-token logits (`room`: the
+        tokens decoding will add, reserved in its cache)."""
         return Batch(
             self.model,
             [(p.ids, p.sem) for p in prompts],
@@ -199,6 +200,7 @@ class Agent:
             self.st.types.default_id,
             hsa=self.hsa,
             cache_name=self.cache_name,
+            room=room,
         )
 
     @torch.no_grad()
@@ -218,7 +220,7 @@ class Agent:
             raise ValueError(f"{len(options)} decoding options for {len(sessions)} sessions")
         if prompts is None:
             prompts = [self.prompt(s, o.max_new_tokens) for s, o in zip(sessions, options)]
-        batch = self.start(sessions, prompts)
+        batch = self.start(sessions, prompts, room=max(o.max_new_tokens for o in options) - 1)
         decodings = [Decoding(self._decode, o, self.stop_ids) for o in options]
         samplers = [Sampler(o, self.device) for o in options]
         active = list(range(len(sessions)))

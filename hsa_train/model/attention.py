@@ -41,14 +41,11 @@ def hsa_mask(*args, device: torch.device | str = "cpu", **kwargs) -> torch.Tenso
     return allowed(hsa_mask_plan(*args, device=device, **kwargs), torch.device(device))
 
 
-def _bias_and_full_heads(backend, module, query, key, value, attention_mask, kwargs, dtype) -> tuple[torch.Tensor, ...]:
-    """This forward's bias in `dtype`, and key / value repeated to the query's head count (grouped-query
-    attention)."""
+def _bias(backend, module, query, key, attention_mask, kwargs, dtype) -> torch.Tensor:
+    """This forward's bias in `dtype` (built by the first layer, reused by the others)."""
     ctx = forward_context(kwargs)
     ctx.debug_layer(module, backend, query, key)
-    bias = ctx.attention_bias(attention_mask, query, key, dtype)
-    n_rep = query.shape[1] // key.shape[1]
-    return bias, repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    return ctx.attention_bias(attention_mask, query, key, dtype)
 
 
 def hsa_eager_attention(
@@ -65,9 +62,9 @@ def hsa_eager_attention(
     """The reference: logits = q·kᵀ·scale (+ softcap), then + bias and the softmax in float32 (the bias is never
     rounded to a low-precision dtype: in bf16 a slope-0.01 bias at distance 8,000 would move in steps of 0.5)."""
     query, key, value = kernel_inputs(query, key, value)
-    bias, key, value = _bias_and_full_heads(
-        "eager", module, query, key, value, attention_mask, kwargs, work_dtype(query.dtype)
-    )
+    bias = _bias("eager", module, query, key, attention_mask, kwargs, work_dtype(query.dtype))
+    n_rep = query.shape[1] // key.shape[1]  # grouped-query attention: key / value heads repeated
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     logits = torch.matmul(query, key.transpose(2, 3)) * scale
     if softcap is not None:
@@ -104,8 +101,17 @@ def hsa_sdpa_attention(
         ctx.debug_layer(module, "sdpa", query, key)
         out = dot_product_attention(ctx, attention_mask, query, key, value, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
-    bias, key, value = _bias_and_full_heads("sdpa", module, query, key, value, attention_mask, kwargs, query.dtype)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+    bias = _bias("sdpa", module, query, key, attention_mask, kwargs, query.dtype)
+    gqa = key.shape[1] != query.shape[1]
+    if gqa and query.device.type != "cpu":
+        # with a float mask, CUDA's SDPA takes grouped heads only in its math kernel (an L x L float32 softmax):
+        # the heads are repeated there, and the memory-efficient kernel serves
+        key, value = repeat_kv(key, query.shape[1] // key.shape[1]), repeat_kv(value, query.shape[1] // key.shape[1])
+        gqa = False
+    # on CPU the fused kernel reads each key / value head for its query heads: no copy of the cache per layer
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

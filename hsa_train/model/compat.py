@@ -12,7 +12,8 @@ installed version and says which to update here. Nothing else in the package tou
 - the forward's cache argument: `cache` since transformers 5.x (`past_key_values` before, now deprecated), and the
   output's `cache` / `past_key_values`.
 - `DynamicCache(ddp_cache_data=...)`, `cache.layers[i].keys / .values`, `DynamicLayer`: a KV cache taken apart
-  into per-layer tensors and built again (the agent runtime cuts, pads and batches sessions' caches).
+  into per-layer tensors and built again (the agent runtime cuts, pads and batches sessions' caches); `Cache(layers=
+  ...)` and `DynamicLayer.update`: a cache of `RoomyLayer`s, written in place (below).
 - `PreTrainedTokenizerFast._tokenizer` (`backend_tokenizer`) and its `encode_special_tokens` switch: batch
   encoding straight through the tokenizers backend, special-token text as plain text when asked.
 """
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.utils import chat_template_utils
 
 GENERATION_STEPS = ("_validate_model_kwargs", "_update_model_kwargs_for_generation", "_valid_auto_compile_criteria")
@@ -84,10 +85,10 @@ def encode_batch(backend: Any, texts: Sequence[str], plain: bool) -> list[Any]:
 
 def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Each layer's (keys, values), (B, H, L, D), of a cache whose every layer holds every token (a plain dynamic
-    cache); None for any other (sliding windows, recurrent states, quantised or offloaded layers): those cannot be
-    cut at a token or padded, so a caller recomputes instead."""
+    cache, or one with room); None for any other (sliding windows, recurrent states, quantised or offloaded
+    layers): those cannot be cut at a token or padded, so a caller recomputes instead."""
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+    if not layers or any(type(layer) not in (DynamicLayer, RoomyLayer) or not layer.is_initialized for layer in layers):
         return None
     return [(layer.keys, layer.values) for layer in layers]
 
@@ -95,6 +96,77 @@ def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
 def cache_of(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     """A dynamic cache holding these per-layer (keys, values); an empty one (filled by the forward) for none."""
     return DynamicCache(ddp_cache_data=list(tensors)) if tensors else DynamicCache()
+
+
+class RoomyLayer(DynamicLayer):
+    """A full-attention cache layer over buffers with room past its tokens: an update writes into the room, where
+    DynamicLayer concatenates (a copy of the whole layer for every decoded token, the cost that grows with the
+    conversation); full, the buffers double. `keys` / `values` are views of the filled part."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        """`keys` / `values`: (B, H, capacity, D) buffers whose first `length` tokens are the cache."""
+        super().__init__()
+        self.buffers = (keys, values)
+        self.device = keys.device
+        self.is_initialized = True
+        self._fill(length)
+
+    def _fill(self, length: int) -> None:
+        self.length = length
+        keys, values = self.buffers
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.buffers is None:  # after a reset
+            self.buffers = tuple(s.new_empty(*s.shape[:2], 0, s.shape[-1]) for s in (key_states, value_states))
+            self.is_initialized = True
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.buffers[0].shape[-2]:
+            capacity = max(end, 2 * self.buffers[0].shape[-2])
+            self.buffers = tuple(_room(b[:, :, :start], capacity - start) for b in self.buffers)
+        keys, values = self.buffers
+        keys[:, :, start:end] = key_states
+        values[:, :, start:end] = value_states
+        self._fill(end)
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # as DynamicLayer: a negative count of tokens to remove
+            raise ValueError(f"crop({tokens_to_remove}): give a negative number of tokens to remove")
+        self._fill(max(self.length + tokens_to_remove, 0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.buffers = tuple(b[indices] for b in self.buffers)
+        self._fill(self.length)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.buffers = tuple(b.repeat_interleave(repeats, dim=0) for b in self.buffers)
+        self._fill(self.length)
+
+    def reset(self) -> None:
+        super().reset()
+        self.buffers, self.length = None, 0
+
+
+def _room(tensor: torch.Tensor, room: int) -> torch.Tensor:
+    """`tensor` (B, H, L, D) copied into a buffer with `room` more tokens (left unset: never read)."""
+    return torch.cat([tensor, tensor.new_empty(*tensor.shape[:2], room, tensor.shape[-1])], dim=2)
+
+
+def roomy_cache(buffers: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int) -> Cache:
+    """A cache of `RoomyLayer`s over per-layer (keys, values) buffers whose first `length` tokens are filled."""
+    return Cache(layers=[RoomyLayer(k, v, length) for k, v in buffers])
+
+
+def with_room(cache: Any, room: int) -> Any:
+    """The cache copied into buffers with `room` free tokens past its own (one copy, so that the next `room`
+    tokens copy nothing); a cache `cache_tensors` cannot take apart, as it is."""
+    tensors = cache_tensors(cache) if room > 0 else None
+    if tensors is None:
+        return cache
+    length = tensors[0][0].shape[-2]
+    buffers = [(_room(k, room), _room(v, room)) for k, v in tensors]
+    return roomy_cache(buffers, length)
 
 
 def cache_argument(model: Any) -> str:
