@@ -84,6 +84,7 @@ class DataConfig:
     cutoff_len: Optional[int] = MISSING
     overlong: str = MISSING
     keep_types: list[str] = MISSING
+    noise_window: Optional[int] = MISSING
     packing: bool = MISSING
     train_on: str = MISSING
     pad_to_multiple_of: Optional[int] = MISSING
@@ -214,7 +215,7 @@ class RunConfig:
 def saved_rules(run: RunConfig) -> SavedRules:
     """What the run's model folders keep of its data settings (`hsa_rules.json`): typing rules and truncation."""
     d = run.data
-    return SavedRules.from_plan(run.dataset_plan, d.cutoff_len, d.keep_types, run.export.typing_dataset)
+    return SavedRules.from_plan(run.dataset_plan, d.cutoff_len, d.keep_types, run.export.typing_dataset, d.noise_window)
 
 
 def _omegaconf_line(exc: OmegaConfBaseException) -> str:
@@ -279,6 +280,7 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
     _check(not d.packing or d.cutoff_len is not None, "data.packing=true packs rows of data.cutoff_len: set it")
     unknown = [t for t in d.keep_types if t not in types.names]
     _check(not unknown, f"data.keep_types: unknown type(s) {unknown}; known: {', '.join(types.names)}")
+    _check(d.noise_window is None or d.noise_window >= 0, f"data.noise_window={d.noise_window} must be >= 0 or null")
     _check(d.pad_to_multiple_of is None or d.pad_to_multiple_of > 0, "data.pad_to_multiple_of must be > 0 or null")
     _check(d.num_proc > 0, f"data.num_proc={d.num_proc} must be > 0")
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ROOT, tiny_model
 
 from hsa_train import enable_hsa
 from hsa_train.agent import Agent, DecodeOptions, load_trained
@@ -30,13 +30,13 @@ RULES = {
 }
 
 
-def write_folder(path, backend="sdpa", cutoff_len=None, generated_type=None):
+def write_folder(path, backend="sdpa", cutoff_len=None, generated_type=None, noise_window=None):
     tokenizer = load_tokenizer(None)
     model = enable_hsa(
         tiny_model(vocab_size=len(tokenizer)), lambdas=LAMBDAS, backend=backend, generated_type=generated_type
     )
     save_pretrained(model, tokenizer, path)
-    SavedRules({"trajectories": RULES}, "trajectories", cutoff_len).save(path)
+    SavedRules({"trajectories": RULES}, "trajectories", cutoff_len, noise_window=noise_window).save(path)
     return path
 
 
@@ -142,6 +142,55 @@ def test_a_long_session_is_cut_as_training_cuts(tmp_path, caplog):
     roomy = Agent(agent.trained, cut_margin=0.25)  # the default: a cut leaves a quarter of the limit free
     session = roomy.session(before)
     assert len(roomy.prompt(session, reserve).ids) <= 0.75 * 120 - reserve
+
+
+def test_a_model_trained_with_a_noise_window_sees_only_the_newest_noise(tmp_path):
+    """Observation masking, turn by turn: the session holds the task, the key event and the newest 2 noise turns
+    (the one the reply answers among them), exactly training's window of the same conversation, and its logits
+    equal a full recompute of the masked conversation."""
+    agent = Agent(load_trained(write_folder(tmp_path / "model", noise_window=2)))
+    session = agent.session([{"role": "system", "content": "Find the key."}])
+    seen = []
+    for turn in range(6):
+        new = {"role": "user", "content": "Event: the key is red" if turn == 1 else f"Obs: hallway {turn}"}
+        session.add(new)
+        seen.append(new["content"])
+        prompt = agent.prompt(session)
+        batch = agent.start([session], [prompt])
+        torch.testing.assert_close(batch.logits[0], full_logits(agent, session), atol=2e-6, rtol=1e-5)
+        reply = agent.respond([session], DecodeOptions(max_new_tokens=3), prompts=[prompt])[0]
+        seen.append(reply.message["content"])
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert users == ["Event: the key is red", "Obs: hallway 4", "Obs: hallway 5"]
+    assert session.masked == 3  # hallways 0, 2 and 3, each with the reply it got
+    assert session.messages[0]["content"] == "Find the key." and session.messages[-1]["role"] == "assistant"
+
+
+def test_a_model_trained_without_the_bias_runs_without_it(tmp_path):
+    """A run with hsa.enabled=false exports λ = 0 for every type: its folder runs plain attention (the stock
+    model's logits), not the default λ, and still types and cuts by the run's types."""
+    from omegaconf import OmegaConf
+
+    from hsa_train.model.settings import HSASettings
+    from hsa_train.training.distributed import DistInfo
+    from hsa_train.training.export import export_model
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=len(tokenizer))
+    settings = HSASettings.from_mapping(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "hsa" / "default.yaml")))
+    info = DistInfo(mode="none")
+    export_model(
+        model, tokenizer, tmp_path / "model", info, lora=False, merge=False, rules=SavedRules(), plain=settings
+    )
+    trained = load_trained(tmp_path / "model")
+    assert set(trained.settings.lambdas.values()) == {0.0} and list(trained.st.types.names) == settings.types
+    ids = torch.tensor([tokenizer("Task: find the key. Obs: a hallway, then another hallway.")["input_ids"]])
+    sem = torch.full_like(ids, 2)
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        loaded = trained.model(input_ids=ids, semantic_ids=sem).logits
+    torch.testing.assert_close(loaded, stock, atol=2e-5, rtol=1e-4)
 
 
 def test_greedy_replies_match_transformers_generate_and_seeds_ignore_the_batch(folder):

@@ -119,7 +119,8 @@ def test_plain_attention_and_learnable_lambda_runs(tmp_path):
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["hsa"] is None
     config = json.loads((tmp_path / "plain" / "model" / "config.json").read_text())
-    assert "hsa" not in config
+    # a plain run's folder carries λ = 0 for every type: it runs as it trained (plain), never with the default λ
+    assert set(config["hsa"]["lambdas"].values()) == {0.0} and config["hsa"]["learnable"] is False
 
     learn = run_cli(*common, "hsa.learnable=true", "train.lr=0.05", f"hydra.run.dir={tmp_path / 'learn'}", cwd=tmp_path)
     assert learn.returncode == 0, learn.stderr[-3000:]

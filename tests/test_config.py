@@ -90,3 +90,29 @@ def test_eval_set_names_must_be_usable_in_metric_names():
         cfg.data.eval_sets = {"len 4x": ["x.jsonl"]}
     with pytest.raises(ConfigError, match="name 'len 4x' must be letters, digits"):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "arm, expected",
+    [
+        ("plain", (False, None, "none", False, None)),
+        ("hsa", (True, 0.1, "none", False, None)),
+        ("learnable", (True, 0.1, "none", "per_head", None)),
+        ("type_blind", (True, 0.5, "alibi", False, None)),
+        ("obs_mask", (False, None, "none", False, 4)),
+        ("hsa_obs_mask", (True, 0.1, "none", False, 4)),
+    ],
+)
+def test_each_evidence_arm_sets_what_its_file_says(arm, expected):
+    """conf/arm/*.yaml: (hsa on, PROCESS_NOISE λ when on, head scaling, learnable, noise window); the type-blind
+    arm's every type follows hsa.lambdas.PROCESS_NOISE."""
+    from hydra import compose, initialize_config_module
+
+    extra = ["hsa.lambdas.PROCESS_NOISE=0.5"] if arm == "type_blind" else []
+    with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+        run = validate(compose(config_name="config", overrides=[f"arm={arm}", *extra]))
+    h = run.hsa
+    got = (h.enabled, h.lambdas["PROCESS_NOISE"] if h.enabled else None, h.head_scaling, h.learnable)
+    assert (*got, run.data.noise_window) == expected
+    if arm == "type_blind":
+        assert set(dict(h.lambdas).values()) == {0.5}

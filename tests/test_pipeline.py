@@ -144,6 +144,7 @@ def data_cfg(**over):
         cutoff_len=2048,
         overlong="truncate",
         keep_types=["GLOBAL_CONDITION"],
+        noise_window=None,
         packing=False,
         train_on="assistant",
         pad_to_multiple_of=None,
@@ -202,3 +203,23 @@ def test_v1_sft_demo_parts_and_loss_weights_encode(tmp_path, tokenizer):
     sample = built.samples[0]
     trained = sample.features["input_ids"][sample.features["labels"] != -100]
     assert tokenizer.decode(trained.tolist()).startswith(reply)
+
+
+def test_a_noise_window_masks_old_noise_before_encoding(tmp_path, tokenizer):
+    """data.noise_window: each sample is the encoding of its record with only the newest N noise turns
+    (truncate.window_noise), counted in the report, under its own cache key."""
+    from hsa_train.data.truncate import window_noise
+
+    path = demo_subset(tmp_path / "a.jsonl", 6)
+    st = SemanticTokenizer(tokenizer)
+    full = prepare(spec_of(path), st, Preprocess(), tmp_path / "cache")
+    masked = prepare(spec_of(path), st, Preprocess(noise_window=1), tmp_path / "cache")
+    assert masked.key != full.key
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    expected_dropped = 0
+    for record, sample in zip(records, masked.samples):
+        kept, dropped = window_noise(record["messages"], 1)
+        expected_dropped += dropped
+        reference = st.encode_detailed([record["messages"][i] for i in kept]).features
+        assert list(sample.features["input_ids"]) == reference["input_ids"]
+    assert masked.reports.truncation.turns_masked == expected_dropped > 0

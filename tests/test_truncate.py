@@ -11,7 +11,7 @@ import pytest
 
 from hsa_train.data import SemanticTokenizer
 from hsa_train.data.tokenizer import Encoding
-from hsa_train.data.truncate import FitInfo, TruncationReport, fit, plan_truncation, split_turns
+from hsa_train.data.truncate import FitInfo, TruncationReport, fit, plan_truncation, split_turns, window_noise
 
 TYPES = ["GLOBAL_CONDITION", "KEY_EVENT", "PROCESS_NOISE"]
 G, K, N = TYPES
@@ -26,12 +26,11 @@ def msg(role, semantic_type, content="", spans=None):
 
 
 # -- the plan against a brute-force reference ---------------------------------------------------------------------
-def reference_plan(messages, tokens, other, cutoff, types, keep):
-    """Independent statement of the policy: among all sets of turns that fit and keep what must stay, the one
-    that keeps the most important turns, compared turn by turn from the most important down (a turn is more
-    important for a more important type, then for being newer). None when nothing fits."""
+def reference_turns(messages):
+    """(turns as message indices, names(i): message i's type names, the last assistant message's index): a turn
+    starts at a user message, or at an assistant message after a tool result."""
     turns = []
-    for i, m in enumerate(messages):  # a turn: from a user message, or from an assistant message after a tool result
+    for i, m in enumerate(messages):
         if m["role"] == "user" or not turns or (m["role"] == "assistant" and messages[i - 1]["role"] == "tool"):
             turns.append([])
         turns[-1].append(i)
@@ -39,7 +38,14 @@ def reference_plan(messages, tokens, other, cutoff, types, keep):
     def names(i):
         return [messages[i]["semantic_type"]] + [s[2] for s in messages[i].get("spans", [])]
 
-    last_reply = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return turns, names, max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def reference_plan(messages, tokens, other, cutoff, types, keep):
+    """Independent statement of the policy: among all sets of turns that fit and keep what must stay, the one
+    that keeps the most important turns, compared turn by turn from the most important down (a turn is more
+    important for a more important type, then for being newer). None when nothing fits."""
+    turns, names, last_reply = reference_turns(messages)
     must = [t for t, turn in enumerate(turns) if last_reply in turn or any(n in keep for i in turn for n in names(i))]
     free = [t for t in range(len(turns)) if t not in must]
     rank = {t: min(types.index(n) for i in turns[t] for n in names(i)) for t in free}
@@ -212,6 +218,7 @@ def test_report_counts_merge_and_summary():
     b.add(FitInfo("dropped", 70, 0))
     b.add(FitInfo("truncated", 40, 35, [0], {N: 1}))
     b.add_failure()
+    b.turns_masked = 4
     total = a + b
     assert total.as_dict() == {
         "seen": 5,
@@ -222,11 +229,13 @@ def test_report_counts_merge_and_summary():
         "tokens_seen": 170,
         "tokens_truncated": 25,
         "tokens_dropped": 70,
+        "turns_masked": 4,
     }
     assert TruncationReport.from_dict(total.as_dict()) == total
     assert a.seen == 2  # `+` leaves its operands alone
     line = total.summary()
     assert "\n" not in line and "2 truncated" in line and "1 dropped" in line and "1 could not fit" in line
+    assert "4 old noise turns masked" in line and "masked" not in a.summary()
 
 
 # -- fit with the real tokenizer ----------------------------------------------------------------------------------
@@ -354,3 +363,42 @@ def test_an_agent_loop_without_user_turns_loses_whole_rounds(st):
         if messages[j].get("tool_calls"):
             assert j + 1 in kept
     assert info.turns_dropped.get(N, 0) > 0 and K not in info.turns_dropped
+
+
+# -- observation masking (data.noise_window) ----------------------------------------------------------------------
+def reference_window(messages, keep_last, types, keep):
+    """Independent statement: split into turns; a turn is noise when every type it carries is the last type; of
+    the noise turns, drop all but the newest `keep_last`, except the ones that must stay (a kept type, the last
+    assistant reply). Returns the kept message indices and the number of turns dropped."""
+    turns, names, last_reply = reference_turns(messages)
+    noise = [t for t, turn in enumerate(turns) if all(n == types[-1] for i in turn for n in names(i))]
+    newest = set(noise[max(len(noise) - keep_last, 0) :])
+    gone = {
+        t for t in noise
+        if t not in newest and last_reply not in turns[t] and not any(n in keep for i in turns[t] for n in names(i))
+    }  # fmt: skip
+    return [i for t, turn in enumerate(turns) if t not in gone for i in turn], len(gone)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_noise_window_matches_the_reference(seed):
+    rnd = random.Random(100 + seed)
+    for _ in range(60):
+        messages = random_conversation(rnd)
+        for keep_last in (0, 1, 2, 5):
+            assert window_noise(messages, keep_last, TYPES, KEEP) == reference_window(messages, keep_last, TYPES, KEEP)
+
+
+def test_noise_window_keeps_the_newest_noise_and_everything_else():
+    messages = [msg("system", G, "task")]
+    for k in range(6):
+        messages += [msg("user", N, f"obs {k}"), msg("assistant", N, f"act {k}")]
+        if k == 1:
+            messages += [msg("user", K, "the key is red"), msg("assistant", N, "ok")]
+    kept, dropped = window_noise(messages, 2, TYPES, KEEP)
+    contents = [messages[i]["content"] for i in kept]
+    assert contents == ["task", "the key is red", "ok", "obs 4", "act 4", "obs 5", "act 5"]
+    assert dropped == 4
+    assert window_noise(messages, 100, TYPES, KEEP) == (list(range(len(messages))), 0)
+    with pytest.raises(ValueError, match="noise_window=-1 must be >= 0"):
+        window_noise(messages, -1, TYPES, KEEP)

@@ -57,8 +57,9 @@ def base_model(model: nn.Module) -> nn.Module:
 def load_trained(
     folder: str | Path, device: str = "cpu", dtype: str = "float32", backend: str | None = None, merge: bool = False
 ) -> Trained:
-    """Opens a folder hsa_train wrote (`<run>/model`, `<run>/adapter`) or any causal LM folder. A folder trained
-    without HSA decodes with the default λ (said once); `backend` switches the attention kernel; `merge` folds a
+    """Opens a folder hsa_train wrote (`<run>/model`, `<run>/adapter`) or any causal LM folder. A run trained with
+    hsa.enabled=false wrote λ = 0 for every type and runs plain attention, as it trained; a folder hsa_train did
+    not write decodes with the default λ (said once); `backend` switches the attention kernel; `merge` folds a
     LoRA adapter into its base (faster decoding, the same function up to rounding)."""
     import transformers
 

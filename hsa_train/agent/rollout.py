@@ -30,12 +30,15 @@ class Episode:
     tokens: int = 0  # the conversation's length in tokens at its last turn (0 for the expert)
     truncated: bool = False  # ended by the environment's step limit (or the rollout's max_turns)
     cuts: int = 0  # times the session was cut to fit the model's limit
+    masked: int = 0  # noise turns the observation window (data.noise_window) left out of the session
     invalid_actions: int = 0
 
     def record(self) -> dict[str, Any]:
         """The episode as training data: messages (role, content, semantic_type) and its outcome."""
         keep = ("role", "content", "semantic_type", "tool_calls")
         outcome = {k: v for k, v in asdict(self).items() if k != "messages"}
+        if not self.masked:  # only a model with an observation window masks: records of others stay as they were
+            del outcome["masked"]
         return {"messages": [{k: m[k] for k in keep if k in m} for m in self.messages], "episode": outcome}
 
 
@@ -64,6 +67,7 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, Any]:
         "truncated": sum(e.truncated for e in episodes),
         "invalid_actions": sum(e.invalid_actions for e in episodes),
         "cuts": sum(e.cuts for e in episodes),
+        "masked_turns": sum(e.masked for e in episodes),
     }
 
 
@@ -189,7 +193,7 @@ def _act(slot: _Slot, action: str, agent: Agent | None, max_turns: int | None) -
     over = terminated or truncated or (max_turns is not None and episode.steps >= max_turns)
     if agent is not None:
         episode.messages.extend(slot.session.add(*new))  # the last observation too: how the episode ended
-        episode.cuts = slot.session.cuts
+        episode.cuts, episode.masked = slot.session.cuts, slot.session.masked
     else:
         episode.messages.extend(dict(m) for m in new)
     if over:

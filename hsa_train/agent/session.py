@@ -11,7 +11,9 @@ prompt and encoded exactly as training encodes it; the part it shares with what 
 batch. A conversation that would outgrow the limit (the run's `data.cutoff_len`, or `max_tokens`) with room for
 the reply is cut as training cuts it (truncate.py: whole turns, the oldest noise first, keep_types and the newest
 turn stay) to `cut_margin` below the limit, so that the next turns fit again, logged, and fed again from the first
-token that changed.
+token that changed. A model trained with observation masking (`data.noise_window`) sees its conversations masked
+the same way each turn: only the newest N noise turns stay (the old ones leave the session for good), and the
+conversation is fed again from the first turn that went.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hsa_train.agent.folder import Trained, base_model
 from hsa_train.agent.kv import Batch, KVState
 from hsa_train.data.rules import MessageTyper
 from hsa_train.data.toolcalls import parse_tool_calls
-from hsa_train.data.truncate import FitInfo, fit
+from hsa_train.data.truncate import FitInfo, fit, window_noise
 from hsa_train.model.compat import cache_argument
 from hsa_train.model.settings import HSASettings
 
@@ -74,6 +76,7 @@ class Session:
     max_tokens: int | None = None
     state: KVState = field(default_factory=KVState)
     cuts: int = 0  # times the conversation was cut to fit
+    masked: int = 0  # noise turns left out by the observation window (data.noise_window)
 
     def add(self, *messages: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Appends messages (checked and typed as training data; an explicit semantic_type wins); returns them
@@ -84,7 +87,8 @@ class Session:
 
     def fork(self) -> Session:
         """A copy that continues on its own (the state is shared, never changed in place)."""
-        return Session(self.typer, [dict(m) for m in self.messages], self.tools, self.max_tokens, self.state, self.cuts)
+        messages = [dict(m) for m in self.messages]
+        return Session(self.typer, messages, self.tools, self.max_tokens, self.state, self.cuts, self.masked)
 
 
 class Agent:
@@ -136,6 +140,8 @@ class Agent:
     def prompt(self, session: Session, reserve: int = 0, cut: bool = True) -> Prompt:
         """The session's prompt, the conversation cut first when it and `reserve` tokens exceed the limit (with
         `cut=False`, a ContextTooLong instead)."""
+        if self.trained.rules.noise_window is not None:
+            self._mask(session)
         encoded = self.st.encode_prompt(session.messages, session.tools, generated_type=self.generated_type)
         limit = session.max_tokens or self.max_tokens
         if limit is None or len(encoded["input_ids"]) + reserve <= limit:
@@ -154,6 +160,17 @@ class Agent:
                 f"left for the prompt (limit {limit}, {reserve} for the reply, margin {self.cut_margin:.0%})"
             )
         return Prompt(encoded["input_ids"], encoded["semantic_ids"], info)
+
+    def _mask(self, session: Session) -> None:
+        """Leaves out the noise turns older than the newest `noise_window`, as training did (the reply to come
+        belongs to the newest turn, as the trained reply did)."""
+        probe = {"role": "assistant", "content": "", "semantic_type": self.generated_type}
+        conversation = [*session.messages, probe]
+        names, rules = self.st.types.names, self.trained.rules
+        kept, masked = window_noise(conversation, rules.noise_window, names, rules.keep_types, self.st.types.default)
+        if masked:
+            session.messages = [session.messages[i] for i in kept if i < len(session.messages)]
+            session.masked += masked
 
     def _cut(self, session: Session, prompt_len: int, budget: int) -> FitInfo:
         """Cuts the session's messages as training cuts a sample to `budget` prompt tokens (raises when what must

@@ -162,7 +162,7 @@ def load_run_data(
     them; else resolved here) in one pass and assembles the run's data. `on_main(fn)` runs fn on rank 0 only:
     rank 0 builds what the cache lacks, then every rank opens the entries."""
     d = data_cfg
-    pre = Preprocess(d.cutoff_len, d.overlong, tuple(d.keep_types), d.on_error, tuple(d.ignore_keys))
+    pre = Preprocess(d.cutoff_len, d.overlong, tuple(d.keep_types), d.on_error, tuple(d.ignore_keys), d.noise_window)
     root = None
     if d.cache:
         root = Path(d.cache_dir).expanduser() if d.cache_dir else cache.default_root()

@@ -27,7 +27,7 @@ from hsa_train.data.loader import DataError, LoadReport, Record, iter_records
 from hsa_train.data.spec import DatasetSpec
 from hsa_train.data.store import EncodedSet, Sample, Writer, update_digest
 from hsa_train.data.tokenizer import SemanticTokenizer
-from hsa_train.data.truncate import FitInfo, TruncationReport, fit
+from hsa_train.data.truncate import FitInfo, TruncationReport, fit, window_noise
 from hsa_train.data.typing import TypingReport
 from hsa_train.data.vision import image_key
 from hsa_train.types import DEFAULT_KEEP_TYPES
@@ -42,6 +42,7 @@ class Preprocess:
     keep_types: tuple[str, ...] = DEFAULT_KEEP_TYPES
     on_error: str = "raise"
     ignore_keys: tuple[str, ...] = ("id",)
+    noise_window: int | None = None  # observation masking: the newest N noise turns stay (truncate.window_noise)
 
 
 @dataclass
@@ -127,6 +128,10 @@ class RecordEncoder:
                     "tokens can hold; set data.overlong=truncate or drop, or raise data.cutoff_len)"
                 )
         messages = record.messages
+        if pre.noise_window is not None:
+            kept, masked = window_noise(messages, pre.noise_window, st.types.names, pre.keep_types, st.types.default)
+            messages = [messages[i] for i in kept]
+            report.turns_masked += masked
         if pre.cutoff_len is None:
             encoding = st.encode_detailed(messages, record.tools)
         else:
@@ -230,7 +235,14 @@ class Preparation:
             "tokenizer": cache.tokenizer_digest(st.tokenizer),
             "types": [st.types.names, st.types.default],
             "train_on": st.train_on,
-            "pre": [pre.cutoff_len, pre.overlong, list(pre.keep_types), pre.on_error, sorted(pre.ignore_keys)],
+            "pre": [
+                pre.cutoff_len,
+                pre.overlong,
+                list(pre.keep_types),
+                pre.on_error,
+                sorted(pre.ignore_keys),
+                pre.noise_window,
+            ],  # fmt: skip
             "code": cache.code_digest(),
             "vision": st.media.cache_config() if st.media is not None else None,
         }

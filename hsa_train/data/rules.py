@@ -5,14 +5,15 @@ Without it a deployed model sees every untyped message as `default_type`: a mode
 KEY_EVENT would let them fade as noise. The file holds each training dataset's typing rules (typing.py's
 precedence: explicit type, rules, role map, dataset default, run default), the name of the set that types a
 message of unknown source (`export.typing_dataset`; null: the training dataset with the most weight), and the
-truncation settings (cutoff_len, keep_types) a session is cut by.
+truncation settings (cutoff_len, keep_types) a session is cut by, and the observation window (`data.noise_window`)
+it is masked by.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class SavedRules:
     default: str | None = None
     cutoff_len: int | None = None
     keep_types: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_TYPES))
+    noise_window: int | None = None  # observation masking: the newest N noise turns stay (truncate.window_noise)
 
     def __post_init__(self) -> None:
         if self.default is not None and self.default not in self.datasets:
@@ -43,7 +45,12 @@ class SavedRules:
 
     @classmethod
     def from_plan(
-        cls, plan: DatasetPlan, cutoff_len: int | None, keep_types: Sequence[str], default: str | None = None
+        cls,
+        plan: DatasetPlan,
+        cutoff_len: int | None,
+        keep_types: Sequence[str],
+        default: str | None = None,
+        noise_window: int | None = None,
     ) -> SavedRules:
         """The training datasets' rules; `default` names the set for messages of unknown source (None: the
         training dataset with the most weight, the first on ties)."""
@@ -54,7 +61,7 @@ class SavedRules:
             raise ValueError(
                 f"export.typing_dataset={default!r} is not a training dataset; name one of: {', '.join(datasets)}"
             )
-        return cls(datasets, default, cutoff_len, list(keep_types))
+        return cls(datasets, default, cutoff_len, list(keep_types), noise_window)
 
     def spec(self, path: str = "", dataset: str | None = None) -> DatasetSpec:
         """A `messages`-format DatasetSpec for `path` typed by the set `dataset` (None: the default set)."""
@@ -89,7 +96,7 @@ class SavedRules:
             return cls()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**{k: data[k] for k in ("datasets", "default", "cutoff_len", "keep_types") if k in data})
+            return cls(**{k: data[k] for k in (f.name for f in fields(cls)) if k in data})
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{path}: unreadable typing rules ({exc}); export the model again") from None
 

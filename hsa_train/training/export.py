@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from hsa_train.data.rules import SavedRules
 from hsa_train.model.export import load_exported, save_adapter, save_pretrained
+from hsa_train.model.settings import HSASettings
 from hsa_train.training import distributed as D
 
 
@@ -27,10 +28,16 @@ def export_model(
     lora: bool,
     merge: bool,
     rules: SavedRules | None = None,
+    plain: HSASettings | None = None,
 ) -> dict:
     """Writes the run's model (see module doc), each folder with the run's typing `rules`; returns the folders
-    written, for metrics.json."""
+    written, for metrics.json. `plain`: the settings of a run trained without the bias (hsa.enabled=false),
+    written with λ = 0 for every type, so that its folder runs as it trained (no decay: plain attention) and
+    types, cuts and masks a conversation by the run's types; without them it would run with the default λ."""
     inner = D.unwrap(model)  # DDP's module; a peft model under LoRA
+    if plain is not None:
+        base = inner.get_base_model() if lora else inner
+        base.config.hsa = plain.changed({t: 0.0 for t in plain.types}, learnable=False).to_dict()
     state = _full_state_dict(inner)  # collective under FSDP
     written: dict[str, str] = {}
     if info.is_main and not lora:

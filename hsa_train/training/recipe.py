@@ -341,6 +341,7 @@ class Recipe:
                 lora=self.lora,
                 merge=run.export.merge,
                 rules=saved_rules(run),
+                plain=None if run.hsa.enabled else self.hsa,
             )
         rollouts = None
         if run.eval.rollout.episodes and info.is_main:  # after export: the folder users will deploy acts
