@@ -161,11 +161,15 @@ class Agent:
             )
         return Prompt(encoded["input_ids"], encoded["semantic_ids"], info)
 
+    def _with_reply(self, session: Session) -> list[dict[str, Any]]:
+        """The session's messages and an empty reply: the conversation as training saw it, the reply to come in
+        its newest turn (the turn that must stay)."""
+        return [*session.messages, {"role": "assistant", "content": "", "semantic_type": self.generated_type}]
+
     def _mask(self, session: Session) -> None:
         """Leaves out the noise turns older than the newest `noise_window`, as training did (the reply to come
         belongs to the newest turn, as the trained reply did)."""
-        probe = {"role": "assistant", "content": "", "semantic_type": self.generated_type}
-        conversation = [*session.messages, probe]
+        conversation = self._with_reply(session)
         names, rules = self.st.types.names, self.trained.rules
         kept, masked = window_noise(conversation, rules.noise_window, names, rules.keep_types, self.st.types.default)
         if masked:
@@ -175,8 +179,7 @@ class Agent:
     def _cut(self, session: Session, prompt_len: int, budget: int) -> FitInfo:
         """Cuts the session's messages as training cuts a sample to `budget` prompt tokens (raises when what must
         stay does not fit)."""
-        probe = {"role": "assistant", "content": "", "semantic_type": self.generated_type}
-        conversation = [*session.messages, probe]
+        conversation = self._with_reply(session)
         full = len(self.st.encode_detailed(conversation, session.tools).features["input_ids"])
         names = self.st.types.names
         rules = self.trained.rules

@@ -242,7 +242,7 @@ class Preparation:
                 pre.on_error,
                 sorted(pre.ignore_keys),
                 pre.noise_window,
-            ],  # fmt: skip
+            ],
             "code": cache.code_digest(),
             "vision": st.media.cache_config() if st.media is not None else None,
         }

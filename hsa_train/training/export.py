@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from hsa_train.agent.folder import base_model
 from hsa_train.data.rules import SavedRules
 from hsa_train.model.export import load_exported, save_adapter, save_pretrained
 from hsa_train.model.settings import HSASettings
@@ -36,8 +37,7 @@ def export_model(
     types, cuts and masks a conversation by the run's types; without them it would run with the default λ."""
     inner = D.unwrap(model)  # DDP's module; a peft model under LoRA
     if plain is not None:
-        base = inner.get_base_model() if lora else inner
-        base.config.hsa = plain.changed({t: 0.0 for t in plain.types}, learnable=False).to_dict()
+        base_model(inner).config.hsa = plain.changed({t: 0.0 for t in plain.types}, learnable=False).to_dict()
     state = _full_state_dict(inner)  # collective under FSDP
     written: dict[str, str] = {}
     if info.is_main and not lora:
