@@ -101,6 +101,7 @@ def test_eval_set_names_must_be_usable_in_metric_names():
         ("type_blind", (True, 0.5, "alibi", False, None)),
         ("obs_mask", (False, None, "none", False, 4)),
         ("hsa_obs_mask", (True, 0.1, "none", False, 4)),
+        ("hsa_noise", (True, 0.1, "none", False, None)),
     ],
 )
 def test_each_evidence_arm_sets_what_its_file_says(arm, expected):
@@ -116,3 +117,5 @@ def test_each_evidence_arm_sets_what_its_file_says(arm, expected):
     assert (*got, run.data.noise_window) == expected
     if arm == "type_blind":
         assert set(dict(h.lambdas).values()) == {0.5}
+    if arm == "hsa_noise":
+        assert dict(h.lambdas) == {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.0, "PROCESS_NOISE": 0.1}
