@@ -16,10 +16,11 @@ Two variants:
   the latest code. Recency matters here, but only among key events: the noise between them is not what decides.
 
 Every answer trains; its code is the one token the question does not give away, and guessing gives 10% (25% or
-33% among the trajectory's own codes). Training trajectories
-have 6-10 filler lines (about 150 tokens); the eval sets have the same, about twice and four times as many (16-24,
-36-48), with the events spread over them, so recall reaches 2x and 4x further back than training ever did. One
-seeded RNG per file: the files are identical on every machine (a test regenerates them and compares).
+33% among the trajectory's own codes). Training trajectories have 6-10 filler lines (about 285 tokens with the
+chat template); the eval sets have the same, and 24-32 and 62-76 lines (about 565 and 1,150 tokens: twice and four
+times the training length), with the events spread over their first half, so recall reaches 2x and 4x further
+back than training ever did. One seeded RNG per file: the files are identical on every machine (a test
+regenerates them and compares).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 COLORS = ["red", "blue", "green", "black", "white", "orange", "purple", "yellow"]  # one token each, with a space
 TASK = "Remember the code of each door you are told of. Answer a question with the code alone."
 FILLER = ["Obs: gauge {d}.", "Obs: step {d}.", "Obs: lamp {d} on.", "Obs: quiet hall.", "Obs: you walk on."]
-LENGTHS = {"train": (6, 10), "valid": (6, 10), "eval_1x": (6, 10), "eval_2x": (16, 24), "eval_4x": (36, 48)}  # filler
+LENGTHS = {"train": (6, 10), "valid": (6, 10), "eval_1x": (6, 10), "eval_2x": (24, 32), "eval_4x": (62, 76)}  # filler
 COUNTS = {"train": 2000, "valid": 200, "eval_1x": 200, "eval_2x": 200, "eval_4x": 200}
 VARIANTS = {"recall": (4, 0), "latest": (3, 2)}  # doors, doors whose code changes later
 
