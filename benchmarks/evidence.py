@@ -8,11 +8,11 @@ same way on the same tasks, at the training length and at 2x and 4x, over seeds,
 
 Arms (conf/arm/*.yaml, each a config users run themselves: python -m hsa_train experiment=mqar arm=type_blind):
 (a) plain attention, (b) HSA with the default λ, (c) HSA with λ learned per head, (d) a type-blind decay with
-ALiBi's per-head slopes and one λ for every type, tuned on the training-length validation set over TYPE_BLIND_GRID
-(the best of them on the first seed is then run on every seed), (e) observation masking (the newest 4 noise turns stay, at
-training and at every turn of a rollout), (f) HSA with observation masking; and (g), beyond the issue's list, HSA
-with the key events kept from fading (KEY_EVENT λ = 0, the noise at its default 0.1), to tell the type mechanism
-from the default key-event slope.
+ALiBi's per-head slopes and one λ for every type, tuned on the training-length validation set over
+TYPE_BLIND_GRID (the best of them on the first seed is then run on every seed), (e) observation masking (the
+newest 4 noise turns stay, at training and at every turn of a rollout), (f) HSA with observation masking; and
+(g), beyond the issue's list, HSA with the key events kept from fading (KEY_EVENT λ = 0, the noise at its default
+0.1), to tell the type mechanism from the default key-event slope.
 
 Tasks (TASKS):
 - mqar: associative recall with distractors (data/generate_mqar.py): key events "Event: door red 7." among filler
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import statistics
@@ -71,6 +72,7 @@ TYPE_BLIND_GRID = (0.25, 1.0, 4.0)
 LENGTHS = ("1x", "2x", "4x")
 SEEDS = (1, 2, 3, 4, 5)
 BOOTSTRAP = 2000
+LEARNED = 0.9  # a seed "learned" the task when it scores this at the training length
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ QUICK = (  # a few steps of a one-layer model: the whole pipeline, in CI's minut
     "model.arch.intermediate_size=64",
     "model.arch.num_hidden_layers=1",
 )
+QUICK_RECORDS = 48  # --quick trains and validates on the first records of each file
+QUICK_EPISODE_STEPS = 4  # --quick rollouts stop after this many actions
 QUICK_BASE = {"arch": {**ARCH, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}, "max_steps": 4}
 
 
@@ -140,8 +144,9 @@ def job_overrides(task: Task, arm: str, seed: int, extra: list[str], base: Path 
     return [*out, *extra]
 
 
-def train_job(overrides: list[str], run_dir: Path) -> dict:
-    """The run `python -m hsa_train <overrides> hydra.run.dir=<run_dir>` makes, in this process; its metrics."""
+def train_job(overrides: list[str], run_dir: Path, subset: Path | None = None) -> dict:
+    """The run `python -m hsa_train <overrides> hydra.run.dir=<run_dir>` makes, in this process; its metrics.
+    `subset` (--quick): the data files are cut to their first QUICK_RECORDS records there first."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
@@ -150,12 +155,28 @@ def train_job(overrides: list[str], run_dir: Path) -> dict:
 
     with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, "logging.progress=none", "train.save_model=true"])
+    if subset is not None:
+        data = cfg.data
+        data.train_files = [cut(f, subset) for f in data.train_files]
+        data.eval_files = [cut(f, subset) for f in data.eval_files]
+        for source in data.datasets:
+            source.path = cut(source.path, subset)
     run = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a job cut off before it was recorded starts again
     run_dir.mkdir(parents=True)
     return train(run, resolved, run_dir), resolved
+
+
+def cut(path: str, folder: Path) -> str:
+    """The first QUICK_RECORDS lines of a JSON-lines file, written under `folder`; its path."""
+    out = folder / Path(path).name
+    if not out.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(path, encoding="utf-8") as f:
+            out.write_text("".join(line for _, line in zip(range(QUICK_RECORDS), f)), encoding="utf-8")
+    return str(out)
 
 
 # -- measuring a trained model ------------------------------------------------------------------------------------
@@ -283,6 +304,8 @@ def measure(task: Task, run_dir: Path, resolved: dict, quick: bool) -> dict[str,
         variants = dict(rollout["variants"])
         for name, variant in zip(LENGTHS, variants):
             env = {**rollout["env"], **variants[variant]}
+            if quick:
+                env["max_steps"] = QUICK_EPISODE_STEPS
             got = rollout_items(trained, env, 2 if quick else task.items, rollout["seed"], 8, rollout["max_new_tokens"])
             episodes = got.pop("episodes")
             lengths[name] = got
@@ -318,7 +341,7 @@ def run_recorded(task: Task, arm: str, seed: int, extra: list[str], args, tag: s
     run_dir = args.work / task.name / f"{arm}{tag}_s{seed}"
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {task.name} {arm}{tag} seed {seed}: training", flush=True)
-    metrics, resolved = train_job(overrides, run_dir)
+    metrics, resolved = train_job(overrides, run_dir, args.work / "quick_data" if args.quick else None)
     measured = measure(task, run_dir, resolved, args.quick)
     record = {
         "task": task.name,
@@ -421,6 +444,7 @@ def summarize(tasks: dict[str, dict], reps: int = BOOTSTRAP, seed: int = 0) -> d
                     )
                     cell["vs_plain"] = {"diff": diff, "ci95": [dlow, dhigh], "significant": dlow > 0 or dhigh < 0}
                 row["lengths"][length] = cell
+            row["learned"] = sum(float(np.mean(r["lengths"][LENGTHS[0]]["correct"])) >= LEARNED for r in runs)
             row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs)
             row["context_tokens_4x"] = float(np.mean([np.mean(r["lengths"]["4x"]["context"]) for r in runs]))
             shares = [r["attention_4x"] for r in runs if r.get("attention_4x")]
@@ -476,8 +500,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     for task, result in summary.items():
         arms = result["arms"]
-        lines += ["", f"## {task}: {TASKS[task].metric}", "", "| arm | " + " | ".join(LENGTHS) + " | tokens/s vs (a) |"]
-        lines.append("|---" * (len(LENGTHS) + 2) + "|")
+        header = f"| arm | {' | '.join(LENGTHS)} | seeds at ≥ {pct(LEARNED)}% (1x) | tokens/s vs (a) |"
+        lines += ["", f"## {task}: {TASKS[task].metric}", "", header, "|---" * (len(LENGTHS) + 3) + "|"]
         for arm, row in arms.items():
             cells = []
             for length in LENGTHS:
@@ -489,7 +513,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                     text += "<br>" + (f"**{delta}**" if vs["significant"] else delta)
                 cells.append(text)
             speed = f"{row.get('speed_vs_plain', 1.0):.2f}x"
-            lines.append(f"| {ARMS[arm]} | " + " | ".join(cells) + f" | {speed} |")
+            learned = f"{row['learned']} of {len(row['seeds'])}"
+            lines.append(f"| {ARMS[arm]} | " + " | ".join(cells) + f" | {learned} | {speed} |")
         tuning = result.get("type_blind_tuning")
         if tuning:
             grid = ", ".join(f"λ={k}: {pct(v)}" for k, v in tuning["grid"].items())
@@ -538,7 +563,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(summary), figsize=(max(4.2 * len(summary), 7.0), 4.2), squeeze=False)
     x = np.arange(len(LENGTHS))
     for ax, (task, result) in zip(axes[0], summary.items()):
         arms = result["arms"]
@@ -553,8 +578,9 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(f"{task}: {TASKS[task].metric}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean over seeds, 95% interval")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.055 * math.ceil(len(labels) / 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -84,6 +84,23 @@ def test_recall_experiment_composes():
     assert run.hsa.lambdas == {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.01, "PROCESS_NOISE": 0.1}
 
 
+@pytest.mark.parametrize("experiment, prefix", [("mqar", ""), ("mqar_latest", "latest_")])
+def test_mqar_experiments_compose(experiment, prefix):
+    """experiment=mqar / mqar_latest: their data, the three test lengths, the 2-layer shape of the evidence's base
+    (for a run without one) and an objective that names one of the run's metrics."""
+    with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    run = validate(cfg)
+    assert run.data.train_files == [bundled_path(f"mqar/{prefix}train.jsonl")]
+    assert run.data.eval_files == [bundled_path(f"mqar/{prefix}valid.jsonl")]
+    assert run.data.eval_sets == {
+        n: [bundled_path(f"mqar/{prefix}eval_{n[3:]}.jsonl")] for n in ("len1x", "len2x", "len4x")
+    }
+    assert all(Path(f).is_file() for files in run.data.eval_sets.values() for f in files)
+    assert run.objective.metric == "eval_sets.len4x.answer_token_accuracy" and run.model.arch["num_hidden_layers"] == 2
+    assert (run.train.max_steps, run.train.warmup_steps, run.train.lr) == (200, 50, 1e-3)
+
+
 def test_eval_set_names_must_be_usable_in_metric_names():
     cfg = composed()
     with open_dict(cfg):

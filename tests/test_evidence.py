@@ -86,5 +86,6 @@ def test_summary_marks_significance_only_when_the_interval_excludes_zero():
     same = summary["obs_mask"]["lengths"]["1x"]["vs_plain"]
     assert same["diff"] == 0.0 and not same["significant"]
     assert summary["hsa"]["speed_vs_plain"] == 0.5
+    assert (summary["hsa"]["learned"], summary["plain"]["learned"]) == (3, 0)  # 100% and 25% at 1x
     gaps = {tuple(r["gap"]): r["accuracy"] for r in summary["plain"]["by_gap"]}  # the third item (gap 250) is right
     assert gaps == {(0, 100): 0.0, (100, 200): 0.0, (200, 400): 1.0, (800, 1600): 0.0}
