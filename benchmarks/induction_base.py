@@ -1,7 +1,7 @@
 """A tiny base model that can already copy from its context: what the recall benchmarks fine-tune, as users
 fine-tune a pretrained checkpoint, not a random one.
 
-    python benchmarks/induction_base.py --out bases/s1 --seed 1      # about 2 minutes on 2 CPU cores
+    python benchmarks/induction_base.py --out bases/s1 --seed 1      # about 3 minutes on 2 CPU cores
     python -m hsa_train experiment=mqar model.name_or_path=bases/s1
 
 Why: a randomly initialised model does not learn associative recall in a CPU fine-tune. The recall needs an
