@@ -95,7 +95,8 @@ def test_help_says_what_the_app_does(tmp_path):
     assert proc.returncode == 0
     assert "Hierarchical Semantic Attention" in proc.stdout
     assert (
-        "== Config groups" in proc.stdout and "experiment: agent_demo, agent_demo_rft, recall, vl_demo" in proc.stdout
+        "== Config groups" in proc.stdout
+        and "experiment: agent_demo, agent_demo_rft, mqar, mqar_latest, recall, vl_demo" in proc.stdout
     )
     assert "python -m hsa_train -m hsa.lambdas.PROCESS_NOISE=0.0,0.05,0.2" in proc.stdout
 
