@@ -252,15 +252,11 @@ def attention_shares(trained_dir: Path, samples: list, n_types: int) -> dict[str
     return {"attended": result["with_bias"].mean(0).tolist(), "context": result["keys"].tolist()}
 
 
-class Decision:
-    """A sample for diagnose: features and the deciding token's span."""
+def recall_decisions(trained, path: Path, limit: int) -> list:
+    """diagnose's samples (hsa_train's Sample: features and the deciding token's span) at the last question's code
+    of the first `limit` records: the token the answer turns on."""
+    from hsa_train.data.store import Sample
 
-    def __init__(self, features: dict, answer: tuple[int, int]):
-        self.features, self.answer = features, answer
-
-
-def recall_decisions(trained, path: Path, limit: int) -> list[Decision]:
-    """The last question's code of the first `limit` records: the token the answer turns on."""
     st, decisions = trained.st, []
     for line in path.read_text().splitlines()[:limit]:
         messages = windowed(trained, json.loads(line)["messages"])
@@ -270,12 +266,15 @@ def recall_decisions(trained, path: Path, limit: int) -> list[Decision]:
             p for p, (t, w) in enumerate(zip(enc.features["input_ids"], enc.message_index))
             if w == last and st.tokenizer.decode([t]).strip().isdigit()
         ]  # fmt: skip
-        decisions.append(Decision(enc.features, (digits[0], digits[0] + 1)))
+        decisions.append(Sample(enc.features, (digits[0], digits[0] + 1), f"{path.name}, record {len(decisions) + 1}"))
     return decisions
 
 
-def episode_decisions(trained, episodes: list, limit: int) -> list[Decision]:
-    """The last action of the first `limit` episodes, in the context the model acted in (the window applied)."""
+def episode_decisions(trained, episodes: list, limit: int) -> list:
+    """The last action of the first `limit` episodes, in the context the model acted in (the window applied), as
+    diagnose's samples."""
+    from hsa_train.data.store import Sample
+
     decisions = []
     for episode in episodes[:limit]:
         messages = list(episode.messages)
@@ -283,7 +282,7 @@ def episode_decisions(trained, episodes: list, limit: int) -> list[Decision]:
             messages.pop()  # the environment's last word comes after the deciding action
         enc = trained.st.encode_detailed(windowed(trained, messages))
         if enc.answer is not None:
-            decisions.append(Decision(enc.features, enc.answer))
+            decisions.append(Sample(enc.features, enc.answer, f"episode seed {episode.seed}"))
     return decisions
 
 
@@ -375,7 +374,7 @@ def tuned_type_blind(task: Task, args, extra: list[str]) -> tuple[float, dict[st
             task, "type_blind", args.seeds[0], [*extra, f"hsa.lambdas.PROCESS_NOISE={value}"], args, f"@{value}"
         )
         scores[str(value)] = _tuning_score(record)
-    best = max(grid, key=lambda v: (scores[str(v)], -v))
+    best = chosen_lambda({v: scores[str(v)] for v in grid})
     return best, scores
 
 
@@ -657,7 +656,7 @@ def recorded(task: Task, args) -> dict:
                 raise SystemExit(
                     f"evidence: {task.name}'s type_blind tuning is not recorded yet (run without --report)"
                 )
-            chosen = max(scores, key=lambda v: (_tuning_score(scores[v]), -v))
+            chosen = chosen_lambda({v: _tuning_score(r) for v, r in scores.items()})
             tuning = {"grid": {str(v): _tuning_score(r) for v, r in sorted(scores.items())}, "chosen": chosen}
             runs[0] = record_path(args, task.name, arm, args.seeds[0], f"@{chosen}")
         missing = [str(p) for p in runs if not p.is_file()]
@@ -665,6 +664,11 @@ def recorded(task: Task, args) -> dict:
             raise SystemExit(f"evidence: not recorded yet: {missing[0]} (run without --report first)")
         records[arm] = [json.loads(p.read_text()) for p in runs]
     return {"records": records, "type_blind_tuning": tuning}
+
+
+def chosen_lambda(scores: dict[float, float]) -> float:
+    """The best-scoring λ of the tuning; a tie goes to the smaller λ."""
+    return max(scores, key=lambda v: (scores[v], -v))
 
 
 def _tuning_score(record: dict) -> float:
