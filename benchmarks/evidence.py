@@ -207,17 +207,17 @@ def windowed(trained, messages: list[dict]) -> list[dict]:
 @torch.no_grad()
 def recall_items(trained, path: Path, limit: int) -> dict[str, list]:
     """Each question's code, teacher-forced: {"correct": [0/1], "gap": [tokens from its event's code to the
-    answer's], "context": [tokens the model sees per record]}. The code is the answer's digit token; its
-    prediction is the argmax at the token before it."""
+    answer's], "kind": [ANSWER_KINDS, what the prediction was], "context": [tokens the model sees per record]}. The
+    code is the answer's digit token; its prediction is the argmax at the token before it."""
     st, model = trained.st, trained.model
-    out = {"correct": [], "gap": [], "context": []}
+    out = {"correct": [], "gap": [], "kind": [], "context": []}
     for line in path.read_text().splitlines()[:limit]:
         messages = windowed(trained, json.loads(line)["messages"])
         enc = st.encode_detailed(messages)
         ids, sem = enc.features["input_ids"], enc.features["semantic_ids"]
         logits = model(input_ids=torch.tensor([ids]), semantic_ids=torch.tensor([sem])).logits[0]
         predicted = logits.argmax(-1).tolist()
-        code_at = {}  # door -> the position of its latest code token so far
+        code_at, codes = {}, {}  # door -> the position of its latest code token so far; door -> its code tokens
         for pos, (token, where) in enumerate(zip(ids, enc.message_index)):
             if where < 0 or not st.tokenizer.decode([token]).strip().isdigit():
                 continue
@@ -225,15 +225,34 @@ def recall_items(trained, path: Path, limit: int) -> dict[str, list]:
             event, answer = CODE.match(message["content"]), ASKED.match(message["content"])
             if event and message["role"] == "user":
                 code_at[event.group(1)] = pos
+                codes.setdefault(event.group(1), []).append(token)
             elif answer and message["role"] == "assistant":
                 out["correct"].append(int(predicted[pos - 1] == token))
                 out["gap"].append(pos - code_at[answer.group(1)])
+                out["kind"].append(answer_kind(predicted[pos - 1], token, answer.group(1), codes))
         out["context"].append(len(ids))
     return out
 
 
+ANSWER_KINDS = ("right", "older code, same door", "another door's code", "no code of the trajectory")
+
+
+def answer_kind(predicted: int, right: int, door: str, codes: dict[str, list[int]]) -> str:
+    """What a predicted code was: right, a code the asked door had before (mqar_latest), a code of another door
+    (the door's binding lost, the copying kept), or none of the trajectory's codes."""
+    if predicted == right:
+        return ANSWER_KINDS[0]
+    if predicted in codes[door]:
+        return ANSWER_KINDS[1]
+    if any(predicted in tokens for other, tokens in codes.items() if other != door):
+        return ANSWER_KINDS[2]
+    return ANSWER_KINDS[3]
+
+
 def rollout_items(trained, env_cfg: dict, episodes: int, seed: int, batch: int, max_new_tokens: int) -> dict:
-    """Closed-loop greedy episodes: {"correct": [success 0/1], "context": [tokens at the last turn], "episodes"}."""
+    """Closed-loop greedy episodes: {"correct": [success 0/1], "outcome": ["right" | "wrong" object chosen, or
+    "none": the step limit came first], "context": [tokens at the last turn], "episodes"}. The outcome tells the
+    memory (which object) from the route (whether it got there)."""
     from hsa_train.agent.decoding import DecodeOptions
     from hsa_train.agent.rollout import env_maker, run_episodes
     from hsa_train.agent.session import Agent
@@ -246,7 +265,12 @@ def rollout_items(trained, env_cfg: dict, episodes: int, seed: int, batch: int, 
         batch,
         DecodeOptions(max_new_tokens=max_new_tokens),
     )
-    return {"correct": [int(e.success) for e in done], "context": [e.tokens for e in done], "episodes": done}
+    return {
+        "correct": [int(e.success) for e in done],
+        "outcome": ["none" if e.truncated else "right" if e.success else "wrong" for e in done],
+        "context": [e.tokens for e in done],
+        "episodes": done,
+    }
 
 
 def attention_shares(trained_dir: Path, samples: list, n_types: int) -> dict[str, list[float]]:
@@ -464,6 +488,11 @@ def summarize(tasks: dict[str, dict], reps: int = BOOTSTRAP, seed: int = 0) -> d
                 row["lambdas_per_head"] = [r["lambdas_per_head"] for r in runs]
             if "gap" in runs[0]["lengths"]["1x"]:
                 row["by_gap"] = by_gap(runs)
+            if all("outcome" in r["lengths"]["1x"] for r in runs):
+                row["choice"] = {n: choice_accuracy(runs, n, reps, rng) for n in LENGTHS}
+            if all("kind" in r["lengths"]["1x"] for r in runs):  # recorded since the error kinds were added
+                kinds = [k for r in runs for k in r["lengths"]["1x"]["kind"]]
+                row["answers_1x"] = {k: kinds.count(k) for k in ANSWER_KINDS}
             table[arm] = row
         if base is not None:
             plain_speed = table[BASELINE]["tokens_per_s"]
@@ -474,6 +503,23 @@ def summarize(tasks: dict[str, dict], reps: int = BOOTSTRAP, seed: int = 0) -> d
 
 
 GAP_BINS = (0, 100, 200, 400, 800, 1600, 10**9)
+
+
+def choice_accuracy(runs: list[dict], length: str, reps: int, rng: np.random.Generator) -> dict[str, Any]:
+    """The right object among the episodes that chose one (chance: 1/2), with the same two-stage bootstrap over
+    the seeds that chose at all; and how many episodes chose."""
+    chosen = []
+    for r in runs:
+        outcome = np.asarray(r["lengths"][length]["outcome"])
+        picked = outcome != "none"
+        if picked.any():
+            chosen.append((outcome[picked] == "right").astype(float))
+    episodes = sum(len(r["lengths"][length]["outcome"]) for r in runs)
+    cell = {"chose": int(sum(len(c) for c in chosen)), "episodes": episodes}
+    if chosen:
+        mean, low, high = bootstrap(chosen, reps, rng)
+        cell.update(mean=mean, ci95=[low, high])
+    return cell
 
 
 def by_gap(runs: list[dict]) -> list[dict[str, Any]]:
@@ -555,6 +601,24 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             for arm, rows in gap_rows.items():
                 by = {tuple(r["gap"]): r["accuracy"] for r in rows}
                 lines.append(f"| {ARMS[arm]} | " + " | ".join(pct(by[b]) if b in by else "-" for b in bins) + " |")
+        choice_rows = {arm: row["choice"] for arm, row in arms.items() if "choice" in row}
+        if choice_rows:
+            lines += ["", "The right object among the episodes that chose one (%, 95% interval; chance 50%), and "
+                      "the episodes that chose (of all):", ""]  # fmt: skip
+            lines += [f"| arm | {' | '.join(LENGTHS)} |", "|---" * (len(LENGTHS) + 1) + "|"]
+            for arm, cells in choice_rows.items():
+                text = [
+                    (f"{pct(c['mean'])} [{pct(c['ci95'][0])}, {pct(c['ci95'][1])}]" if "mean" in c else "-")
+                    + f"; {c['chose']} of {c['episodes']}"
+                    for c in (cells[n] for n in LENGTHS)
+                ]
+                lines.append(f"| {ARMS[arm]} | " + " | ".join(text) + " |")
+        kind_rows = {arm: row["answers_1x"] for arm, row in arms.items() if "answers_1x" in row}
+        if kind_rows:
+            lines += ["", "What the predicted code was at 1x (questions, all seeds):", ""]
+            lines += ["| arm | " + " | ".join(ANSWER_KINDS) + " |", "|---" * (len(ANSWER_KINDS) + 1) + "|"]
+            for arm, counts in kind_rows.items():
+                lines.append(f"| {ARMS[arm]} | " + " | ".join(str(counts[k]) for k in ANSWER_KINDS) + " |")
         lines += ["", "Context the model sees at 4x (tokens, mean): "
                   + ", ".join(f"{ARMS[a][:3]} {row['context_tokens_4x']:.0f}" for a, row in arms.items())]  # fmt: skip
     lines += ["", "Reproduce: " + meta["reproduce"], ""]

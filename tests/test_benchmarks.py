@@ -103,6 +103,12 @@ def test_evidence_quick_runs_and_reports(tmp_path):
         assert len(task["arms"]["learnable"]["lambdas_per_head"]) == 2
     mqar = tasks["mqar"]["arms"]  # the window leaves the 4x trajectories' old noise out
     assert mqar["obs_mask"]["context_tokens_4x"] < mqar["plain"]["context_tokens_4x"] / 2
+    for row in mqar.values():  # every 1x question's prediction has a kind; "right" counts the correct ones
+        assert sum(row["answers_1x"].values()) == row["lengths"]["1x"]["items"]
+        assert row["answers_1x"]["right"] == round(row["lengths"]["1x"]["mean"] * row["lengths"]["1x"]["items"])
+    assert "answers_1x" not in tasks["agent"]["arms"]["plain"]
+    for row in tasks["agent"]["arms"].values():  # 4-action rollouts: most stop before a choice, none is lost
+        assert all(c["episodes"] == row["lengths"][n]["items"] >= c["chose"] for n, c in row["choice"].items())
     records = sorted((out / "evidence_runs_quick" / "mqar").glob("*.json"))
     first = json.loads(records[0].read_text())
     assert first["command"].startswith("python -m hsa_train experiment=mqar arm=") and first["base"]["steps"] == 4
@@ -111,3 +117,25 @@ def test_evidence_quick_runs_and_reports(tmp_path):
     report = run_script("evidence.py", "--quick", "--report", "--tasks", "mqar", "agent", "--arms", *arms,
                         "--out", str(out), tmp_path=tmp_path)  # fmt: skip
     assert "## agent" in report.stdout and "(d)'s λ, tuned" in report.stdout
+
+
+def test_recall_errors_sorts_every_question_of_a_trained_model(tmp_path):
+    """recall_errors.py on a model the CLI trained (a few steps): one kind per question of the file's first records,
+    and a folder without a model is refused with the fix."""
+    from conftest import assert_ran, run_cli
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from evidence import QUICK
+
+    assert_ran(run_cli("experiment=mqar_latest", *QUICK, "data.eval_sets={}", "logging.progress=none",
+                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))  # fmt: skip
+    proc = run_script("recall_errors.py", str(tmp_path / "run" / "model"), "--lengths", "1x", "--items", "3",
+                      tmp_path=tmp_path)  # fmt: skip
+    counts = json.loads(proc.stdout.splitlines()[-1])["1x"]
+    lines = (ROOT / "data" / "mqar" / "latest_eval_1x.jsonl").read_text().splitlines()[:3]
+    questions = sum(m["role"] == "assistant" for line in lines for m in json.loads(line)["messages"])
+    assert set(counts) == {"right", "older code, same door", "another door's code", "no code of the trajectory"}
+    assert sum(counts.values()) == questions == 9
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recall_errors.py"), str(tmp_path)],
+                         capture_output=True, text=True, env=cli_env())  # fmt: skip
+    assert bad.returncode == 2 and "no config.json there" in bad.stderr

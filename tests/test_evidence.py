@@ -89,3 +89,57 @@ def test_summary_marks_significance_only_when_the_interval_excludes_zero():
     assert (summary["hsa"]["learned"], summary["plain"]["learned"]) == (3, 0)  # 100% and 25% at 1x
     gaps = {tuple(r["gap"]): r["accuracy"] for r in summary["plain"]["by_gap"]}  # the third item (gap 250) is right
     assert gaps == {(0, 100): 0.0, (100, 200): 0.0, (200, 400): 1.0, (800, 1600): 0.0}
+
+
+def test_a_tasks_own_settings_reach_its_jobs_and_later_settings_win():
+    from hydra import compose, initialize_config_module
+
+    def composed(extra):
+        overrides = evidence.job_overrides(evidence.TASKS["agent"], "plain", 1, extra, None)
+        with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+
+    full = composed([])
+    assert (full.model.arch.num_hidden_layers, full.train.max_steps) == (2, 200)  # the agent's CPU budget
+    assert full.hsa.enabled is False and full.eval.rollout.episodes == 0  # the arm; episodes are measured by the script
+    quick = composed(list(evidence.QUICK))  # --quick's extras come after the task's: its 1 layer and 4 steps win
+    assert (quick.model.arch.num_hidden_layers, quick.train.max_steps) == (1, 4)
+
+
+def test_answer_kind_tells_the_door_lost_from_the_latest_missed():
+    codes = {"red": [11, 12], "blue": [13]}  # red had code 11, then 12; blue 13
+    assert evidence.answer_kind(12, 12, "red", codes) == "right"
+    assert evidence.answer_kind(11, 12, "red", codes) == "older code, same door"
+    assert evidence.answer_kind(13, 12, "red", codes) == "another door's code"
+    assert evidence.answer_kind(11, 13, "blue", codes) == "another door's code"
+    assert evidence.answer_kind(19, 13, "blue", codes) == "no code of the trajectory"
+
+
+def test_summary_counts_answer_kinds_only_where_recorded():
+    kinds = ["right", "another door's code", "right", "older code, same door"]
+    with_kinds = []
+    for s in (1, 2):
+        r = record("plain", s, [1, 0, 1, 0], [50, 150, 250, 900])
+        r["lengths"]["1x"]["kind"] = kinds
+        with_kinds.append(r)
+    summary = evidence.summarize({"mqar": {"records": {"plain": with_kinds}}}, reps=20)["mqar"]["arms"]["plain"]
+    assert summary["answers_1x"] == {"right": 4, "older code, same door": 2, "another door's code": 2,
+                                     "no code of the trajectory": 0}  # fmt: skip
+    older = [record("plain", s, [1, 0, 1, 0], [50, 150, 250, 900]) for s in (1, 2)]  # runs recorded before kinds
+    assert (
+        "answers_1x"
+        not in evidence.summarize({"mqar": {"records": {"plain": older}}}, reps=20)["mqar"]["arms"]["plain"]
+    )
+
+
+def test_choice_accuracy_counts_only_the_episodes_that_chose():
+    def run(seed, outcome):
+        lengths = {n: {"correct": [int(o == "right") for o in outcome], "outcome": outcome} for n in evidence.LENGTHS}
+        return {"seed": seed, "lengths": lengths}
+
+    runs = [run(1, ["right", "none", "wrong", "right"]), run(2, ["none", "none", "right", "wrong"]), run(3, ["none"])]
+    cell = evidence.choice_accuracy(runs, "2x", 300, np.random.default_rng(0))
+    assert (cell["chose"], cell["episodes"]) == (5, 9)  # seed 3 never chose: it has no share to resample
+    assert cell["mean"] == pytest.approx(reference_point([[1, 0, 1], [1, 0]]))
+    assert 0.0 <= cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1] <= 1.0
+    assert "mean" not in evidence.choice_accuracy([run(1, ["none", "none"])], "1x", 10, np.random.default_rng(0))
