@@ -251,8 +251,9 @@ def answer_kind(predicted: int, right: int, door: str, codes: dict[str, list[int
 
 def rollout_items(trained, env_cfg: dict, episodes: int, seed: int, batch: int, max_new_tokens: int) -> dict:
     """Closed-loop greedy episodes: {"correct": [success 0/1], "outcome": ["right" | "wrong" object chosen, or
-    "none": the step limit came first], "context": [tokens at the last turn], "episodes"}. The outcome tells the
-    memory (which object) from the route (whether it got there)."""
+    "none": the step limit came first], "key_events": [KEY_EVENT messages the episode had], "context": [tokens at
+    the last turn], "episodes"}. The outcome tells the memory (which object) from the route (whether it got
+    there); the key events, whether there was anything to remember (the agent must look back to see one)."""
     from hsa_train.agent.decoding import DecodeOptions
     from hsa_train.agent.rollout import env_maker, run_episodes
     from hsa_train.agent.session import Agent
@@ -268,6 +269,7 @@ def rollout_items(trained, env_cfg: dict, episodes: int, seed: int, batch: int, 
     return {
         "correct": [int(e.success) for e in done],
         "outcome": ["none" if e.truncated else "right" if e.success else "wrong" for e in done],
+        "key_events": [sum(m.get("semantic_type") == "KEY_EVENT" for m in e.messages) for e in done],
         "context": [e.tokens for e in done],
         "episodes": done,
     }
@@ -490,6 +492,7 @@ def summarize(tasks: dict[str, dict], reps: int = BOOTSTRAP, seed: int = 0) -> d
                 row["by_gap"] = by_gap(runs)
             if all("outcome" in r["lengths"]["1x"] for r in runs):
                 row["choice"] = {n: choice_accuracy(runs, n, reps, rng) for n in LENGTHS}
+                row["choice_after_event"] = {n: choice_accuracy(runs, n, reps, rng, after_event=True) for n in LENGTHS}
             if all("kind" in r["lengths"]["1x"] for r in runs):  # recorded since the error kinds were added
                 kinds = [k for r in runs for k in r["lengths"]["1x"]["kind"]]
                 row["answers_1x"] = {k: kinds.count(k) for k in ANSWER_KINDS}
@@ -505,13 +508,18 @@ def summarize(tasks: dict[str, dict], reps: int = BOOTSTRAP, seed: int = 0) -> d
 GAP_BINS = (0, 100, 200, 400, 800, 1600, 10**9)
 
 
-def choice_accuracy(runs: list[dict], length: str, reps: int, rng: np.random.Generator) -> dict[str, Any]:
+def choice_accuracy(
+    runs: list[dict], length: str, reps: int, rng: np.random.Generator, after_event: bool = False
+) -> dict[str, Any]:
     """The right object among the episodes that chose one (chance: 1/2), with the same two-stage bootstrap over
-    the seeds that chose at all; and how many episodes chose."""
+    the seeds that chose at all; and how many episodes chose. `after_event`: only those that had seen the key
+    event before they chose, the ones with something to remember."""
     chosen = []
     for r in runs:
         outcome = np.asarray(r["lengths"][length]["outcome"])
         picked = outcome != "none"
+        if after_event:
+            picked &= np.asarray(r["lengths"][length]["key_events"]) > 0
         if picked.any():
             chosen.append((outcome[picked] == "right").astype(float))
     episodes = sum(len(r["lengths"][length]["outcome"]) for r in runs)
@@ -601,10 +609,12 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             for arm, rows in gap_rows.items():
                 by = {tuple(r["gap"]): r["accuracy"] for r in rows}
                 lines.append(f"| {ARMS[arm]} | " + " | ".join(pct(by[b]) if b in by else "-" for b in bins) + " |")
-        choice_rows = {arm: row["choice"] for arm, row in arms.items() if "choice" in row}
-        if choice_rows:
-            lines += ["", "The right object among the episodes that chose one (%, 95% interval; chance 50%), and "
-                      "the episodes that chose (of all):", ""]  # fmt: skip
+        for key, what in (("choice", "that chose one"), ("choice_after_event", "that saw the key event, then chose")):
+            choice_rows = {arm: row[key] for arm, row in arms.items() if key in row}
+            if not choice_rows:
+                continue
+            lines += ["", f"The right object among the episodes {what} (%, 95% interval; chance 50%); how many "
+                      "of all:", ""]  # fmt: skip
             lines += [f"| arm | {' | '.join(LENGTHS)} |", "|---" * (len(LENGTHS) + 1) + "|"]
             for arm, cells in choice_rows.items():
                 text = [

@@ -109,6 +109,7 @@ def test_evidence_quick_runs_and_reports(tmp_path):
     assert "answers_1x" not in tasks["agent"]["arms"]["plain"]
     for row in tasks["agent"]["arms"].values():  # 4-action rollouts: most stop before a choice, none is lost
         assert all(c["episodes"] == row["lengths"][n]["items"] >= c["chose"] for n, c in row["choice"].items())
+        assert all(row["choice_after_event"][n]["chose"] <= c["chose"] for n, c in row["choice"].items())
     records = sorted((out / "evidence_runs_quick" / "mqar").glob("*.json"))
     first = json.loads(records[0].read_text())
     assert first["command"].startswith("python -m hsa_train experiment=mqar arm=") and first["base"]["steps"] == 4

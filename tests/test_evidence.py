@@ -133,13 +133,25 @@ def test_summary_counts_answer_kinds_only_where_recorded():
 
 
 def test_choice_accuracy_counts_only_the_episodes_that_chose():
-    def run(seed, outcome):
-        lengths = {n: {"correct": [int(o == "right") for o in outcome], "outcome": outcome} for n in evidence.LENGTHS}
+    def run(seed, outcome, events=None):
+        events = events or [1] * len(outcome)
+        lengths = {
+            n: {"correct": [int(o == "right") for o in outcome], "outcome": outcome, "key_events": events}
+            for n in evidence.LENGTHS
+        }
         return {"seed": seed, "lengths": lengths}
 
-    runs = [run(1, ["right", "none", "wrong", "right"]), run(2, ["none", "none", "right", "wrong"]), run(3, ["none"])]
+    runs = [
+        run(1, ["right", "none", "wrong", "right"], [1, 1, 0, 2]),
+        run(2, ["none", "none", "right", "wrong"]),
+        run(3, ["none"]),
+    ]
     cell = evidence.choice_accuracy(runs, "2x", 300, np.random.default_rng(0))
     assert (cell["chose"], cell["episodes"]) == (5, 9)  # seed 3 never chose: it has no share to resample
     assert cell["mean"] == pytest.approx(reference_point([[1, 0, 1], [1, 0]]))
     assert 0.0 <= cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1] <= 1.0
+    seen = evidence.choice_accuracy(runs, "2x", 300, np.random.default_rng(0), after_event=True)
+    assert seen["chose"] == 4 and seen["mean"] == pytest.approx(
+        reference_point([[1, 1], [1, 0]])
+    )  # seed 1's wrong one saw none
     assert "mean" not in evidence.choice_accuracy([run(1, ["none", "none"])], "1x", 10, np.random.default_rng(0))
