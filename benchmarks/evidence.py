@@ -23,10 +23,10 @@ Tasks (TASKS):
   pre-trained only to copy repeats of random tokens, since a random initialisation never forms the induction
   circuit that recall needs in a CPU fine-tune (induction_base's docstring). The base's record is in each job's.
 - agent: minigrid's Memory task as text (experiment=agent_demo): trained on expert episodes at size 9, rolled out
-  closed-loop, greedy, at sizes 9, 15 and 27; success rate. At the CPU's budget (37 jobs, 2-6 minutes each): 2 layers and 200 steps
-  instead of agent_demo's 4 and 400. Both pick the object at chance (agent_demo: 56% success at size 9, README; 2
-  layers, 200 steps: 44% over 50 episodes), so the smaller run loses nothing the table could show; a random
-  initialisation, since the induction base navigates worse (12% at size 27 after agent_demo's 400 steps).
+  closed-loop, greedy, at sizes 9, 15 and 27; success rate. At the CPU's budget (37 jobs, 2-6 minutes each): 2
+  layers and 200 steps instead of agent_demo's 4 and 400. Both pick the object at chance (agent_demo: 56% success at
+  size 9, README; 2 layers, 200 steps: 44% over 50 episodes), so the smaller run loses nothing the table could show;
+  a random initialisation, since the induction base navigates worse (12% at size 27 after agent_demo's 400 steps).
 
 Every job is a run of the CLI's config (composed in this process, as `python -m hsa_train <overrides>` would compose
 it; the record keeps that command), then evaluated here through the library (load_trained, the agent runtime), and
