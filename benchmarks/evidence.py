@@ -551,6 +551,11 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def with_interval(cell: dict) -> str:
+    """A cell's mean and 95% interval in %: "52.2 [47.4, 57.2]"."""
+    return f"{pct(cell['mean'])} [{pct(cell['ci95'][0])}, {pct(cell['ci95'][1])}]"
+
+
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# Evidence: HSA against plain attention, a type-blind decay and observation masking",
@@ -567,7 +572,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             cells = []
             for length in LENGTHS:
                 c = row["lengths"][length]
-                text = f"{pct(c['mean'])} [{pct(c['ci95'][0])}, {pct(c['ci95'][1])}]"
+                text = with_interval(c)
                 vs = c.get("vs_plain")
                 if vs:
                     delta = f"Δ {vs['diff'] * 100:+.1f} [{vs['ci95'][0] * 100:+.1f}, {vs['ci95'][1] * 100:+.1f}]"
@@ -618,8 +623,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             lines += [f"| arm | {' | '.join(LENGTHS)} |", "|---" * (len(LENGTHS) + 1) + "|"]
             for arm, cells in choice_rows.items():
                 text = [
-                    (f"{pct(c['mean'])} [{pct(c['ci95'][0])}, {pct(c['ci95'][1])}]" if "mean" in c else "-")
-                    + f"; {c['chose']} of {c['episodes']}"
+                    (with_interval(c) if "mean" in c else "-") + f"; {c['chose']} of {c['episodes']}"
                     for c in (cells[n] for n in LENGTHS)
                 ]
                 lines.append(f"| {ARMS[arm]} | " + " | ".join(text) + " |")
