@@ -16,7 +16,7 @@ DEFAULT_LAMBDAS: dict[str, float] = {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.01,
 IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's cross-entropy ignore_index)
 
 # The allowed values of every choice key, defined once: the config, the library and the messages read these.
-TRAIN_ON = ("assistant", "all")  # data.train_on
+TRAIN_ON = ("assistant", "last", "all")  # data.train_on
 OVERLONG = ("truncate", "drop", "error")  # data.overlong
 ON_ERROR = ("raise", "skip")  # data.on_error
 BACKENDS = ("eager", "sdpa", "flex", "auto")  # hsa.backend

@@ -75,11 +75,12 @@ def test_cache_hit_and_each_invalidation(tmp_path, tokenizer):
     keys.add(key_after(st=SemanticTokenizer(other_template)))  # the template
     keys.add(key_after(st=SemanticTokenizer(tokenizer, ["GLOBAL_CONDITION", "KEY_EVENT", "PROCESS_NOISE", "X"])))
     keys.add(key_after(st=SemanticTokenizer(tokenizer, train_on="all")))
+    keys.add(key_after(st=SemanticTokenizer(tokenizer, train_on="last")))
     keys.add(key_after(spec=spec_of(path, semantic_type_rules=RULES)))  # the rules
     keys.add(key_after(spec=spec_of(path, semantic_type_by_role={"system": "GLOBAL_CONDITION"})))
     keys.add(key_after(pre=Preprocess(cutoff_len=4096)))  # the cutoff
     keys.add(key_after(pre=Preprocess(cutoff_len=4096, overlong="truncate")))
-    assert len(keys) == 9
+    assert len(keys) == 10
     assert prepare(spec_of(path, weight=3.0), st, Preprocess(), root).cached  # weights apply after the cache
 
 
@@ -190,6 +191,48 @@ def test_peer_datasets_through_dataset_info_mix_pack_and_fingerprint(tmp_path, t
     assert len(held.train.ids) + len(held.eval) == 391 - failed and len(held.eval) == round(0.1 * (391 - failed))
     assert any("types of all tokens" in line for line in plain.summary_lines())
     assert plain.metrics()["datasets"]["identity"]["records"] == 91
+
+
+def test_train_on_last_through_truncation_packing_and_the_report(tmp_path, tokenizer):
+    """data.train_on=last on LLaMA-Factory's multi-turn tool-use demo, truncated to a short cutoff and packed: each
+    sample trains one run of tokens, its last reply's (every assistant reply trains under train_on=assistant, with
+    the same tokens), the packed rows carry exactly those labels, and the report counts them per sample."""
+    info = str(PEER_DATA / "dataset_info.json")
+    cfg = dict(dataset_info=info, datasets=["glaive_toolcall_en_demo"], cache_dir=str(tmp_path / "c"))
+    cfg.update(cutoff_len=768, on_error="skip")
+    runs = {}
+    for train_on in ("assistant", "last"):
+        st = SemanticTokenizer(tokenizer, train_on=train_on)
+        runs[train_on] = load_run_data(data_cfg(**cfg, train_on=train_on), st, SemanticCollator.from_tokenizer(st), 0)
+    every, last = runs["assistant"], runs["last"]
+    assert every.reports["glaive_toolcall_en_demo"].truncation.truncated > 0
+    assert len(last.train.ids) == len(every.train.ids) > 250
+    counts, more = [], 0
+    for i in last.train.ids:
+        mine, theirs = last.train.pool[int(i)].features, every.train.pool[int(i)].features
+        assert np.array_equal(mine["input_ids"], theirs["input_ids"])
+        trained = np.flatnonzero(mine["labels"] != -100)
+        assert len(trained) and np.array_equal(trained, np.arange(trained[0], trained[-1] + 1))  # one run
+        assert tokenizer.decode(mine["input_ids"][trained[-2:]].tolist()) == "<|im_end|>\n"
+        theirs_trained = np.flatnonzero(theirs["labels"] != -100)
+        assert np.array_equal(theirs_trained[-len(trained) :], trained)  # the last of assistant's runs
+        more += len(theirs_trained) > len(trained)
+        counts.append(len(trained))
+    assert more > 100  # most of the demo's conversations have several replies
+    report = last.metrics()["datasets"]["glaive_toolcall_en_demo"]["trained_tokens_per_sample"]
+    assert report["samples"] == len(counts) and report["tokens"] == sum(counts)
+    assert (report["min"], report["max"]) == (min(counts), max(counts))
+    line = next(line for line in last.summary_lines() if "glaive_toolcall_en_demo" in line)
+    assert f"trained tokens per sample: mean {sum(counts) / len(counts):.1f} ({min(counts)}-{max(counts)})" in line
+
+    st = SemanticTokenizer(tokenizer, train_on="last")
+    packed = load_run_data(data_cfg(**cfg, train_on="last", packing=True), st, SemanticCollator.from_tokenizer(st), 0)
+    train = packed.train
+    assert len(train) < len(train.ids)
+    by_id = dict(zip(last.train.ids.tolist(), counts))
+    for r in range(3):
+        batch = train.batch([r])
+        assert int((batch["labels"] != -100).sum()) == sum(by_id[i] for i in train.samples(r))
 
 
 def test_v1_sft_demo_parts_and_loss_weights_encode(tmp_path, tokenizer):

@@ -165,6 +165,17 @@ def test_train_on_all(tokenizer):
     assert feat["labels"] == feat["input_ids"]
 
 
+def test_train_on_last_trains_the_last_assistant_message_only(tokenizer):
+    """The final reply and its end-of-turn marker train; earlier replies are context. A user message after the last
+    reply changes nothing (the last *assistant* message trains); tokens and types are those of train_on=assistant."""
+    for messages in (CONVERSATIONS["multi_turn"], [*CONVERSATIONS["multi_turn"], {"role": "user", "content": "ok"}]):
+        feat = SemanticTokenizer(tokenizer, train_on="last").encode(messages)
+        trained = [t for t, label in zip(feat["input_ids"], feat["labels"]) if label != IGNORE_INDEX]
+        assert tokenizer.decode(trained, skip_special_tokens=False) == "Action: pick up the apple.<|im_end|>\n"
+        every = SemanticTokenizer(tokenizer).encode(messages)
+        assert feat["input_ids"] == every["input_ids"] and feat["semantic_ids"] == every["semantic_ids"]
+
+
 def test_custom_types(tokenizer):
     st = SemanticTokenizer(tokenizer, types=["TASK", "NOISE", "TOOL"], default_type="NOISE")
     feat = st.encode(
@@ -344,6 +355,25 @@ def test_trained_tokens_are_what_generation_after_the_prompt_produces(real_vocab
     last_turn = render(tok, messages)[len(last_prompt) :]
     assert answer is not None and answer[0] == runs[-1][0]
     assert decode(tok, ids[answer[0] : answer[1]]) == answer_text(last_turn)
+
+
+@pytest.mark.parametrize("name", ["multi_turn", "leading_word"])
+@pytest.mark.parametrize("template", ["chatml", "llama3", "plain"])
+def test_train_on_last_trains_what_generation_after_the_last_prompt_produces(real_vocab, template, name):
+    """train_on=last: one trained run, the tokenizer's own tokens of the text the last assistant turn adds after its
+    generation prompt, which itself ends at a token boundary; the input ids are the whole render's."""
+    tok = with_template(real_vocab, template)
+    messages = BOUNDARY_CONVERSATIONS[name]
+    features, answer = SemanticTokenizer(tok, train_on="last").encode_with_answer(messages)
+    ids, labels = features["input_ids"], features["labels"]
+    assert decode(tok, ids) == render(tok, messages)
+    last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = render(tok, messages[:last], gen=True)
+    turn = render(tok, messages[: last + 1])[len(prompt) :]
+    [(k, end)] = trained_runs(labels)
+    assert decode(tok, ids[:k]) == prompt
+    assert ids[k:end] == labels[k:end] == ids_of(tok, turn)
+    assert answer is not None and answer[0] == k
 
 
 @pytest.mark.parametrize("vocab", ["gpt2_bpe", "qwen_split_bpe", "qwen25"])

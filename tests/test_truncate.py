@@ -323,6 +323,29 @@ def test_fit_long_trajectories_with_the_real_tokenizer(st, seed):
         assert set(info.turns_dropped) <= {K, N}
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_train_on_last_keeps_the_same_trained_tokens_under_truncation(seed):
+    """With train_on=last, truncation changes the context only: the trained tokens of every cutoff are those of
+    the untruncated trajectory (the last reply and its end-of-turn marker), tool calls and tool lists included."""
+    from hsa_train.model.loading import load_tokenizer
+
+    last = SemanticTokenizer(load_tokenizer(None), train_on="last")
+    rnd = random.Random(seed)
+    tools = TOOLS if seed % 2 else None
+    messages = trajectory(rnd, rounds=rnd.randint(40, 90), tools=bool(tools))
+    full = last.encode_detailed(messages, tools).features
+
+    def trained(features):
+        return [t for t, label in zip(features["input_ids"], features["labels"]) if label != -100]
+
+    reply = last._decode(trained(full))
+    assert reply == messages[-1]["content"] + "<|im_end|>\n"
+    for cutoff in (len(full["input_ids"]) // 6, len(full["input_ids"]) // 2):
+        enc, info = fit(last.encode_detailed, messages, tools, cutoff, TYPES, KEEP, "truncate")
+        assert info.action == "truncated" and len(enc.features["input_ids"]) <= cutoff
+        assert trained(enc.features) == trained(full)
+
+
 def test_task_alone_too_long_and_overlong_modes(st):
     rnd = random.Random(0)
     messages = trajectory(rnd, rounds=10)

@@ -134,7 +134,9 @@ class RunData:
         which rule they got them."""
         lines = []
         for (name, rep), note in zip(self.reports.items(), self.notes):
-            lines.append(f"data: {name}: {rep.load.summary()}; {rep.truncation.summary()}; {note}")
+            lines.append(
+                f"data: {name}: {rep.load.summary()}; {rep.trained.summary()}; {rep.truncation.summary()}; {note}"
+            )
         typing = TypingReport.merged(rep.typing for rep in self.reports.values())
         lines.append("types of all tokens (by rule): " + typing.line())
         return lines

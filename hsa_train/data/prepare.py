@@ -30,7 +30,7 @@ from hsa_train.data.tokenizer import SemanticTokenizer
 from hsa_train.data.truncate import FitInfo, TruncationReport, fit, window_noise
 from hsa_train.data.typing import TypingReport
 from hsa_train.data.vision import image_key
-from hsa_train.types import DEFAULT_KEEP_TYPES
+from hsa_train.types import DEFAULT_KEEP_TYPES, IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,48 @@ class Preprocess:
 
 
 @dataclass
+class TrainedTokens:
+    """How many tokens of each sample carry a loss (data.train_on decides which): a run training on the last
+    turn only should see it, and a dataset whose samples train nothing shows up."""
+
+    samples: int = 0
+    tokens: int = 0
+    least: int | None = None
+    most: int | None = None
+
+    def add(self, n: int) -> None:
+        self.samples += 1
+        self.tokens += n
+        self.least = n if self.least is None else min(self.least, n)
+        self.most = n if self.most is None else max(self.most, n)
+
+    def merge(self, other: TrainedTokens) -> TrainedTokens:
+        for n in (other.least, other.most):
+            if n is not None:
+                self.least = n if self.least is None else min(self.least, n)
+                self.most = n if self.most is None else max(self.most, n)
+        self.samples += other.samples
+        self.tokens += other.tokens
+        return self
+
+    @property
+    def mean(self) -> float | None:
+        return self.tokens / self.samples if self.samples else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "tokens": self.tokens, "min": self.least, "max": self.most, "mean": self.mean}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainedTokens:
+        return cls(data["samples"], data["tokens"], data["min"], data["max"])
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "trained tokens per sample: no samples"
+        return f"trained tokens per sample: mean {self.mean:.1f} ({self.least}-{self.most})"
+
+
+@dataclass
 class Reports:
     """What preparing a dataset kept, skipped, truncated and typed; adds up over shards and datasets."""
 
@@ -54,9 +96,11 @@ class Reports:
     truncation: TruncationReport = field(default_factory=TruncationReport)
     tool_records: int = 0  # records with tools or tool calls
     images: dict[str, list[int]] = field(default_factory=dict)  # image file -> [size, mtime_ns] when read
+    trained: TrainedTokens = field(default_factory=TrainedTokens)
 
     def merge(self, other: Reports) -> Reports:
         self.load.merge(other.load)
+        self.trained.merge(other.trained)
         self.tool_records += other.tool_records
         self.images.update(other.images)
         self.typing.merge(other.typing)
@@ -71,6 +115,7 @@ class Reports:
             "truncation": self.truncation.as_dict(),
             "tool_records": self.tool_records,
             "images": self.images,
+            "trained": self.trained.as_dict(),
         }
 
     def counts(self) -> dict[str, Any]:
@@ -81,6 +126,7 @@ class Reports:
             "unsuccessful_left_out": self.load.unsuccessful,
             "truncation": self.truncation.as_dict(),
             "tokens_by_type_and_rule": self.typing.as_dict(),
+            "trained_tokens_per_sample": self.trained.as_dict(),
         }
 
     @classmethod
@@ -89,7 +135,8 @@ class Reports:
         load = LoadReport(saved["kept"], [DataError(*e) for e in saved["skipped"]], saved.get("unsuccessful", 0))
         typing = TypingReport.from_dict(data["typing"])
         truncation = TruncationReport.from_dict(data["truncation"])
-        return cls(load, typing, truncation, data["tool_records"], data.get("images", {}))
+        trained = TrainedTokens.from_dict(data["trained"])
+        return cls(load, typing, truncation, data["tool_records"], data.get("images", {}), trained)
 
     def images_changed(self) -> str | None:
         """The first image file read while preparing that is gone or was written since (then the entry is
@@ -159,6 +206,7 @@ class RecordEncoder:
         feats = encoding.features
         self.reports.typing.add(messages, encoding.message_index, feats["semantic_ids"], st.types.names)
         arrays = {name: np.asarray(feats[name], dtype=np.int32) for name in ("input_ids", "labels", "semantic_ids")}
+        self.reports.trained.add(int((arrays["labels"] != IGNORE_INDEX).sum()))
         for name in ("pixel_values", "image_grid_thw"):
             if name in feats:
                 arrays[name] = feats[name]

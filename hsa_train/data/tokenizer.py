@@ -206,7 +206,8 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
 
         `messages`: dicts with role, content (str), semantic_type (a type name, None for `default_type`), and
         optionally spans [(start, end, type name)] in content characters and tool_calls (OpenAI style); `tools`:
-        the record's function schemas. Tool messages are trained only with train_on="all"."""
+        the record's function schemas. Tool messages are trained only with train_on="all"; train_on="last" trains
+        the last assistant message only (its content and end-of-turn marker)."""
         for k, msg in enumerate(messages):
             if msg.get("images") or msg.get("videos"):
                 raise ValueError(
@@ -230,6 +231,8 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         atom_starts = {a for a, _, _ in atoms}
         positions, mark_types, mark_messages = self._type_marks(seg, inp, own, spans)
         trained_spans = sorted(span for span in seg.trained if span is not None)
+        if self.train_on == "last":  # the final decision trains; the turns before it are context
+            trained_spans = trained_spans[-1:]
         span_starts = [a for a, _ in trained_spans]
 
         def in_trained(piece: Piece) -> bool:  # pieces never straddle a span's ends: they are cuts
