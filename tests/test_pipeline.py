@@ -84,6 +84,24 @@ def test_cache_hit_and_each_invalidation(tmp_path, tokenizer):
     assert prepare(spec_of(path, weight=3.0), st, Preprocess(), root).cached  # weights apply after the cache
 
 
+def test_entries_are_keyed_by_the_code_the_process_runs(tmp_path, tokenizer, monkeypatch):
+    """The data code's digest is read as prepare.py is imported: files edited under a running process (a
+    benchmark's driver) do not give the old code's samples the new code's key."""
+    from pathlib import Path
+
+    from hsa_train.data import cache
+    from hsa_train.data.prepare import Preparation
+
+    before = Preparation(SemanticTokenizer(tokenizer), Preprocess(), tmp_path).common["code"]
+    assert before == cache.code_digest()
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(
+        Path, "read_bytes", lambda self: read_bytes(self) + (b"# edited" if self.suffix == ".py" else b"")
+    )
+    assert cache.code_digest() != before  # the files on disk changed...
+    assert Preparation(SemanticTokenizer(tokenizer), Preprocess(), tmp_path).common["code"] == before  # ...not the code
+
+
 def test_workers_give_the_same_samples_and_the_first_error(tmp_path, tokenizer):
     path = demo_subset(tmp_path / "a.jsonl", 9)
     st = SemanticTokenizer(tokenizer)

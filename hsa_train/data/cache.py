@@ -103,7 +103,9 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 def code_digest() -> str:
     """The data pipeline's own source (and the compat module it tokenizes through): a fix to how records become
-    tokens invalidates what it built before."""
+    tokens invalidates what it built before. prepare.py reads it once, as it is imported with the modules it builds
+    through: a long-running process (a benchmark's driver) whose files are edited under it keys what it builds by
+    the code it runs, not by the newer files."""
     root = Path(str(resources.files("hsa_train")))
     files = sorted((root / "data").glob("*.py")) + [root / "types.py", root / "model" / "compat.py"]
     return digest_json([[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in files])

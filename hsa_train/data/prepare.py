@@ -32,6 +32,8 @@ from hsa_train.data.typing import TypingReport
 from hsa_train.data.vision import image_key
 from hsa_train.types import DEFAULT_KEEP_TYPES, IGNORE_INDEX
 
+CODE_DIGEST = cache.code_digest()  # the code this process runs, read as it is imported (see cache.code_digest)
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -291,7 +293,7 @@ class Preparation:
                 sorted(pre.ignore_keys),
                 pre.noise_window,
             ],
-            "code": cache.code_digest(),
+            "code": CODE_DIGEST,
             "vision": st.media.cache_config() if st.media is not None else None,
         }
         self._meta: dict[str, dict[str, Any]] = {}
