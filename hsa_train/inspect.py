@@ -105,6 +105,7 @@ def figures_table(data: RunData) -> Table:
         table.add_row("packing efficiency (tokens / row slots)", f"{train.efficiency:.1%}")
     for name, rep in data.reports.items():
         table.add_row(f"{name}: records", rep.load.summary())
+        table.add_row(f"{name}: trained", rep.trained.summary())
         table.add_row(f"{name}: truncation", rep.truncation.summary())
     return table
 

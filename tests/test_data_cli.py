@@ -67,6 +67,8 @@ def test_inspect_shows_types_trained_tokens_and_figures(tmp_path, capsys):
     for part in ("GLOBAL_CONDITION", "sample 0:", "sample 1:", "tokens per semantic type"):
         assert part in out, part
     assert re.search(r"\(\d+ more\s+tokens\)", out)  # --max-tokens cut the sample
+    cells = re.sub(r"[│\s]+", " ", out)  # the table's wrapped cells, joined
+    assert re.search(r": trained trained tokens per sample: mean \d+\.\d \(\d+-\d+\)", cells)
     for part in ("packing efficiency", "truncation", "where the types came from", "template", "default"):
         assert part in out, part
     assert svg.read_text().startswith("<svg")
