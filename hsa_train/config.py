@@ -273,6 +273,12 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
         saved_rules(run)  # export.typing_dataset names a training dataset
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    pairs = [spec.name for spec in run.dataset_plan.everything if spec.ranking]
+    _check(
+        not pairs,
+        f"data: {', '.join(pairs)} holds preference pairs (ranking: true), and this run trains conversations "
+        "(supervised fine-tuning); leave it out of the run's data",
+    )
     _choice("data.on_error", d.on_error, ON_ERROR)
     _choice("data.train_on", d.train_on, TRAIN_ON)
     _choice("data.overlong", d.overlong, OVERLONG)

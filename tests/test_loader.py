@@ -130,7 +130,7 @@ def test_peer_files_in_other_formats_fail_clearly(peer_data, tokenizer, name, li
     "extra, hint",
     [
         ({"audios": ["a.wav"]}, "audio data is not supported yet"),
-        ({"chosen": "a better answer"}, "preference data is not supported"),
+        ({"chosen": "a better answer"}, "preference pairs: set ranking: true on the dataset entry"),
         ({"system": "Be brief."}, "role 'system'"),
         ({"loss_weight": 0.5}, "loss weights are not supported"),
         ({"source": "web"}, "data.ignore_keys"),

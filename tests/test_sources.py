@@ -166,7 +166,12 @@ RESOLVE_ERRORS = [
         "semantic_type_by_role.system: unknown semantic type 'GLOBAL'",
     ),
     ([{"path": "a.jsonl", "default_semantic_type": "NOISE"}], "default_semantic_type: unknown semantic type 'NOISE'"),
-    ([{"path": "a.jsonl", "columns": {"chosen": "c"}}], "columns chosen: preference / KTO data is not supported"),
+    ([{"path": "a.jsonl", "columns": {"chosen": "c"}}], "columns chosen: preference pairs need ranking: true"),
+    ([{"path": "a.jsonl", "ranking": "yes"}], "ranking='yes': give true or false"),
+    (
+        [{"path": "a.jsonl", "format": "alpaca", "ranking": True, "columns": {"response": "out"}}],
+        "columns.response: a ranking alpaca dataset reads its two responses from chosen / rejected",
+    ),
     ([{"path": "a.jsonl", "columns": {"prompt": "q"}}], "columns prompt do not apply to format 'messages'"),
     ([{"path": "a.jsonl", "format": "alpaca", "tags": {"role_tag": "r"}}], "tags do not apply to format 'alpaca'"),
     ([{"path": "a.jsonl", "format": "sharegpt", "tags": {"user_tag": "gpt"}}], "two roles share one tag"),
@@ -183,8 +188,7 @@ def test_resolve_errors_name_the_entry(entries, problem):
 
 INFO_ERRORS = [
     ("glaive_tolcall_en_demo", "data.datasets[0] (glaive_tolcall_en_demo): no entry 'glaive_tolcall_en_demo' in "),
-    ("dpo_en_demo", "ranking: true (preference data) is not supported"),
-    ("kto_en_demo", "columns kto_tag: preference / KTO data is not supported"),
+    ("kto_en_demo", "columns kto_tag: KTO data (unpaired, labelled) is not supported; give preference pairs"),
     ("starcoder_python", "dataset_info key 'folder' is not supported (supported: file_name, hf_hub_url"),
 ]
 

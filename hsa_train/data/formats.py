@@ -19,8 +19,9 @@ silently). Problems are ValueErrors with a short reason before the first colon (
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from hsa_train.data.parts import (
     EMPTY,
@@ -43,6 +44,7 @@ from hsa_train.types import SemanticTypes
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "FormatContext",
+    "Pair",
     "convert_alpaca",
     "convert_conversation",
     "ignore_set",
@@ -56,7 +58,7 @@ Converter = Callable[[Any], tuple[list[Message], list[dict[str, Any]] | None]]
 def make_converter(spec: DatasetSpec, types: SemanticTypes, ignore_keys: Iterable[str] = ("id",)) -> Converter:
     """The format function of `spec`, bound to its columns, tags and the run's types: record -> (messages, tools)."""
     ctx = FormatContext(spec.format, dict(spec.columns), dict(spec.tags), types, ignore_set(ignore_keys))
-    return partial(FORMAT_FUNCTIONS[spec.format], ctx=ctx)
+    return partial(convert_pair if spec.ranking else FORMAT_FUNCTIONS[spec.format], ctx=ctx)
 
 
 def _format_hint(obj: Mapping[str, Any], fmt: str) -> str:
@@ -214,21 +216,100 @@ def _history(obj: Mapping[str, Any], ctx: FormatContext) -> list[Message]:
     return out
 
 
-def convert_alpaca(obj: Any, ctx: FormatContext) -> tuple[list[Message], list[dict[str, Any]] | None]:
-    """`alpaca`: [system] + history turns + user (instruction + "\\n" + input) + assistant (output)."""
-    obj = _object(obj, repr(ctx.columns["prompt"]))
+def _alpaca_prompt(obj: Mapping[str, Any], ctx: FormatContext) -> list[Message]:
+    """[system] + history turns + user (instruction + "\\n" + input)."""
     prompt = _column(obj, ctx, "prompt", required=True)
     query = _column(obj, ctx, "query")
-    response = _column(obj, ctx, "response", required=True)
-    _record_keys(obj, ctx)
     system = _system(obj, ctx)
     messages: list[Message] = [{"role": "system", "content": system, "semantic_type": None}] if system else []
     messages += _history(obj, ctx)
     user = "\n".join(text for text in (prompt, query) if text)  # LLaMA-Factory joins exactly so
     messages.append({"role": "user", "content": user, "semantic_type": None})
+    return messages
+
+
+def convert_alpaca(obj: Any, ctx: FormatContext) -> tuple[list[Message], list[dict[str, Any]] | None]:
+    """`alpaca`: [system] + history turns + user (instruction + "\\n" + input) + assistant (output)."""
+    obj = _object(obj, repr(ctx.columns["prompt"]))
+    messages = _alpaca_prompt(obj, ctx)
+    response = _column(obj, ctx, "response", required=True)
+    _record_keys(obj, ctx)
     messages.append({"role": "assistant", "content": response, "semantic_type": None})
     attach_images(obj, messages, ctx)
     return messages, parse_tools(obj, ctx)
+
+
+class Pair(NamedTuple):
+    """A preference record: the prompt both sides share, then each side's continuation (one or more messages, at
+    least one of them an assistant's: an agent's multi-turn continuation holds tool results or observations too)."""
+
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    tools: list[dict[str, Any]] | None
+
+
+def _side(obj: Mapping[str, Any], key: str, ctx: FormatContext, start: int) -> list[Message]:
+    """One side of a pair: a message or a list of them (alpaca: a response text), numbered after the prompt."""
+    col = ctx.columns[key]
+    if col not in obj or obj[col] in EMPTY:
+        raise ValueError(f"missing column: no {col!r} ({key} side of the pair; keys: {sorted(obj)[:6]})")
+    raw = obj[col]
+    if ctx.format == "alpaca":
+        if not isinstance(raw, str):
+            raise ValueError(f"non-string column: {col!r} ({key}) is a {type(raw).__name__}, expected the response")
+        return [{"role": "assistant", "content": raw, "semantic_type": None}]
+    turns = raw if isinstance(raw, list) else [raw]
+    side = [_turn(start + k, turn, ctx) for k, turn in enumerate(turns)]
+    if not any(m["role"] == "assistant" for m in side):
+        raise ValueError(f"nothing to prefer: the {key} side ({col!r}) has no assistant message")
+    return side
+
+
+def _common_start(a: list[Message], b: list[Message]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def convert_pair(obj: Any, ctx: FormatContext) -> Pair:
+    """A preference record (`ranking: true`): the prompt from the format's own columns (messages / conversations,
+    or alpaca's instruction, input, system and history) and the `chosen` and `rejected` sides. Without a messages
+    column (LLaMA-Factory v1's chosen_messages / rejected_messages) each side is a whole conversation and the prompt
+    is their longest common start. The sides must differ."""
+    obj = _object(obj, "chosen and rejected")
+    _record_keys(obj, ctx)
+    if ctx.format == "alpaca":
+        prompt, tools = _alpaca_prompt(obj, ctx), parse_tools(obj, ctx)
+        attach_images(obj, prompt, ctx)
+    elif ctx.columns.get("messages") is None:
+        chosen, tools = convert_conversation(obj, _with_messages(ctx, "chosen"))
+        rejected, _ = convert_conversation(obj, _with_messages(ctx, "rejected"))
+        n = _common_start(chosen, rejected)
+        pair = Pair(chosen[:n], chosen[n:], rejected[n:], tools)
+        if chosen == rejected:
+            raise ValueError("malformed pair: chosen and rejected are the same conversation; give two answers")
+        if not pair.prompt:
+            raise ValueError("malformed pair: chosen and rejected share no first message; give them a common prompt")
+        if not pair.chosen or not pair.rejected:
+            raise ValueError("malformed pair: one side is the start of the other; give each side its own answer")
+        for key, side in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            if not any(m["role"] == "assistant" for m in side):
+                raise ValueError(f"nothing to prefer: the {key} side after the common prompt has no assistant message")
+        return pair
+    else:
+        prompt, tools = convert_conversation(obj, ctx)
+    chosen = _side(obj, "chosen", ctx, len(prompt))
+    rejected = _side(obj, "rejected", ctx, len(prompt))
+    if chosen == rejected:
+        raise ValueError("malformed pair: chosen and rejected are the same; a pair needs two different answers")
+    return Pair(prompt, chosen, rejected, tools)
+
+
+def _with_messages(ctx: FormatContext, side: str) -> FormatContext:
+    """The context that reads one side's column as the whole conversation (and does not refuse the other side's)."""
+    return replace(ctx, columns={**ctx.columns, "messages": ctx.columns[side]})
 
 
 FORMAT_FUNCTIONS: dict[str, Callable[..., tuple[list[Message], list[dict[str, Any]] | None]]] = {

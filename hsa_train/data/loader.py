@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hsa_train.data.formats import ignore_set, make_converter
+from hsa_train.data.formats import Pair, ignore_set, make_converter
 from hsa_train.data.sources import DataError, check_file, iter_source, looks_local
 from hsa_train.data.spec import ROLES, DatasetSpec
 from hsa_train.data.typing import TypeRules
@@ -32,12 +32,21 @@ __all__ = [
 @dataclass
 class Record:
     """One conversation: `messages` (dicts with role, content, semantic_type, type_rule, optional spans and
-    tool_calls; see formats.py), where it came from, and its tool definitions (JSON-schema dicts) or None."""
+    tool_calls; see formats.py), where it came from, and its tool definitions (JSON-schema dicts) or None.
+
+    A preference pair (`ranking: true`) is two conversations that share their first `prompt_len` messages:
+    `messages` ends with the chosen continuation, `rejected` with the rejected one. Both are typed alike."""
 
     messages: list[dict[str, Any]]
     source: str
     line: int
     tools: list[dict[str, Any]] | None = None
+    rejected: list[dict[str, Any]] | None = None
+    prompt_len: int = 0
+
+    @property
+    def is_pair(self) -> bool:
+        return self.rejected is not None
 
     @property
     def where(self) -> str:
@@ -113,9 +122,17 @@ def _records(
             if spec.successful_only and not _succeeded(obj):
                 report.unsuccessful += 1
                 continue
-            messages, tools = convert(obj)
-            resolve_images(messages, source)
-            record = Record(rules.apply(messages), source, line, tools)
+            converted = convert(obj)
+            if isinstance(converted, Pair):
+                prompt, chosen, rejected, tools = converted
+                messages, other = prompt + chosen, [dict(m) for m in prompt] + rejected
+                resolve_images(messages, source)
+                resolve_images(other, source)
+                record = Record(rules.apply(messages), source, line, tools, rules.apply(other), len(prompt))
+            else:
+                messages, tools = converted
+                resolve_images(messages, source)
+                record = Record(rules.apply(messages), source, line, tools)
             if check is not None:
                 check(record)
         except DataError as err:

@@ -19,7 +19,7 @@ _VISION = "images and videos go in the record's images / videos columns (columns
 _AUDIO = "audio data is not supported yet"
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's: one per image of the record's images column, in order
 _WEIGHTS = "per-record and per-message loss weights are not supported; roles and data.train_on decide what trains"
-_PREFERENCE = "preference data is not supported (hsa_train trains on conversations: supervised fine-tuning)"
+_PREFERENCE = "preference pairs: set ranking: true on the dataset entry"
 UNUSED_HINTS = {
     "images": _VISION,
     "image": _VISION,

@@ -74,6 +74,7 @@ ENTRY_KEYS = (
     "semantic_type_by_role",
     "semantic_type_rules",
     "successful_only",
+    "ranking",
     "name",
 )
 RULE_KEYS = ("pattern", "type", "role")
@@ -100,6 +101,7 @@ class DatasetSpec:
     semantic_type_by_role: dict[str, str] = field(default_factory=dict)
     semantic_type_rules: list[dict[str, str | None]] = field(default_factory=list)
     successful_only: bool = False  # rollout episodes: keep those whose `episode.success` is true
+    ranking: bool = False  # preference pairs (LLaMA-Factory's name): a prompt, a chosen and a rejected continuation
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -140,20 +142,28 @@ def _names(kind: str, value: Any, known: Sequence[str]) -> dict[str, str | None]
     return value
 
 
-def _columns(value: Any, fmt: str) -> dict[str, str | None]:
+def _columns(value: Any, fmt: str, ranking: bool = False) -> dict[str, str | None]:
+    """The format's columns (defaults filled in); with `ranking`, also `chosen` and `rejected`: a continuation each
+    (a message or a list of them; alpaca: a response text). `messages: null` (LLaMA-Factory v1's
+    chosen_messages / rejected_messages) makes each side a whole conversation, the prompt their common start."""
     value = _names("columns", value or {}, COLUMN_KEYS)
-    preference = [k for k in PREFERENCE_COLUMNS if value.get(k)]
-    if preference:
-        raise ValueError(
-            f"columns {', '.join(preference)}: preference / KTO data is not supported (hsa_train trains on "
-            "conversations: supervised fine-tuning)"
-        )
-    wrong = [k for k in value if k not in DEFAULT_COLUMNS[fmt]]
+    if value.get("kto_tag"):
+        raise ValueError("columns kto_tag: KTO data (unpaired, labelled) is not supported; give preference pairs")
+    preference = [k for k in ("chosen", "rejected") if value.get(k)]
+    if preference and not ranking:
+        raise ValueError(f"columns {', '.join(preference)}: preference pairs need ranking: true in the entry")
+    defaults = dict(DEFAULT_COLUMNS[fmt])
+    if ranking:
+        defaults.update({"chosen": "chosen", "rejected": "rejected"})
+        if fmt == "alpaca":
+            defaults["response"] = None  # the two responses are chosen and rejected
+    wrong = [k for k in value if k not in defaults and k != "kto_tag"]
     if wrong:
-        raise ValueError(
-            f"columns {', '.join(wrong)} do not apply to format {fmt!r} (it reads: {', '.join(DEFAULT_COLUMNS[fmt])})"
-        )
-    return {**DEFAULT_COLUMNS[fmt], **value}
+        raise ValueError(f"columns {', '.join(wrong)} do not apply to format {fmt!r} (it reads: {', '.join(defaults)})")
+    out = {**defaults, **{k: v for k, v in value.items() if k != "kto_tag"}}
+    if ranking and fmt == "alpaca" and out.get("response"):
+        raise ValueError("columns.response: a ranking alpaca dataset reads its two responses from chosen / rejected")
+    return out
 
 
 def _tags(value: Any, fmt: str) -> dict[str, str | None]:
@@ -233,15 +243,17 @@ def _spec(entry: dict[str, Any], types: SemanticTypes) -> DatasetSpec:
         raise ValueError(f"semantic_type_by_role must be a mapping role -> type, got {type(by_role).__name__}")
     default = entry.get("default_semantic_type")
     max_samples = entry.get("max_samples")
-    if not isinstance(entry.get("successful_only", False), bool):
-        raise ValueError(f"successful_only={entry['successful_only']!r}: give true or false")
+    for key in ("successful_only", "ranking"):
+        if not isinstance(entry.get(key, False), bool):
+            raise ValueError(f"{key}={entry[key]!r}: give true or false")
+    ranking = entry.get("ranking", False)
     for key in ("split", "subset", "name"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise ValueError(f"{key}={entry[key]!r}: give a string")
     return DatasetSpec(
         path=str(path),
         format=fmt,
-        columns=_columns(entry.get("columns"), fmt),
+        columns=_columns(entry.get("columns"), fmt, ranking),
         tags=_tags(entry.get("tags"), fmt),
         split=entry.get("split") or "train",
         subset=entry.get("subset"),
@@ -254,6 +266,7 @@ def _spec(entry: dict[str, Any], types: SemanticTypes) -> DatasetSpec:
         },
         semantic_type_rules=_rules(entry.get("semantic_type_rules") or [], types),
         successful_only=entry.get("successful_only", False),
+        ranking=ranking,
         name=entry.get("name") or "",
     )
 
@@ -280,8 +293,6 @@ def _from_info(name: str, info: dict[str, Any], info_path: Path) -> dict[str, An
     raw = info[name]
     if not isinstance(raw, dict):
         raise ValueError(f"entry {name!r} in {info_path} is not an object")
-    if raw.get("ranking"):
-        raise ValueError("ranking: true (preference data) is not supported: hsa_train trains on conversations (SFT)")
     unknown = [k for k in raw if k not in INFO_KEYS + INFO_MIRRORS]
     if unknown or not ("file_name" in raw or "hf_hub_url" in raw):
         what = f"key {unknown[0]!r}" if unknown else f"a source in {[k for k in raw if k.endswith('url')] or 'none'}"
@@ -294,7 +305,7 @@ def _from_info(name: str, info: dict[str, Any], info_path: Path) -> dict[str, An
         raise ValueError(f"formatting {fmt!r} is not supported (known: {', '.join(INFO_FORMATS)})")
     entry: dict[str, Any] = {"name": name, "format": INFO_FORMATS[fmt]}
     entry["path"] = raw["hf_hub_url"] if "hf_hub_url" in raw else str(info_path.parent / raw["file_name"])
-    for key in ("columns", "tags", "split", "subset"):
+    for key in ("columns", "tags", "split", "subset", "ranking"):
         if raw.get(key) is not None:
             entry[key] = raw[key]
     if raw.get("num_samples") is not None:

@@ -1,0 +1,139 @@
+"""Preference pairs (`ranking: true`) read from LLaMA-Factory's demo files and our own format, against the raw JSON
+read here: the prompt both sides share, each side's continuation, typing alike on both sides, and bad pairs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import PEER_DATA
+from hydra import compose, initialize_config_module
+
+from hsa_train.config import ConfigError, validate
+from hsa_train.data.loader import DataError, LoadReport, iter_records
+from hsa_train.data.spec import resolve_datasets
+from hsa_train.types import SemanticTypes
+
+TYPES = SemanticTypes()
+
+
+def pairs(entry, dataset_info=None, on_error="raise"):
+    [spec] = resolve_datasets([entry], dataset_info, TYPES)
+    report = LoadReport()
+    return list(iter_records(spec, TYPES, on_error, report)), report
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def roles_and_texts(messages):
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def test_llamafactory_sharegpt_pairs_through_dataset_info():
+    raw = json.loads((PEER_DATA / "dpo_en_demo.json").read_text())
+    records, report = pairs("dpo_en_demo", str(PEER_DATA / "dataset_info.json"))
+    assert report.kept == len(records) == len(raw) == 300 and not report.skipped
+    role = {"human": "user", "gpt": "assistant", "system": "system"}
+    for record, row in zip(records, raw):
+        prompt = [(role[t["from"]], t["value"]) for t in row["conversations"]]
+        assert record.is_pair and record.prompt_len == len(prompt)
+        assert roles_and_texts(record.messages) == prompt + [("assistant", row["chosen"]["value"])]
+        assert roles_and_texts(record.rejected) == prompt + [("assistant", row["rejected"]["value"])]
+    assert max(r.prompt_len for r in records) > 5  # multi-turn prompts are in the demo
+
+
+def test_llamafactory_v1_pairs_share_their_common_start():
+    raw = [json.loads(line) for line in (PEER_DATA / "v1_dpo_demo.jsonl").read_text().splitlines()]
+    entry = {
+        "path": str(PEER_DATA / "v1_dpo_demo.jsonl"),
+        "ranking": True,
+        "columns": {"messages": None, "chosen": "chosen_messages", "rejected": "rejected_messages"},
+    }
+    records, _ = pairs(entry)
+    assert len(records) == len(raw) == 10
+    for record, row in zip(records, raw):
+        chosen = [(m["role"], "".join(p["value"] for p in m["content"])) for m in row["chosen_messages"]]
+        rejected = [(m["role"], "".join(p["value"] for p in m["content"])) for m in row["rejected_messages"]]
+        n = 0
+        while chosen[n] == rejected[n]:
+            n += 1
+        assert record.prompt_len == n >= 1
+        assert roles_and_texts(record.messages) == chosen and roles_and_texts(record.rejected) == rejected
+
+
+AGENT_PAIR = {
+    "messages": [
+        {"role": "system", "content": "Task: open the red door."},
+        {"role": "user", "content": "Obs: a hallway."},
+    ],
+    "chosen": [
+        {"role": "assistant", "content": "look left"},
+        {"role": "user", "content": "Event: a red key."},
+        {"role": "assistant", "content": "pick up the key"},
+    ],
+    "rejected": {"role": "assistant", "content": "forward"},
+}
+RULES = [{"pattern": "^Task:", "type": "GLOBAL_CONDITION"}, {"pattern": "^Event:", "type": "KEY_EVENT"}]
+
+
+def test_our_pairs_with_a_multi_turn_side_are_typed_alike(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [AGENT_PAIR])
+    [record], _ = pairs({"path": str(path), "ranking": True, "semantic_type_rules": RULES})
+    assert record.prompt_len == 2
+    assert [m["content"] for m in record.messages[2:]] == ["look left", "Event: a red key.", "pick up the key"]
+    assert roles_and_texts(record.rejected[2:]) == [("assistant", "forward")]
+    types = [m["semantic_type"] for m in record.messages]
+    assert types == ["GLOBAL_CONDITION", "PROCESS_NOISE", "PROCESS_NOISE", "KEY_EVENT", "PROCESS_NOISE"]
+    assert [m["semantic_type"] for m in record.rejected] == [*types[:2], "PROCESS_NOISE"]
+    assert record.messages[0] is not record.rejected[0]  # each side owns its messages
+
+
+def test_alpaca_pairs(tmp_path):
+    row = {"instruction": "Add", "input": "2 and 3", "chosen": "5", "rejected": "6", "system": "Be exact."}
+    path = write_jsonl(tmp_path / "a.jsonl", [row])
+    [record], _ = pairs({"path": str(path), "format": "alpaca", "ranking": True})
+    assert roles_and_texts(record.messages) == [("system", "Be exact."), ("user", "Add\n2 and 3"), ("assistant", "5")]
+    assert roles_and_texts(record.rejected)[-1] == ("assistant", "6") and record.prompt_len == 2
+
+
+BAD_PAIRS = [
+    ({**AGENT_PAIR, "rejected": AGENT_PAIR["chosen"]}, "malformed pair: chosen and rejected are the same"),
+    ({**AGENT_PAIR, "rejected": {"role": "user", "content": "hm"}}, "nothing to prefer: the rejected side"),
+    ({k: v for k, v in AGENT_PAIR.items() if k != "rejected"}, "missing column: no 'rejected'"),
+    ({**AGENT_PAIR, "rejected": {"role": "robot", "content": "x"}}, "unknown role: message 2"),
+]
+
+
+@pytest.mark.parametrize("row, problem", BAD_PAIRS)
+def test_bad_pairs_name_the_line_and_the_problem(tmp_path, row, problem):
+    path = write_jsonl(tmp_path / "p.jsonl", [AGENT_PAIR, row])
+    with pytest.raises(DataError, match=r"p\.jsonl:2: ") as info:
+        pairs({"path": str(path), "ranking": True})
+    assert problem in str(info.value)
+    records, report = pairs({"path": str(path), "ranking": True}, on_error="skip")
+    assert len(records) == 1 and len(report.skipped) == 1  # skipped and counted, never dropped silently
+
+
+def test_v1_pairs_without_a_common_prompt_or_difference_are_refused(tmp_path):
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    other = [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "hey"}]
+    rows = [{"c": conv, "r": conv}, {"c": conv, "r": other}, {"c": conv, "r": conv[:1]}]
+    entry = {"path": str(write_jsonl(tmp_path / "v.jsonl", rows)), "ranking": True}
+    entry["columns"] = {"messages": None, "chosen": "c", "rejected": "r"}
+    _, report = pairs(entry, on_error="skip")
+    problems = [e.problem for e in report.skipped]
+    assert problems == [
+        "malformed pair: chosen and rejected are the same conversation; give two answers",
+        "malformed pair: chosen and rejected share no first message; give them a common prompt",
+        "malformed pair: one side is the start of the other; give each side its own answer",
+    ]
+
+
+def test_supervised_runs_refuse_preference_datasets_before_loading():
+    with initialize_config_module(config_module="hsa_train.conf", version_base="1.3"):
+        cfg = compose("config", [f"data.dataset_info={PEER_DATA / 'dataset_info.json'}", "data.datasets=[dpo_en_demo]"])
+    with pytest.raises(ConfigError, match=r"data: dpo_en_demo holds preference pairs \(ranking: true\)"):
+        validate(cfg)
