@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import PEER_DATA
 from hydra import compose, initialize_config_module
@@ -137,3 +138,96 @@ def test_supervised_runs_refuse_preference_datasets_before_loading():
         cfg = compose("config", [f"data.dataset_info={PEER_DATA / 'dataset_info.json'}", "data.datasets=[dpo_en_demo]"])
     with pytest.raises(ConfigError, match=r"data: dpo_en_demo holds preference pairs \(ranking: true\)"):
         validate(cfg)
+
+
+# -- pairs encoded: two samples that share their prompt, only the continuations trained ----------------------------
+def prepared(tmp_path, entry, tokenizer, pre=None, train_on="assistant", dataset_info=None):
+    from hsa_train.data import SemanticTokenizer
+    from hsa_train.data.prepare import Preprocess, prepare
+
+    [spec] = resolve_datasets([entry], dataset_info, TYPES)
+    st = SemanticTokenizer(tokenizer, train_on=train_on)
+    return prepare(spec, st, pre or Preprocess(), tmp_path / "cache")
+
+
+def trained_text(tokenizer, sample):
+    f = sample.features
+    return tokenizer.decode(f["input_ids"][f["labels"] != -100].tolist(), skip_special_tokens=False)
+
+
+def first_trained(sample):
+    return int(np.flatnonzero(sample.features["labels"] != -100)[0])
+
+
+def test_demo_pairs_encode_as_two_samples_with_one_prompt(tmp_path, tokenizer):
+    raw = json.loads((PEER_DATA / "dpo_en_demo.json").read_text())
+    built = prepared(tmp_path, "dpo_en_demo", tokenizer, dataset_info=str(PEER_DATA / "dataset_info.json"))
+    samples = built.samples
+    assert len(samples) == 2 * len(raw)
+    for k, row in enumerate(raw[:60]):
+        chosen, rejected = samples[2 * k], samples[2 * k + 1]
+        assert chosen.where == rejected.where
+        assert trained_text(tokenizer, chosen) == row["chosen"]["value"] + "<|im_end|>\n"
+        assert trained_text(tokenizer, rejected) == row["rejected"]["value"] + "<|im_end|>\n"
+        start = first_trained(chosen)
+        assert first_trained(rejected) == start
+        assert np.array_equal(chosen.features["input_ids"][:start], rejected.features["input_ids"][:start])
+        prompt = tokenizer.decode(chosen.features["input_ids"][:start].tolist(), skip_special_tokens=False)
+        assert prompt.endswith(row["conversations"][-1]["value"] + "<|im_end|>\n<|im_start|>assistant\n")
+    assert built.reports.trained.samples == len(samples)
+
+
+@pytest.mark.parametrize(
+    "train_on, expected", [("assistant", "look left.pick up the key."), ("last", "pick up the key.")]
+)
+def test_a_multi_turn_side_trains_its_assistant_turns_only(tmp_path, tokenizer, train_on, expected):
+    path = write_jsonl(tmp_path / "p.jsonl", [AGENT_PAIR])
+    built = prepared(tmp_path, {"path": str(path), "ranking": True}, tokenizer, train_on=train_on)
+    chosen, rejected = built.samples[0], built.samples[1]
+    end = "<|im_end|>\n"
+    assert trained_text(tokenizer, chosen) == expected.replace(".", end)
+    assert trained_text(tokenizer, rejected) == "forward" + end
+
+
+def long_pair(rounds: int) -> dict:
+    messages = [{"role": "system", "content": "Task: open the red door.", "semantic_type": "GLOBAL_CONDITION"}]
+    for k in range(rounds):
+        messages += [
+            {"role": "user", "content": f"Obs: step {k}, a long grey corridor with nothing in it at all."},
+            {"role": "assistant", "content": f"forward {k}"},
+        ]
+    messages.append({"role": "user", "content": "Obs: the door is red and shut."})
+    return {
+        "messages": messages,
+        "chosen": [{"role": "assistant", "content": "open the door"}],
+        "rejected": [
+            {"role": "assistant", "content": "turn around and walk back down the whole corridor again"},
+            {"role": "user", "content": "Obs: the corridor again."},
+            {"role": "assistant", "content": "forward"},
+        ],
+    }
+
+
+def test_truncation_drops_the_same_prompt_turns_on_both_sides_and_no_continuation(tmp_path, tokenizer):
+    from hsa_train.data.prepare import Preprocess
+
+    path = write_jsonl(tmp_path / "p.jsonl", [long_pair(30), long_pair(2)])
+    entry = {"path": str(path), "ranking": True}
+    full = prepared(tmp_path / "a", entry, tokenizer).samples
+    cutoff = 400
+    assert len(full[0]) > cutoff > len(full[3])
+    cut = prepared(tmp_path / "b", entry, tokenizer, Preprocess(cutoff_len=cutoff, overlong="truncate"))
+    samples, report = cut.samples, cut.reports.truncation
+    assert report.truncated == 1 and report.seen == 2  # the pair counts once
+    for k in (0, 1):
+        chosen, rejected = samples[2 * k], samples[2 * k + 1]
+        assert len(chosen) <= cutoff and len(rejected) <= cutoff
+        start = first_trained(chosen)
+        assert start == first_trained(rejected)
+        assert np.array_equal(chosen.features["input_ids"][:start], rejected.features["input_ids"][:start])
+        for mine, theirs in ((chosen, full[2 * k]), (rejected, full[2 * k + 1])):
+            assert trained_text(tokenizer, mine) == trained_text(tokenizer, theirs)  # continuations whole
+    prompt = tokenizer.decode(samples[0].features["input_ids"].tolist(), skip_special_tokens=False)
+    assert "Task: open the red door." in prompt and "step 29" in prompt and "step 0," not in prompt
+    with pytest.raises(DataError, match=r"p\.jsonl:1: cannot fit in data\.cutoff_len=40"):
+        prepared(tmp_path / "c", entry, tokenizer, Preprocess(cutoff_len=40, overlong="truncate"))

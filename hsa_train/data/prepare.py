@@ -24,6 +24,7 @@ import numpy as np
 
 from hsa_train.data import cache
 from hsa_train.data.loader import DataError, LoadReport, Record, iter_records
+from hsa_train.data.pairs import encode_pair
 from hsa_train.data.spec import DatasetSpec
 from hsa_train.data.store import EncodedSet, Sample, Writer, update_digest
 from hsa_train.data.tokenizer import SemanticTokenizer
@@ -163,10 +164,12 @@ class RecordEncoder:
         self.st, self.pre, self.reports = st, pre, reports
         self.max_chars = _max_chars(st, pre.cutoff_len) if pre.overlong != "truncate" else None
 
-    def __call__(self, record: Record) -> Sample | None:
+    def __call__(self, record: Record) -> Sample | tuple[Sample, Sample] | None:
+        """A conversation's sample; a preference pair's two (chosen, rejected); None when dropped."""
         pre, st, report = self.pre, self.st, self.reports.truncation
         if self.max_chars is not None:  # refused (or dropped) before a huge text reaches the tokenizer
-            chars = sum(len(m["content"]) for m in record.messages)
+            sides = (record.messages, record.rejected) if record.is_pair else (record.messages,)
+            chars = max(sum(len(m["content"]) for m in side) for side in sides)
             if chars > self.max_chars:
                 if pre.overlong == "drop":
                     report.add(FitInfo("dropped", 0, 0))  # its token count is unknown: never tokenized
@@ -176,6 +179,8 @@ class RecordEncoder:
                     f"too long: {chars} characters > {self.max_chars} (more than data.cutoff_len={pre.cutoff_len} "
                     "tokens can hold; set data.overlong=truncate or drop, or raise data.cutoff_len)"
                 )
+        if record.is_pair:
+            return self._pair(record)
         messages = record.messages
         if pre.noise_window is not None:
             kept, masked = window_noise(messages, pre.noise_window, st.types.names, pre.keep_types, st.types.default)
@@ -205,14 +210,51 @@ class RecordEncoder:
                 messages = [messages[i] for i in info.kept]
         if record.tools or any(m.get("tool_calls") for m in messages):
             self.reports.tool_records += 1
+        return self._sample(messages, encoding, record.where)
+
+    def _sample(self, messages: list[dict[str, Any]], encoding: Any, where: str) -> Sample:
         feats = encoding.features
-        self.reports.typing.add(messages, encoding.message_index, feats["semantic_ids"], st.types.names)
+        self.reports.typing.add(messages, encoding.message_index, feats["semantic_ids"], self.st.types.names)
         arrays = {name: np.asarray(feats[name], dtype=np.int32) for name in ("input_ids", "labels", "semantic_ids")}
         self.reports.trained.add(int((arrays["labels"] != IGNORE_INDEX).sum()))
         for name in ("pixel_values", "image_grid_thw"):
             if name in feats:
                 arrays[name] = feats[name]
-        return Sample(arrays, encoding.answer, record.where)
+        return Sample(arrays, encoding.answer, where)
+
+    def _pair(self, record: Record) -> tuple[Sample, Sample] | None:
+        """Both sides of a pair (pairs.encode_pair): the same prompt turns, only the continuations trained."""
+        pre, st, report = self.pre, self.st, self.reports.truncation
+        if pre.noise_window is not None:
+            raise ValueError("data.noise_window does not apply to preference pairs; set it to null")
+        fit_args = {"types_order": st.types.names, "keep_types": pre.keep_types, "overlong": pre.overlong}
+        try:
+            encodings, info = encode_pair(
+                st.encode_detailed,
+                record.messages,
+                record.rejected,
+                record.prompt_len,
+                record.tools,
+                pre.cutoff_len,
+                {**fit_args, "default_type": st.types.default},
+            )
+        except ValueError:
+            if pre.cutoff_len is not None:
+                report.add_failure()
+            raise
+        if info is not None:
+            report.add(info)
+        if encodings is None:
+            return None
+        if record.tools or any(m.get("tool_calls") for m in (*record.messages, *record.rejected)):
+            self.reports.tool_records += 1
+        chosen, rejected = encodings
+        kept = info.kept if info is not None and info.kept is not None else range(record.prompt_len)
+        sides = []
+        for side, encoding in ((record.messages, chosen), (record.rejected, rejected)):
+            messages = [side[i] for i in kept] + side[record.prompt_len :]
+            sides.append(self._sample(messages, encoding, record.where))
+        return sides[0], sides[1]
 
 
 def _encode_shard(
@@ -243,8 +285,8 @@ def _encode_shard(
                     break
                 reports.load.skipped.append(err)
                 continue
-            if sample is not None:
-                writer.add(sample, index)
+            for one in sample if isinstance(sample, tuple) else () if sample is None else (sample,):
+                writer.add(one, index)  # a pair's two sides share its index; the stable sort keeps their order
     except DataError as err:  # from the loader (format, types) under on_error=raise
         failed = (index, err)
     finally:

@@ -83,9 +83,11 @@ def turns_of(
     types_order: Sequence[str] = DEFAULT_TYPES,
     keep_types: Sequence[str] = DEFAULT_KEEP_TYPES,
     default_type: str | None = None,
+    keep_from: int | None = None,
 ) -> list[Turn]:
-    """The conversation's turns with their rank and whether they must stay. Raises ValueError for an unknown type
-    name and for a conversation without an assistant message."""
+    """The conversation's turns with their rank and whether they must stay (`keep_from`: every turn holding a
+    message at or after that index stays too: a preference pair's continuation). Raises ValueError for an unknown
+    type name and for a conversation without an assistant message."""
     types_order = list(types_order)
     default_type = default_type or (DEFAULT_TYPE if DEFAULT_TYPE in types_order else types_order[-1])
     unknown_keep = [t for t in keep_types if t not in types_order]
@@ -97,7 +99,7 @@ def turns_of(
         raise ValueError("nothing to train: the conversation has no assistant message (truncation keeps the last)")
     turns = []
     for group in split_turns(messages):
-        ranks, keep = [], last_assistant in group
+        ranks, keep = [], last_assistant in group or (keep_from is not None and group[-1] >= keep_from)
         for i in group:
             names = message_types(messages[i], default_type)
             for name in names:
@@ -144,6 +146,7 @@ def plan_truncation(
     types_order: Sequence[str] = DEFAULT_TYPES,
     keep_types: Sequence[str] = DEFAULT_KEEP_TYPES,
     default_type: str | None = None,
+    keep_from: int | None = None,
 ) -> list[int]:
     """The indices of the messages to keep so that `other_tokens + sum(tokens_per_message[kept]) <= cutoff_len`
     (see the module docstring for the policy). `tokens_per_message[i]`: the tokens of message i's segment;
@@ -151,7 +154,7 @@ def plan_truncation(
     must stay do not fit."""
     if len(tokens_per_message) != len(messages):
         raise ValueError(f"tokens_per_message has {len(tokens_per_message)} entries for {len(messages)} messages")
-    turns = turns_of(messages, types_order, keep_types, default_type)
+    turns = turns_of(messages, types_order, keep_types, default_type, keep_from)
     size = [sum(tokens_per_message[i] for i in turn.messages) for turn in turns]
     total = other_tokens + sum(size)
     if total <= cutoff_len:
@@ -206,6 +209,7 @@ def fit(
     overlong: str = "truncate",
     default_type: str | None = None,
     max_rounds: int = 8,
+    keep_from: int | None = None,
 ) -> tuple[Any | None, FitInfo]:
     """Encodes the conversation to at most `cutoff_len` tokens: (encoding, info), or (None, info) when it is too
     long and `overlong="drop"`. `encode_detailed(messages, tools)` returns an Encoding (`.features` with
@@ -216,7 +220,8 @@ def fit(
     turns go), the budget shrinks by the excess and the plan is made again, at most `max_rounds` times.
     Raises ValueError when the sample cannot be made to fit or has nothing to train after truncation.
     A truncated sample's encoding is that of the kept messages: its `message_index` counts in `info.kept`
-    (`info.kept[j]` is the original index of the encoding's message j)."""
+    (`info.kept[j]` is the original index of the encoding's message j). `keep_from`: the messages from this index
+    on always stay (a preference pair's continuation)."""
     check_choice("data.overlong", overlong, OVERLONG)
     if cutoff_len < 1:
         raise ValueError(f"data.cutoff_len={cutoff_len} must be >= 1")
@@ -238,7 +243,9 @@ def fit(
     budget, tried, after = cutoff_len, {}, before
     for _ in range(max_rounds):
         try:
-            kept = plan_truncation(messages, tokens_per_message, other, budget, types_order, keep_types, default_type)
+            kept = plan_truncation(
+                messages, tokens_per_message, other, budget, types_order, keep_types, default_type, keep_from
+            )
         except ValueError:
             if budget == cutoff_len:
                 raise
@@ -269,7 +276,7 @@ def fit(
         raise ValueError(
             f"nothing to train after truncation to data.cutoff_len={cutoff_len}: no kept token has a label"
         )
-    turns = turns_of(messages, types_order, keep_types, default_type)
+    turns = turns_of(messages, types_order, keep_types, default_type, keep_from)
     kept_set = set(kept)
     dropped = Counter(list(types_order)[t.rank] for t in turns if t.messages[0] not in kept_set)
     return encoding, FitInfo("truncated", before, after, kept, dict(dropped))
