@@ -231,3 +231,37 @@ def test_truncation_drops_the_same_prompt_turns_on_both_sides_and_no_continuatio
     assert "Task: open the red door." in prompt and "step 29" in prompt and "step 0," not in prompt
     with pytest.raises(DataError, match=r"p\.jsonl:1: cannot fit in data\.cutoff_len=40"):
         prepared(tmp_path / "c", entry, tokenizer, Preprocess(cutoff_len=40, overlong="truncate"))
+
+
+def test_run_data_counts_pairs_split_weights_and_batches_chosen_then_rejected(tmp_path, tokenizer):
+    from test_pipeline import data_cfg
+
+    from hsa_train.data import SemanticCollator, SemanticTokenizer
+    from hsa_train.data.pipeline import load_run_data
+
+    st = SemanticTokenizer(tokenizer)
+    collator = SemanticCollator.from_tokenizer(st)
+    info = str(PEER_DATA / "dataset_info.json")
+    cfg = dict(dataset_info=info, datasets=["dpo_en_demo"], cache_dir=str(tmp_path / "c"), eval_ratio=0.1)
+    cfg["on_error"] = "skip"  # a few of the demo's pairs do not fit in 2,048 tokens of this tokenizer
+    data = load_run_data(data_cfg(**cfg), st, collator, seed=0, pairs=True)
+    train, held = data.train, data.eval
+    pairs_kept = 300 - len(data.reports["dpo_en_demo"].load.skipped)
+    assert 250 < pairs_kept < 300
+    assert len(train.ids) + len(held) == pairs_kept and len(held) == round(0.1 * pairs_kept)  # pairs, not samples
+    assert set(train.ids.tolist()).isdisjoint(int(i) for i in held.ids)  # no pair on both sides of the split
+    batch = train.batch([0, 1])
+    pairs = [train.pool[int(train.ids[r])] for r in (0, 1)]
+    rows = [pairs[0][0], pairs[1][0], pairs[0][1], pairs[1][1]]  # chosen, chosen, rejected, rejected
+    for row, sample in enumerate(rows):
+        n = len(sample)
+        assert batch["input_ids"][row, :n].tolist() == sample.features["input_ids"].tolist()
+        assert batch["labels"][row, :n].tolist() == sample.features["labels"].tolist()
+        assert int(batch["attention_mask"][row].sum()) == n
+    assert train.where([0]) == [pairs[0][0].where] and pairs[0][0].where == pairs[0][1].where
+    entry = {"path": str(PEER_DATA / "dpo_en_demo.json"), "format": "sharegpt", "ranking": True, "weight": 1.5}
+    weighted = dict(cfg, eval_ratio=0.0, dataset_info=None, datasets=[entry])
+    n = len(load_run_data(data_cfg(**weighted), st, collator, seed=0, pairs=True).train.ids)
+    assert n == pairs_kept + round(0.5 * pairs_kept)  # weights count pairs: a whole copy and a seeded half
+    with pytest.raises(ValueError, match="data.packing does not apply to preference pairs"):
+        load_run_data(data_cfg(**cfg, packing=True), st, collator, seed=0, pairs=True)

@@ -48,6 +48,30 @@ class Pool(Sequence[Sample]):
         return np.arange(self.starts[k], self.starts[k + 1], dtype=np.int64)
 
 
+class PairPool(Sequence[tuple[Sample, Sample]]):
+    """The preference pairs of a pool whose datasets hold (chosen, rejected) sample twos (prepare.py writes a pair
+    as two adjacent samples): pair k is samples 2k and 2k + 1, numbered dataset after dataset like the pool."""
+
+    def __init__(self, pool: Pool):
+        odd = [p.name for p in pool.parts if len(p.samples) % 2]
+        if odd:
+            raise ValueError(f"dataset {odd[0]} is not preference pairs (an odd number of samples); set ranking: true")
+        self.pool = pool
+        self.parts = pool.parts
+        self.lengths = np.maximum(pool.lengths[0::2], pool.lengths[1::2]) if len(pool) else pool.lengths
+
+    def __len__(self) -> int:
+        return len(self.pool) // 2
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.pool[2 * int(i)], self.pool[2 * int(i) + 1]
+
+    def ids_of(self, k: int) -> np.ndarray:
+        return self.pool.ids_of(k)[::2] // 2
+
+
 class View(Sequence[Sample]):
     """Some samples of a pool, by id."""
 
@@ -75,7 +99,9 @@ class TrainRows:
     """The rows training steps draw from: one sample each, or (packing) several samples packed best-fit
     decreasing into rows of `capacity` tokens, documents kept apart by their position ids."""
 
-    def __init__(self, pool: Pool, ids: np.ndarray, collator: SemanticCollator, capacity: int | None = None):
+    def __init__(self, pool: Pool | PairPool, ids: np.ndarray, collator: SemanticCollator, capacity: int | None = None):
+        if capacity is not None and isinstance(pool, PairPool):
+            raise ValueError("data.packing does not apply to preference pairs; set data.packing=false")
         self.pool, self.ids, self.collator = pool, ids, collator
         self.packed = capacity is not None
         self.capacity = capacity
@@ -100,9 +126,14 @@ class TrainRows:
     def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
         if self.packed:
             return self._packer([[self.pool[i].features for i in self.samples(r)] for r in rows])
+        if isinstance(self.pool, PairPool):  # the chosen sides, then the rejected ones: pair k at k and n + k
+            pairs = [self.pool[int(self.ids[r])] for r in rows]
+            return self.collator([pair[0].features for pair in pairs] + [pair[1].features for pair in pairs])
         return self.collator([self.pool[int(self.ids[r])].features for r in rows])
 
     def where(self, rows: Sequence[int]) -> list[str]:
+        if isinstance(self.pool, PairPool):
+            return [self.pool[int(self.ids[r])][0].where for r in rows]
         return [self.pool[i].where for r in rows for i in self.samples(r)]
 
     def fingerprint(self, digests: Sequence[str]) -> dict:
@@ -159,10 +190,12 @@ def load_run_data(
     seed: int,
     on_main: Callable = lambda fn: fn(),
     plan: DatasetPlan | None = None,
+    pairs: bool = False,
 ) -> RunData:
     """Prepares every dataset the data config names (`plan`: them resolved, as the validated run config holds
     them; else resolved here) in one pass and assembles the run's data. `on_main(fn)` runs fn on rank 0 only:
-    rank 0 builds what the cache lacks, then every rank opens the entries."""
+    rank 0 builds what the cache lacks, then every rank opens the entries. `pairs`: the datasets are preference
+    pairs; the training rows, the split, the weights and the eval sets then count pairs, not samples."""
     d = data_cfg
     pre = Preprocess(d.cutoff_len, d.overlong, tuple(d.keep_types), d.on_error, tuple(d.ignore_keys), d.noise_window)
     root = None
@@ -178,7 +211,8 @@ def load_run_data(
         built = preparation.build_missing(everything, keys)
     prepared = [preparation.open(spec, key, built is None or key not in built) for spec, key in zip(everything, keys)]
     n_train, n_eval = len(train_specs), len(eval_specs)
-    train_pool = Pool(prepared[:n_train])
+    group = PairPool if pairs else (lambda pool: pool)
+    train_pool = group(Pool(prepared[:n_train]))
     reports: dict[str, Reports] = {}
     notes: dict[str, str] = {}
     seen: set[str] = set()
@@ -192,7 +226,7 @@ def load_run_data(
 
     train_ids_per_set = [train_pool.ids_of(k) for k in range(n_train)]
     if eval_specs:
-        eval_view: Sequence[Sample] = Pool(prepared[n_train : n_train + n_eval])
+        eval_view: Sequence = group(Pool(prepared[n_train : n_train + n_eval]))
     else:
         kept, held = split_ids(len(train_pool), d.eval_ratio, seed)
         eval_view = View(train_pool, held)
@@ -208,7 +242,7 @@ def load_run_data(
     pos = n_train + n_eval
     eval_sets: dict[str, Sequence[Sample]] = {}
     for name, specs in set_specs.items():
-        eval_sets[name] = Pool(prepared[pos : pos + len(specs)])
+        eval_sets[name] = group(Pool(prepared[pos : pos + len(specs)]))
         pos += len(specs)
     digests = [p.digest for p in prepared[:n_train]]
     return RunData(train, eval_view, eval_sets, reports, train.fingerprint(digests), list(notes.values()))
