@@ -75,3 +75,125 @@ def test_known_values_and_bad_loss():
     assert preference_loss(one, zero, zero, zero, 0.25, loss="ipo").losses.item() == pytest.approx((1 - 2) ** 2)
     with pytest.raises(ValueError, match="dpo.loss='hinge': choose one of sigmoid, ipo"):
         preference_loss(zero, zero, zero, zero, 0.1, loss="hinge")
+
+
+# -- the objective on a real model: batched and split against pair-by-pair forwards written here -----------------
+PAIRS = [
+    (
+        [{"role": "system", "content": "Task: open the red door."}, {"role": "user", "content": "Obs: a hallway."}],
+        [
+            {"role": "assistant", "content": "look left"},
+            {"role": "user", "content": "Event: a red key."},
+            {"role": "assistant", "content": "pick up the key"},
+        ],
+        [{"role": "assistant", "content": "forward"}],
+    ),
+    (
+        [{"role": "user", "content": "Task: say hello."}],
+        [{"role": "assistant", "content": "Hello there, friend."}],
+        [{"role": "assistant", "content": "Goodbye."}],
+    ),
+]
+
+
+def encoded_pairs(tokenizer):
+    from hsa_train.data import SemanticTokenizer
+    from hsa_train.data.pairs import encode_pair
+
+    st = SemanticTokenizer(tokenizer)
+    out = []
+    for prompt, chosen, rejected in PAIRS:
+        (c, r), _ = encode_pair(st.encode_detailed, prompt + chosen, prompt + rejected, len(prompt), None, None, {})
+        out.append((c.features, r.features))
+    return out
+
+
+def row_logp(model, features) -> torch.Tensor:
+    """Summed log p of a sample's trained tokens, the sample alone (no padding), token by token."""
+    ids, sem = (torch.tensor(features[k])[None] for k in ("input_ids", "semantic_ids"))
+    logits = model(input_ids=ids, semantic_ids=sem).logits[0].float()
+    total = torch.zeros(())
+    for t, label in enumerate(features["labels"]):
+        if t > 0 and label != IGNORE_INDEX:
+            total = total + torch.log_softmax(logits[t - 1], -1)[label]
+    return total
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_the_dpo_step_matches_pair_by_pair_forwards(tokenizer, model_factory, clone, loss):
+    from hsa_train import enable_hsa
+    from hsa_train.data import SemanticCollator
+    from hsa_train.training.preference import PreferenceLoss, frozen_copy
+    from hsa_train.training.step import accumulate_gradients, make_forward
+
+    pairs = encoded_pairs(tokenizer)
+    base = enable_hsa(model_factory(vocab_size=len(tokenizer)), lambdas={"PROCESS_NOISE": 0.2})
+    reference_model = clone(base).eval()
+    policy = clone(base)
+    with torch.no_grad():  # the policy has moved away from the reference
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    beta, smoothing = 0.3, 0.1 if loss == "sigmoid" else 0.0
+    cpu = torch.device("cpu")
+    objective = PreferenceLoss(frozen_copy(make_forward(reference_model, cpu, None, True)), beta, smoothing, loss)
+    collate = SemanticCollator(pad_token_id=0)
+    results = []
+    for groups in ([[0, 1]], [[0], [1]]):
+        model = clone(policy)
+        batches = [collate([pairs[i][0] for i in g] + [pairs[i][1] for i in g]) for g in groups]
+        value, _, stats = accumulate_gradients(make_forward(model, cpu, None, True), batches, 2, objective=objective)
+        results.append((value, stats, [p.grad.clone() for p in model.parameters()]))
+    # the reference computation: each side alone, TRL's formula, the mean over the two pairs
+    model = clone(policy)
+    losses, margins = [], []
+    for chosen, rejected in pairs:
+        pc, pr = row_logp(model, chosen), row_logp(model, rejected)
+        with torch.no_grad():
+            rc, rr = row_logp(reference_model, chosen), row_logp(reference_model, rejected)
+        if loss == "ipo":
+            nc = sum(x != IGNORE_INDEX for x in chosen["labels"][1:])
+            nr = sum(x != IGNORE_INDEX for x in rejected["labels"][1:])
+            pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+        loss_k, chosen_reward, rejected_reward = trl_dpo_loss(pc, pr, rc, rr, beta, smoothing, loss)
+        losses.append(loss_k)
+        margins.append(float(chosen_reward - rejected_reward))
+    total = torch.stack(losses).mean()
+    total.backward()
+    for value, stats, grads in results:
+        assert value == pytest.approx(total.item(), rel=1e-5)
+        assert stats[3] == pytest.approx(sum(margins), rel=1e-4, abs=1e-6)  # rewards/margin, summed over pairs
+        assert stats[2] == sum(m > 0 for m in margins)  # rewards/accuracy
+        for g, ref in zip(grads, (p.grad for p in model.parameters())):
+            torch.testing.assert_close(g, ref, atol=2e-6, rtol=1e-4)
+
+
+def test_the_lora_reference_is_the_starting_model_with_its_starting_lambdas(tokenizer, model_factory, clone):
+    from types import SimpleNamespace
+
+    from hsa_train import enable_hsa
+    from hsa_train.data import SemanticCollator
+    from hsa_train.model.lora import apply_lora
+    from hsa_train.training.preference import adapters_off, sequence_logps
+    from hsa_train.training.step import make_forward
+
+    pairs = encoded_pairs(tokenizer)
+    base = enable_hsa(model_factory(vocab_size=len(tokenizer)), lambdas={"PROCESS_NOISE": 0.2}, learnable=True)
+    start = clone(base).eval()
+    settings = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    model = apply_lora(clone(base), settings, train_lambdas=True)
+    cpu = torch.device("cpu")
+    forward = make_forward(model, cpu, None, True)
+    reference = adapters_off(model, forward)
+    with torch.no_grad():  # training moved the adapters and λ
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p).abs())
+    batch = SemanticCollator(pad_token_id=0)([pairs[0][0], pairs[1][0], pairs[0][1], pairs[1][1]])
+    with torch.no_grad():
+        ref = reference(batch)
+        expected = sequence_logps(make_forward(start, cpu, None, True)(batch), batch["labels"])[0]
+        moved = sequence_logps(forward(batch), batch["labels"])[0]
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(moved, expected, atol=1e-3)  # the policy itself did move
+    lambdas = next(p for n, p in model.named_parameters() if n.endswith("hsa.raw"))
+    assert lambdas.detach().min() > 0.04  # and its λ are back where training left them

@@ -46,7 +46,9 @@ def test_accumulation_is_independent_of_the_split(tokenizer, model_factory, clon
             batches.append(collate(feats[start : start + size]))
             start += size
         n_labels = sum(label_count(b) for b in batches)
-        loss, n_tokens = accumulate_gradients(make_forward(model, torch.device("cpu"), None, True), batches, n_labels)
+        loss, n_tokens, _ = accumulate_gradients(
+            make_forward(model, torch.device("cpu"), None, True), batches, n_labels
+        )
         results.append((loss, n_tokens, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     # reference: mean cross-entropy over every label token of the 4 samples, computed sample by sample
     model = clone(base)

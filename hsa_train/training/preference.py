@@ -56,3 +56,87 @@ def preference_loss(
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return PreferenceTerms(losses, chosen_rewards, rejected_rewards)
+
+
+class PreferenceLoss:
+    """DPO as a step objective (step.optimizer_step): a batch holds n chosen sides then their n rejected sides
+    (pipeline.PairPool), the unit a step's loss is the mean over is the pair, and it reports the implicit rewards,
+    the accuracy (chosen reward above rejected), the margin and each side's summed log-prob, as TRL names them.
+
+    `reference(batch)`: the reference model's summed log-probs per row, computed without gradient (the frozen
+    starting point: `adapters_off` for LoRA runs, `frozen_copy` for full fine-tuning)."""
+
+    unit = "preference pairs"
+    stat_names = (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracy",
+        "rewards/margin",
+        "logps/chosen",
+        "logps/rejected",
+    )
+
+    def __init__(self, reference, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"):
+        if loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"dpo.loss={loss!r}: choose one of {', '.join(PREFERENCE_LOSSES)}")
+        self.reference, self.beta, self.label_smoothing, self.loss = reference, beta, label_smoothing, loss
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def __call__(self, forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        n = self.count(batch)
+        logps, tokens = sequence_logps(forward(batch), batch["labels"])
+        with torch.no_grad():
+            ref = self.reference(batch).to(logps.device, torch.float32)
+        if self.loss == "ipo":  # IPO compares log-probs averaged over each side's tokens
+            per, ref_per = logps / tokens.clamp(min=1), ref / tokens.clamp(min=1)
+        else:
+            per, ref_per = logps, ref
+        terms = preference_loss(per[:n], per[n:], ref_per[:n], ref_per[n:], self.beta, self.label_smoothing, self.loss)
+        chosen, rejected = terms.chosen_rewards, terms.rejected_rewards
+        stats = [
+            chosen.sum(),
+            rejected.sum(),
+            (chosen > rejected).float().sum(),
+            (chosen - rejected).sum(),
+            logps[:n].detach().sum(),
+            logps[n:].detach().sum(),
+        ]
+        return terms.losses.sum(), stats
+
+
+def adapters_off(model, forward):
+    """The reference of a LoRA run: the same model with its adapters disabled (no second copy in memory) and HSA's
+    learnable λ at their starting values (they train beside the adapters, so the base alone is not the start)."""
+    from hsa_train.model.hsa import HSALambdas
+    from hsa_train.training.distributed import unwrap
+
+    peft_model = unwrap(model)
+    lambdas = [m for m in peft_model.modules() if isinstance(m, HSALambdas) and m.learnable]
+    start = [m.raw.detach().clone() for m in lambdas]
+
+    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        now, training = [m.raw.detach().clone() for m in lambdas], peft_model.training
+        try:
+            for m, value in zip(lambdas, start):
+                m.raw.data.copy_(value)
+            peft_model.eval()  # no dropout in the reference
+            with peft_model.disable_adapter():
+                return sequence_logps(forward(batch), batch["labels"])[0]
+        finally:
+            peft_model.train(training)
+            for m, value in zip(lambdas, now):
+                m.raw.data.copy_(value)
+
+    return reference
+
+
+def frozen_copy(ref_forward):
+    """The reference of a full fine-tuning run: a frozen copy of the starting model, through its own forward
+    (step.make_forward over the copy)."""
+
+    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_logps(ref_forward(batch), batch["labels"])[0]
+
+    return reference

@@ -45,24 +45,51 @@ def make_forward(model, device: torch.device, autocast_dtype: torch.dtype | None
     return forward
 
 
+class TokenLoss:
+    """Supervised fine-tuning: next-token cross-entropy summed over the label tokens. The unit a step's loss is the
+    mean over is the label token; it reports no statistics besides the loss. (preference.PreferenceLoss is the
+    other objective: the unit is the pair.)"""
+
+    unit = "label tokens"
+    stat_names: tuple[str, ...] = ()
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return label_count(batch)
+
+    def __call__(self, forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return token_loss_sum(forward(batch), next_token_targets(batch)), []
+
+
+TOKEN_LOSS = TokenLoss()
+
+
 def accumulate_gradients(
-    forward, micro_batches: list[dict[str, torch.Tensor]], n_labels: int, scale: float = 1.0, sync=None
-) -> tuple[float, int]:
-    """Backward over this rank's micro-batches of one step, each loss divided by `n_labels`, the label tokens of
-    the *whole* global batch (all ranks, all micro-batches), so the step's gradient is the mean over its label
-    tokens however the samples are split. `scale` undoes the averaging DDP / FSDP apply over ranks; `sync(last)`
-    gives the context that skips gradient synchronisation before the last micro-batch.
-    Returns (this rank's share of the step's mean loss, its data tokens: not padding, not a blank image row)."""
-    if n_labels == 0:
-        raise ValueError("the batch has no label tokens")
+    forward,
+    micro_batches: list[dict[str, torch.Tensor]],
+    n_units: int,
+    scale: float = 1.0,
+    sync=None,
+    objective=TOKEN_LOSS,
+) -> tuple[float, int, list[float]]:
+    """Backward over this rank's micro-batches of one step, each loss divided by `n_units`, the objective's units
+    (label tokens, or pairs) of the *whole* global batch (all ranks, all micro-batches), so the step's gradient is
+    the mean over its units however the samples are split. `scale` undoes the averaging DDP / FSDP apply over
+    ranks; `sync(last)` gives the context that skips gradient synchronisation before the last micro-batch.
+    Returns (this rank's share of the step's mean loss, its data tokens: not padding, not a blank image row, and
+    its sums of the objective's statistics)."""
+    if n_units == 0:
+        raise ValueError(f"the batch has no {objective.unit}")
     loss_sum, n_tokens = 0.0, 0
+    stats = [0.0] * len(objective.stat_names)
     for k, batch in enumerate(micro_batches):
         with sync(k == len(micro_batches) - 1) if sync else nullcontext():
-            loss = token_loss_sum(forward(batch), next_token_targets(batch)) / n_labels
+            total, sums = objective(forward, batch)
+            loss = total / n_units
             (loss * scale).backward()
         loss_sum += loss.item()
+        stats = [a + float(b) for a, b in zip(stats, sums)]
         n_tokens += int(batch["attention_mask"].sum()) - int(batch.get("filler_tokens", 0))  # data tokens only
-    return loss_sum, n_tokens
+    return loss_sum, n_tokens, stats
 
 
 @dataclass
@@ -73,6 +100,7 @@ class StepResult:
     tokens: int  # non-padding input tokens of the global batch
     skipped: bool  # non-finite, update skipped (train.skip_nonfinite)
     stop: bool  # some rank was signalled to stop: all of them checkpoint and stop after this step
+    stats: dict[str, float] = field(default_factory=dict)  # the objective's statistics, means over its units
 
 
 def optimizer_step(
@@ -89,14 +117,17 @@ def optimizer_step(
     skip_nonfinite: bool,
     where: Callable[[], list[str]],
     stop_signal: int = 0,
+    objective=TOKEN_LOSS,
 ) -> StepResult:
     """Step `step` over this rank's `micro_batches` of the global batch. `where()` names the samples (file:line)
     for the non-finite error; `stop_signal` (non-zero once this rank got SIGTERM / SIGINT) rides on the label
     count's all-reduce, so every rank learns of it in the same step."""
     sync = (lambda last: D.set_gradient_sync(model, info, last)) if info.mode != "none" else None
-    n_labels, stop = D.all_reduce_sum([sum(label_count(b) for b in micro_batches), float(stop_signal)], device, info)
-    local_loss, n_tokens = accumulate_gradients(forward, micro_batches, int(n_labels), info.world, sync)
-    loss, n_tokens = D.all_reduce_sum([local_loss, n_tokens], device, info)
+    units = sum(objective.count(b) for b in micro_batches)
+    n_units, stop = D.all_reduce_sum([units, float(stop_signal)], device, info)
+    local_loss, n_tokens, sums = accumulate_gradients(forward, micro_batches, int(n_units), info.world, sync, objective)
+    loss, n_tokens, *sums = D.all_reduce_sum([local_loss, n_tokens, *sums], device, info)
+    stats = {name: value / n_units for name, value in zip(objective.stat_names, sums)}
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     lr = scheduler.get_last_lr()[0]
@@ -111,7 +142,7 @@ def optimizer_step(
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, lr, int(n_tokens), not finite, bool(stop))
+    return StepResult(loss, grad_norm, lr, int(n_tokens), not finite, bool(stop), stats)
 
 
 def gather_wheres(wheres: list[str], info: D.DistInfo) -> list[str]:
