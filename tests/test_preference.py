@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_pairs import AGENT_PAIR
 
-from hsa_train.training.preference import preference_loss, sequence_logps
+from hsa_train.training.preference import PreferenceLoss, preference_loss, sequence_logps
 from hsa_train.types import IGNORE_INDEX
 
 
@@ -73,21 +74,15 @@ def test_known_values_and_bad_loss():
     one = torch.ones(1)  # the policy prefers the chosen side by 1 nat more than the reference
     assert preference_loss(one, zero, zero, zero, 2.0).losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-2))))
     assert preference_loss(one, zero, zero, zero, 0.25, loss="ipo").losses.item() == pytest.approx((1 - 2) ** 2)
-    with pytest.raises(ValueError, match="dpo.loss='hinge': choose one of sigmoid, ipo"):
+    with pytest.raises(ValueError, match="stage.loss='hinge' is not allowed; use one of: sigmoid, ipo"):
         preference_loss(zero, zero, zero, zero, 0.1, loss="hinge")
+    with pytest.raises(ValueError, match="stage.loss='hinge' is not allowed; use one of: sigmoid, ipo"):
+        PreferenceLoss(lambda batch: None, 0.1, loss="hinge")
 
 
 # -- the objective on a real model: batched and split against pair-by-pair forwards written here -----------------
-PAIRS = [
-    (
-        [{"role": "system", "content": "Task: open the red door."}, {"role": "user", "content": "Obs: a hallway."}],
-        [
-            {"role": "assistant", "content": "look left"},
-            {"role": "user", "content": "Event: a red key."},
-            {"role": "assistant", "content": "pick up the key"},
-        ],
-        [{"role": "assistant", "content": "forward"}],
-    ),
+PAIRS = [  # (prompt, chosen, rejected): an agent's multi-turn continuation against one step, and a plain reply
+    (AGENT_PAIR["messages"], AGENT_PAIR["chosen"], [AGENT_PAIR["rejected"]]),
     (
         [{"role": "user", "content": "Task: say hello."}],
         [{"role": "assistant", "content": "Hello there, friend."}],
@@ -103,7 +98,7 @@ def encoded_pairs(tokenizer):
     st = SemanticTokenizer(tokenizer)
     out = []
     for prompt, chosen, rejected in PAIRS:
-        (c, r), _ = encode_pair(st.encode_detailed, prompt + chosen, prompt + rejected, len(prompt), None, None, {})
+        (c, r), _, _ = encode_pair(st.encode_detailed, prompt + chosen, prompt + rejected, len(prompt), None, None, {})
         out.append((c.features, r.features))
     return out
 
@@ -123,7 +118,7 @@ def row_logp(model, features) -> torch.Tensor:
 def test_the_dpo_step_matches_pair_by_pair_forwards(tokenizer, model_factory, clone, loss):
     from hsa_train import enable_hsa
     from hsa_train.data import SemanticCollator
-    from hsa_train.training.preference import PreferenceLoss, frozen_copy
+    from hsa_train.training.preference import frozen_copy
     from hsa_train.training.step import accumulate_gradients, make_forward
 
     pairs = encoded_pairs(tokenizer)

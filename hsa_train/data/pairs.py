@@ -33,21 +33,24 @@ def encode_pair(
     tools: Any,
     cutoff_len: int | None,
     fit_args: dict[str, Any],
-) -> tuple[tuple[Encoding, Encoding] | None, FitInfo | None]:
-    """The two sides' encodings (None: overlong=drop dropped the pair) and what truncation did (None without a
-    cutoff). `fit_args`: truncate.fit's types_order, keep_types, overlong and default_type."""
+) -> tuple[tuple[Encoding, Encoding] | None, FitInfo | None, list[int]]:
+    """The two sides' encodings (None: overlong=drop dropped the pair), what truncation did (None without a
+    cutoff; the pair counts once, as its longer side) and the indices of the prompt messages both kept.
+    `fit_args`: truncate.fit's types_order, keep_types, overlong and default_type."""
     sides = (list(chosen), list(rejected))
+    whole = list(range(prompt_len))
     if cutoff_len is None:
-        return tuple(continuation_only(encode_detailed(s, tools), prompt_len) for s in sides), None  # type: ignore
+        encodings = tuple(continuation_only(encode_detailed(side, tools), prompt_len) for side in sides)
+        return encodings, None, whole  # type: ignore[return-value]
     fits = [fit(encode_detailed, side, tools, cutoff_len, keep_from=prompt_len, **fit_args) for side in sides]
-    if any(encoding is None for encoding, _ in fits):
-        return None, max((info for _, info in fits), key=lambda info: info.tokens_before)
-    kept = [set(info.kept if info.kept is not None else range(len(side))) for (_, info), side in zip(fits, sides)]
-    prompt = sorted(i for i in kept[0] & kept[1] if i < prompt_len)  # a prompt turn either side dropped goes
     infos = [info for _, info in fits]
+    if any(encoding is None for encoding, _ in fits):
+        return None, max(infos, key=lambda info: info.tokens_before), whole
+    kept = [[i for i in info.kept if i < prompt_len] if info.kept is not None else whole for info in infos]
+    prompt = sorted(set(kept[0]) & set(kept[1]))  # a prompt turn either side dropped goes from both
     encodings = []
-    for (encoding, info), side in zip(fits, sides):
-        if sorted(i for i in (info.kept or range(len(side))) if i < prompt_len) != prompt:
+    for (encoding, _), side, mine in zip(fits, sides, kept):
+        if mine != prompt:
             encoding = encode_detailed([side[i] for i in prompt] + side[prompt_len:], tools)
             if len(encoding.features["input_ids"]) > cutoff_len:
                 raise ValueError(
@@ -55,9 +58,11 @@ def encode_pair(
                     f"side still takes {len(encoding.features['input_ids'])} tokens; raise data.cutoff_len"
                 )
         encodings.append(continuation_only(encoding, len(prompt)))
-    # for the report, the pair counts once: as its longer side, with the prompt turns the pair lost
-    worst = max(infos, key=lambda info: (sum(info.turns_dropped.values()), info.tokens_before))
+    info = max(infos, key=lambda info: (sum(info.turns_dropped.values()), info.tokens_before))
     if any(info.action == "truncated" for info in infos):
         after = max(len(e.features["input_ids"]) for e in encodings)
-        worst = FitInfo("truncated", max(info.tokens_before for info in infos), after, prompt, worst.turns_dropped)
-    return (encodings[0], encodings[1]), worst
+        tokens_before = max(info.tokens_before for info in infos)
+        info = FitInfo(
+            "truncated", tokens_before, after, prompt + list(range(prompt_len, len(sides[0]))), info.turns_dropped
+        )
+    return (encodings[0], encodings[1]), info, prompt

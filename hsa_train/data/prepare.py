@@ -227,16 +227,21 @@ class RecordEncoder:
         pre, st, report = self.pre, self.st, self.reports.truncation
         if pre.noise_window is not None:
             raise ValueError("data.noise_window does not apply to preference pairs; set it to null")
-        fit_args = {"types_order": st.types.names, "keep_types": pre.keep_types, "overlong": pre.overlong}
+        fit_args = {
+            "types_order": st.types.names,
+            "keep_types": pre.keep_types,
+            "overlong": pre.overlong,
+            "default_type": st.types.default,
+        }
         try:
-            encodings, info = encode_pair(
+            encodings, info, prompt = encode_pair(
                 st.encode_detailed,
                 record.messages,
                 record.rejected,
                 record.prompt_len,
                 record.tools,
                 pre.cutoff_len,
-                {**fit_args, "default_type": st.types.default},
+                fit_args,
             )
         except ValueError:
             if pre.cutoff_len is not None:
@@ -248,13 +253,11 @@ class RecordEncoder:
             return None
         if record.tools or any(m.get("tool_calls") for m in (*record.messages, *record.rejected)):
             self.reports.tool_records += 1
-        chosen, rejected = encodings
-        kept = info.kept if info is not None and info.kept is not None else range(record.prompt_len)
-        sides = []
-        for side, encoding in ((record.messages, chosen), (record.rejected, rejected)):
-            messages = [side[i] for i in kept] + side[record.prompt_len :]
-            sides.append(self._sample(messages, encoding, record.where))
-        return sides[0], sides[1]
+        chosen, rejected = (
+            self._sample([side[i] for i in prompt] + side[record.prompt_len :], encoding, record.where)
+            for side, encoding in zip((record.messages, record.rejected), encodings)
+        )
+        return chosen, rejected
 
 
 def _encode_shard(
@@ -285,8 +288,9 @@ def _encode_shard(
                     break
                 reports.load.skipped.append(err)
                 continue
-            for one in sample if isinstance(sample, tuple) else () if sample is None else (sample,):
-                writer.add(one, index)  # a pair's two sides share its index; the stable sort keeps their order
+            samples = () if sample is None else sample if isinstance(sample, tuple) else (sample,)
+            for one in samples:  # a pair's two sides share its index; the stable sort keeps their order
+                writer.add(one, index)
     except DataError as err:  # from the loader (format, types) under on_error=raise
         failed = (index, err)
     finally:

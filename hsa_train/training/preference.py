@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hsa_train.types import IGNORE_INDEX
+from hsa_train.types import IGNORE_INDEX, check_choice
 
-PREFERENCE_LOSSES = ("sigmoid", "ipo")  # dpo.loss
+PREFERENCE_LOSSES = ("sigmoid", "ipo")  # stage.loss
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +46,7 @@ def preference_loss(
     averaged over each side's tokens, as IPO defines them and TRL passes them).
 
     sigmoid: -(1 - ε) log σ(β h) - ε log σ(-β h), h = (π_c - π_r) - (ref_c - ref_r); ipo: (h - 1 / (2β))²."""
-    if loss not in PREFERENCE_LOSSES:
-        raise ValueError(f"dpo.loss={loss!r}: choose one of {', '.join(PREFERENCE_LOSSES)}")
+    check_choice("stage.loss", loss, PREFERENCE_LOSSES)
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     if loss == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
@@ -77,8 +76,7 @@ class PreferenceLoss:
     )
 
     def __init__(self, reference, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"):
-        if loss not in PREFERENCE_LOSSES:
-            raise ValueError(f"dpo.loss={loss!r}: choose one of {', '.join(PREFERENCE_LOSSES)}")
+        check_choice("stage.loss", loss, PREFERENCE_LOSSES)  # at construction, before the first step
         self.reference, self.beta, self.label_smoothing, self.loss = reference, beta, label_smoothing, loss
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
