@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hsa_train.model.hsa import HSALambdas
+from hsa_train.training.distributed import unwrap
 from hsa_train.types import IGNORE_INDEX, check_choice
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo")  # stage.loss
@@ -107,9 +109,6 @@ class PreferenceLoss:
 def adapters_off(model, forward):
     """The reference of a LoRA run: the same model with its adapters disabled (no second copy in memory) and HSA's
     learnable λ at their starting values (they train beside the adapters, so the base alone is not the start)."""
-    from hsa_train.model.hsa import HSALambdas
-    from hsa_train.training.distributed import unwrap
-
     peft_model = unwrap(model)
     lambdas = [m for m in peft_model.modules() if isinstance(m, HSALambdas) and m.learnable]
     start = [m.raw.detach().clone() for m in lambdas]
