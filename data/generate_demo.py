@@ -320,6 +320,28 @@ def trajectory(rng: random.Random, min_steps: int, max_steps: int) -> dict:
     return {"messages": messages}
 
 
+def preference_pair(rng: random.Random, record: dict) -> dict:
+    """A trajectory as a preference pair (ours: `messages` the prompt, `chosen` / `rejected` its answers): the true
+    answer against a failed one, a third of each kind: a routine action where the question wants an answer; the
+    destination swapped for another room the robot walked through (only the task, at the start, names it); where
+    the object was found swapped so (only the KEY_EVENT among the routine steps names it). `kind` says which."""
+    *prompt, answer = record["messages"]
+    text = answer["content"]
+    dst = text.split(" in the ", 2)[2].split(". I found")[0]
+    src = text.rsplit(" in the ", 1)[1].rstrip(".")
+    seen = [r for r in ROOMS if any(m["content"].startswith(f"You are in the {r} ") for m in prompt)]
+    wrong = rng.choice([r for r in seen if r not in (src, dst)] or [r for r in ROOMS if r not in (src, dst)])
+    kind = rng.choice(["action", "destination", "found"])
+    if kind == "action":
+        rejected = f"Action: {rng.choice(['look around', 'wait', 'check battery'])}."
+    elif kind == "destination":
+        rejected = text.replace(f" in the {dst}. I found", f" in the {wrong}. I found", 1)
+    else:
+        rejected = text.rsplit(f" in the {src}.", 1)[0] + f" in the {wrong}."
+    assert rejected != text
+    return {"messages": prompt, "chosen": answer, "rejected": {**answer, "content": rejected}, "kind": kind}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -370,6 +392,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--train", type=int, default=1000, help="number of training trajectories")
+    parser.add_argument("--pairs", type=int, default=600, help="preference pairs, from the first trajectories")
     parser.add_argument("--min-steps", type=int, default=6)
     parser.add_argument("--max-steps", type=int, default=11)
     parser.add_argument("--vocab-size", type=int, default=2048)
@@ -382,8 +405,11 @@ def main() -> None:
     rng = random.Random(args.seed)
     records = [trajectory(rng, args.min_steps, args.max_steps) for _ in range(args.train)]
     write_jsonl(args.out / "trajectories.jsonl", records)
+    pair_rng = random.Random(args.seed + 1)  # its own stream: the trajectories stay as they were
+    pairs = [preference_pair(pair_rng, record) for record in records[: args.pairs]]
+    write_jsonl(args.out / "preferences.jsonl", pairs)
     train_tokenizer(records, args.tokenizer_out, args.vocab_size)
-    print(f"wrote {len(records)} trajectories to {args.out}")
+    print(f"wrote {len(records)} trajectories and {len(pairs)} preference pairs to {args.out}")
     print(f"wrote a {args.vocab_size}-token tokenizer to {args.tokenizer_out}")
 
 

@@ -29,7 +29,9 @@ from hsa_train.types import (
     ON_ERROR,
     OVERLONG,
     PRECISIONS,
+    PREFERENCE_LOSSES,
     PROGRESS,
+    STAGES,
     TRAIN_ON,
     SemanticTypes,
     check_choice,
@@ -47,6 +49,24 @@ def bundled_path(relative: str) -> str:
 
 
 OmegaConf.register_new_resolver("bundled", bundled_path, replace=True)
+
+
+@dataclass
+class StageConfig:
+    """What the run optimises; the DPO keys are null under sft (conf/stage/sft.yaml sets none of them)."""
+
+    name: str = MISSING
+    beta: Optional[float] = None
+    label_smoothing: Optional[float] = None
+    loss: Optional[str] = None
+
+    @property
+    def preference(self) -> bool:
+        return self.name == "dpo"
+
+
+# The keys only stage=dpo sets.
+DPO_KEYS = ("beta", "label_smoothing", "loss")
 
 
 @dataclass
@@ -191,6 +211,7 @@ class ObjectiveConfig:
 class RunConfig:
     seed: int = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     hsa: HSAConfig = field(default_factory=HSAConfig)  # type: ignore[valid-type]
@@ -273,12 +294,26 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
         saved_rules(run)  # export.typing_dataset names a training dataset
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    pairs = [spec.name for spec in run.dataset_plan.everything if spec.ranking]
-    _check(
-        not pairs,
-        f"data: {', '.join(pairs)} holds preference pairs (ranking: true), and this run trains conversations "
-        "(supervised fine-tuning); leave it out of the run's data",
-    )
+    everything = run.dataset_plan.everything
+    if run.stage.preference:
+        talks = [spec.name for spec in everything if not spec.ranking]
+        _check(
+            not talks,
+            f"data: {', '.join(talks)} holds conversations, and stage=dpo trains on preference pairs: mark a pairs "
+            "dataset ranking: true (in its entry or dataset_info.json), or leave it out of the run's data",
+        )
+        _check(not d.packing, "data.packing=true does not apply to stage=dpo (pairs are never packed): set it false")
+        _check(
+            d.noise_window is None,
+            "data.noise_window does not apply to stage=dpo (both sides keep the whole prompt): set it to null",
+        )
+    else:
+        pairs = [spec.name for spec in everything if spec.ranking]
+        _check(
+            not pairs,
+            f"data: {', '.join(pairs)} holds preference pairs (ranking: true), and stage=sft trains "
+            "conversations: train it with stage=dpo, or leave it out of the run's data",
+        )
     _choice("data.on_error", d.on_error, ON_ERROR)
     _choice("data.train_on", d.train_on, TRAIN_ON)
     _choice("data.overlong", d.overlong, OVERLONG)
@@ -289,6 +324,25 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
     _check(d.noise_window is None or d.noise_window >= 0, f"data.noise_window={d.noise_window} must be >= 0 or null")
     _check(d.pad_to_multiple_of is None or d.pad_to_multiple_of > 0, "data.pad_to_multiple_of must be > 0 or null")
     _check(d.num_proc > 0, f"data.num_proc={d.num_proc} must be > 0")
+
+
+def _check_stage(run: RunConfig) -> None:
+    """stage=sft sets no DPO key; stage=dpo's values are in range."""
+    st = run.stage
+    _choice("stage.name", st.name, STAGES)
+    if not st.preference:
+        given = [key for key in DPO_KEYS if getattr(st, key) is not None]
+        _check(not given, f"stage.{given[0] if given else ''} applies to stage=dpo; this run is stage={st.name}")
+        return
+    missing = [key for key in DPO_KEYS if getattr(st, key) is None]
+    _check(not missing, f"stage.{missing[0] if missing else ''} has no value: stage=dpo needs it (conf/stage/dpo.yaml)")
+    _check(st.beta > 0 and math.isfinite(st.beta), f"stage.beta={st.beta} must be a positive number")
+    _choice("stage.loss", st.loss, PREFERENCE_LOSSES)
+    _check(0.0 <= st.label_smoothing < 0.5, f"stage.label_smoothing={st.label_smoothing} must be in [0, 0.5)")
+    _check(
+        st.label_smoothing == 0.0 or st.loss == "sigmoid",
+        f"stage.label_smoothing={st.label_smoothing} applies to stage.loss=sigmoid; set it to 0 for {st.loss}",
+    )
 
 
 def _check_rollout(run: RunConfig) -> None:
@@ -351,6 +405,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         not run.export.merge or m.lora.enabled, "export.merge=true merges a LoRA adapter: set model.lora.enabled=true"
     )
 
+    _check_stage(run)
     try:
         settings = hsa_settings(run)  # HSASettings validates the group, once
     except ValueError as exc:
@@ -404,6 +459,10 @@ def validate(cfg: DictConfig) -> RunConfig:
         )
     _choice("logging.progress", lg.progress, PROGRESS)
     _check_rollout(run)
+    _check(
+        not (run.stage.preference and run.eval.generate),
+        "eval.generate decodes conversations' final answers; stage=dpo evaluates pairs: set eval.generate=false",
+    )
     _choice("objective.direction", run.objective.direction, DIRECTIONS)
     _check(bool(run.objective.metric), "objective.metric is empty; name a metrics.json key, e.g. eval_loss")
     return run

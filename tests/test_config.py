@@ -136,3 +136,41 @@ def test_each_evidence_arm_sets_what_its_file_says(arm, expected):
         assert set(dict(h.lambdas).values()) == {0.5}
     if arm == "hsa_noise":
         assert dict(h.lambdas) == {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.0, "PROCESS_NOISE": 0.1}
+
+
+def test_the_stage_group_composes_sft_by_default_and_dpo_on_request():
+    run = validate(composed())
+    assert run.stage.name == "sft" and not run.stage.preference and run.stage.beta is None
+    dpo = validate(composed("stage=dpo", "data=dpo_demo"))
+    assert dpo.stage.preference and (dpo.stage.beta, dpo.stage.label_smoothing, dpo.stage.loss) == (0.1, 0.0, "sigmoid")
+    assert [spec.ranking for spec in dpo.dataset_plan.train] == [True]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["+stage.beta=0.5"], "stage.beta applies to stage=dpo; this run is stage=sft"),  # hydra needs the +
+        (["stage.name=ppo"], "stage.name='ppo' is not allowed; use one of: sft, dpo"),
+        (["stage=dpo"], "data: trajectories holds conversations, and stage=dpo trains on preference pairs"),
+        (["stage=dpo", "data=dpo_demo", "stage.beta=0"], "stage.beta=0.0 must be a positive number"),
+        (["stage=dpo", "data=dpo_demo", "stage.beta=null"], "stage.beta has no value: stage=dpo needs it"),
+        (["stage=dpo", "data=dpo_demo", "stage.loss=hinge"], "stage.loss='hinge' is not allowed; use one of: sigmoid"),
+        (["stage=dpo", "data=dpo_demo", "stage.label_smoothing=0.5"], "stage.label_smoothing=0.5 must be in [0, 0.5)"),
+        (
+            ["stage=dpo", "data=dpo_demo", "stage.loss=ipo", "stage.label_smoothing=0.1"],
+            "stage.label_smoothing=0.1 applies to stage.loss=sigmoid; set it to 0 for ipo",
+        ),
+        (["stage=dpo", "data=dpo_demo", "data.packing=true"], "data.packing=true does not apply to stage=dpo"),
+        (["stage=dpo", "data=dpo_demo", "data.noise_window=4"], "data.noise_window does not apply to stage=dpo"),
+        (["stage=dpo", "data=dpo_demo", "eval.generate=true"], "stage=dpo evaluates pairs: set eval.generate=false"),
+        (
+            ["stage=dpo", "data=dpo_demo", f"data.eval_files=[{bundled_path('demo/trajectories.jsonl')}]"],
+            "data: trajectories holds conversations",
+        ),
+    ],
+)
+def test_bad_stage_settings_fail_with_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(composed(*overrides))
+    message = str(info.value)
+    assert fragment in message and "\n" not in message

@@ -136,6 +136,8 @@ def test_the_dpo_step_matches_pair_by_pair_forwards(tokenizer, model_factory, cl
     for groups in ([[0, 1]], [[0], [1]]):
         model = clone(policy)
         batches = [collate([pairs[i][0] for i in g] + [pairs[i][1] for i in g]) for g in groups]
+        for batch, g in zip(batches, groups):
+            batch["pairs"] = torch.tensor(len(g))  # as dataset.pair_batch marks them
         value, _, stats = accumulate_gradients(make_forward(model, cpu, None, True), batches, 2, objective=objective)
         results.append((value, stats, [p.grad.clone() for p in model.parameters()]))
     # the reference computation: each side alone, TRL's formula, the mean over the two pairs
@@ -192,3 +194,43 @@ def test_the_lora_reference_is_the_starting_model_with_its_starting_lambdas(toke
     assert not torch.allclose(moved, expected, atol=1e-3)  # the policy itself did move
     lambdas = next(p for n, p in model.named_parameters() if n.endswith("hsa.raw"))
     assert lambdas.detach().min() > 0.04  # and its λ are back where training left them
+
+
+def test_filler_rows_and_filler_batches_add_nothing_to_the_eval_sums(tokenizer, model_factory, clone):
+    """A collator may put a filler row after a batch's pairs, and a rank with fewer eval pairs runs batches that
+    hold none: the sums are those of the pairs alone, and both models still ran (ranks step together)."""
+    from hsa_train import enable_hsa
+    from hsa_train.data import SemanticCollator
+    from hsa_train.data.dataset import filler_batch
+    from hsa_train.training.preference import frozen_copy, preference_eval_sums, summarize_preference
+    from hsa_train.training.step import make_forward
+
+    pairs = encoded_pairs(tokenizer)
+    base = enable_hsa(model_factory(vocab_size=len(tokenizer)), lambdas={"PROCESS_NOISE": 0.2})
+    reference_model, policy = clone(base).eval(), clone(base).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    cpu = torch.device("cpu")
+    calls = []
+
+    def counted(forward):
+        return lambda batch: calls.append(1) or forward(batch)
+
+    objective = PreferenceLoss(frozen_copy(counted(make_forward(reference_model, cpu, None, True))), 0.2)
+    forward = make_forward(policy, cpu, None, True)
+    collate = SemanticCollator(pad_token_id=0)
+    rows = [pairs[0][0], pairs[1][0], pairs[0][1], pairs[1][1]]
+    plain = collate(rows)
+    padded = collate(rows + [{k: v[:3] for k, v in pairs[0][0].items()}])  # a fifth row after the pairs
+    for batch in (plain, padded):
+        batch["pairs"] = torch.tensor(2)
+    alone = preference_eval_sums(objective, forward, [plain])
+    calls.clear()
+    with_fillers = preference_eval_sums(objective, forward, [padded, filler_batch(collate)])
+    assert len(calls) == 2  # the reference ran on the filler batch too
+    assert with_fillers == pytest.approx(alone, rel=1e-6, abs=1e-7)
+    summary = summarize_preference(with_fillers)
+    assert summary["pairs"] == 2 and summary["loss"] == pytest.approx(alone[0] / 2)
+    assert set(summary["rewards"]) == {"chosen", "rejected", "accuracy", "margin"}
+    assert summary["rewards"]["margin"] == pytest.approx(summary["rewards"]["chosen"] - summary["rewards"]["rejected"])

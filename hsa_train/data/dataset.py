@@ -124,6 +124,28 @@ def eval_batches(samples: list[Sample], batch_size: int, collator: SemanticColla
         yield batch
 
 
+def pair_eval_batches(pairs, batch_size: int, collator: SemanticCollator, rank: int = 0, world: int = 1):
+    """Every eval pair exactly once across ranks, `batch_size` pairs a batch (their chosen sides, then their
+    rejected ones), and the same number of batches on every rank, as `eval_batches`: a rank with fewer pairs runs
+    filler batches of one row, which hold no pair."""
+    mine = pairs[rank::world]
+    n_batches = math.ceil(math.ceil(len(pairs) / world) / batch_size)
+    for start in range(0, n_batches * batch_size, batch_size):
+        chunk = mine[start : start + batch_size]
+        if not chunk:
+            yield filler_batch(collator)
+            continue
+        yield pair_batch(collator, chunk)
+
+
+def pair_batch(collator: SemanticCollator, pairs: Sequence[tuple[Sample, Sample]]) -> dict[str, torch.Tensor]:
+    """A batch of preference pairs: the chosen sides, then the rejected ones (pair k at rows k and n + k), and
+    `pairs` = n (a collator may add a filler row after them)."""
+    batch = collator([chosen.features for chosen, _ in pairs] + [rejected.features for _, rejected in pairs])
+    batch["pairs"] = torch.tensor(len(pairs))
+    return batch
+
+
 def filler_batch(collator: SemanticCollator) -> dict[str, torch.Tensor]:
     """A batch of one row that counts for nothing: a single padding token, attended (a row with no visible key
     is undefined for some attention kernels), with no label and no answer."""

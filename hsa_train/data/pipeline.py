@@ -18,7 +18,7 @@ import torch
 
 from hsa_train.data import cache
 from hsa_train.data.collator import PackedCollator, SemanticCollator
-from hsa_train.data.dataset import split_ids
+from hsa_train.data.dataset import pair_batch, split_ids
 from hsa_train.data.packing import efficiency, pack
 from hsa_train.data.prepare import Preparation, Prepared, Preprocess, Reports
 from hsa_train.data.spec import DatasetPlan, plan_datasets
@@ -127,8 +127,7 @@ class TrainRows:
         if self.packed:
             return self._packer([[self.pool[i].features for i in self.samples(r)] for r in rows])
         if isinstance(self.pool, PairPool):  # the chosen sides, then the rejected ones: pair k at k and n + k
-            pairs = [self.pool[int(self.ids[r])] for r in rows]
-            return self.collator([pair[0].features for pair in pairs] + [pair[1].features for pair in pairs])
+            return pair_batch(self.collator, [self.pool[int(self.ids[r])] for r in rows])
         return self.collator([self.pool[int(self.ids[r])].features for r in rows])
 
     def where(self, rows: Sequence[int]) -> list[str]:

@@ -274,7 +274,7 @@ def _encode_shard(
         images.files.clear()
     loader_report = reports.load if shard == 0 else LoadReport()
     writer = Writer(path)
-    failed, index = None, 0
+    failed, index, kept = None, 0, 0
     try:
         for index, record in enumerate(iter_records(spec, st.types, pre.on_error, loader_report, pre.ignore_keys)):
             if index % n_shards != shard:
@@ -291,10 +291,12 @@ def _encode_shard(
             samples = () if sample is None else sample if isinstance(sample, tuple) else (sample,)
             for one in samples:  # a pair's two sides share its index; the stable sort keeps their order
                 writer.add(one, index)
+            kept += bool(samples)  # records, not samples: a pair is one record of two
     except DataError as err:  # from the loader (format, types) under on_error=raise
         failed = (index, err)
     finally:
-        reports.load.kept = writer.close()
+        writer.close()
+        reports.load.kept = kept
         if images is not None:
             reports.images = {path: list(stamp) for path, stamp in images.files.items()}
     return reports, failed, writer.digest()

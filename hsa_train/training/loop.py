@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from hsa_train.config import RunConfig
+from hsa_train.training.dpo import PreferenceRecipe
 from hsa_train.training.recipe import Recipe
 from hsa_train.training.step import NonFiniteError, accumulate_gradients, make_forward
 
@@ -122,7 +123,7 @@ class StopFlag:
 
 
 def train(run: RunConfig, resolved_config: dict, run_dir: Path) -> dict:
-    recipe = Recipe(run, resolved_config, run_dir)
+    recipe = (PreferenceRecipe if run.stage.preference else Recipe)(run, resolved_config, run_dir)
     cfg = run.train
     exit_code = 1  # for wandb: any exception below marks the run failed
     try:

@@ -4,6 +4,7 @@ computes them. A batch holds the chosen sides first, then the rejected ones, pai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +12,7 @@ import torch.nn.functional as F
 
 from hsa_train.model.hsa import HSALambdas
 from hsa_train.training.distributed import unwrap
-from hsa_train.types import IGNORE_INDEX, check_choice
-
-PREFERENCE_LOSSES = ("sigmoid", "ipo")  # stage.loss
+from hsa_train.types import IGNORE_INDEX, PREFERENCE_LOSSES, check_choice
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,34 +75,65 @@ class PreferenceLoss:
         "logps/chosen",
         "logps/rejected",
     )
+    shown = ("rewards/accuracy", "rewards/margin")
 
     def __init__(self, reference, beta: float, label_smoothing: float = 0.0, loss: str = "sigmoid"):
         check_choice("stage.loss", loss, PREFERENCE_LOSSES)  # at construction, before the first step
         self.reference, self.beta, self.label_smoothing, self.loss = reference, beta, label_smoothing, loss
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return int(batch.get("pairs", 0))  # dataset.pair_batch; a filler batch holds none
 
     def __call__(self, forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n = self.count(batch)
         logps, tokens = sequence_logps(forward(batch), batch["labels"])
         with torch.no_grad():
             ref = self.reference(batch).to(logps.device, torch.float32)
+        if n == 0:  # a filler batch (a rank with fewer eval pairs): both forwards ran, so ranks step together
+            return logps.sum() * 0.0, [torch.zeros(()) for _ in self.stat_names]
         if self.loss == "ipo":  # IPO compares log-probs averaged over each side's tokens
             per, ref_per = logps / tokens.clamp(min=1), ref / tokens.clamp(min=1)
         else:
             per, ref_per = logps, ref
-        terms = preference_loss(per[:n], per[n:], ref_per[:n], ref_per[n:], self.beta, self.label_smoothing, self.loss)
+        chosen_rows, rejected_rows = slice(0, n), slice(n, 2 * n)  # rows after 2n: a collator's filler
+        terms = preference_loss(
+            per[chosen_rows], per[rejected_rows], ref_per[chosen_rows], ref_per[rejected_rows],
+            self.beta, self.label_smoothing, self.loss,
+        )  # fmt: skip
         chosen, rejected = terms.chosen_rewards, terms.rejected_rewards
         stats = [
             chosen.sum(),
             rejected.sum(),
             (chosen > rejected).float().sum(),
             (chosen - rejected).sum(),
-            logps[:n].detach().sum(),
-            logps[n:].detach().sum(),
+            logps[chosen_rows].detach().sum(),
+            logps[rejected_rows].detach().sum(),
         ]
         return terms.losses.sum(), stats
+
+
+@torch.no_grad()
+def preference_eval_sums(objective: PreferenceLoss, forward, batches) -> list[float]:
+    """The summed loss, the number of pairs and the sums of the objective's statistics over `batches` (pair
+    batches, dataset.pair_eval_batches): sums, so ranks can add theirs up."""
+    sums = [0.0] * (2 + len(objective.stat_names))
+    for batch in batches:
+        loss, stats = objective(forward, batch)
+        for k, value in enumerate([loss, objective.count(batch), *stats]):
+            sums[k] += float(value)
+    return sums
+
+
+def summarize_preference(sums: list[float]) -> dict:
+    """{"loss", "pairs", "rewards": {chosen, rejected, accuracy, margin}, "logps": {chosen, rejected}}: means over
+    the pairs (None without pairs) from `preference_eval_sums`."""
+    loss, pairs, *stats = sums
+    means = [value / pairs if pairs else None for value in stats]
+    out: dict = {"loss": loss / pairs if pairs else math.nan, "pairs": int(pairs)}
+    for name, value in zip(PreferenceLoss.stat_names, means):
+        group, key = name.split("/")
+        out.setdefault(group, {})[key] = value
+    return out
 
 
 def adapters_off(model, forward):

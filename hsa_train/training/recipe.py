@@ -36,10 +36,15 @@ from hsa_train.training.report import eval_line, eval_log, eval_summary, loss_su
 from hsa_train.training.resume import check_resume
 from hsa_train.training.rollouts import closed_loop
 from hsa_train.training.rundir import claim, require_fresh
-from hsa_train.training.step import Progress, StepResult, make_forward, optimizer_step
+from hsa_train.training.step import TOKEN_LOSS, Progress, StepResult, make_forward, optimizer_step
 
 
 class Recipe:
+    """stage=sft: supervised fine-tuning on conversations. training/dpo.py's PreferenceRecipe is stage=dpo over the
+    same parts: it trains on pairs (`pairs`), with its own objective and evaluation, through the hooks below."""
+
+    pairs = False  # the training data are preference pairs (pipeline.PairPool)
+
     def __init__(self, run: RunConfig, resolved_config: dict, run_dir: Path):
         self.run, self.resolved, self.run_dir = run, resolved_config, run_dir
         self.cfg = run.train
@@ -93,7 +98,7 @@ class Recipe:
             st, data.pad_to_multiple_of, bucket_lengths=bucket, in_step=in_step
         )
         on_main = lambda fn: D.on_main(fn, self.info)  # noqa: E731
-        self.data = load_run_data(data, st, self.collator, run.seed, on_main, plan=run.dataset_plan)
+        self.data = load_run_data(data, st, self.collator, run.seed, on_main, plan=run.dataset_plan, pairs=self.pairs)
         self.eval_samples, self.extra_evals = self.data.eval, self.data.eval_sets
         if not st.renders_tools and self.data.uses_tools:
             self._notes.append(f"note: {st.tools_note}")
@@ -102,7 +107,7 @@ class Recipe:
         self.stream = SampleStream(n, seed=run.seed)
         self.max_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * n / self.global_batch))
         self.data_fingerprint = self.data.fingerprint
-        unit = "packed rows" if self.data.train.packed else "samples"
+        unit = "packed rows" if self.data.train.packed else self.unit
         if self.global_batch > n:
             self._notes.append(
                 f"warning: the global batch ({self.global_batch} {unit}) is larger than the training set ({n}): "
@@ -128,6 +133,7 @@ class Recipe:
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         model.to(self.device)
+        self._before_wrap(model)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model = D.wrap(
@@ -140,6 +146,19 @@ class Recipe:
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio)
         self.forward = make_forward(model, self.device, self.autocast_dtype, hsa_cfg.enabled)
+        self.objective = self._objective()  # here, before a resume loads the trained state: a reference is the start
+
+    @property
+    def unit(self) -> str:
+        """What the training set and the batch keys count."""
+        return "pairs" if self.pairs else "samples"
+
+    def _before_wrap(self, model) -> None:
+        """The built model, on its device, before DDP / FSDP wraps it (a preference run copies its reference)."""
+
+    def _objective(self):
+        """What a step minimises (step.TokenLoss: next-token cross-entropy on the label tokens)."""
+        return TOKEN_LOSS
 
     def _pick_checkpoint(self) -> Path | None:
         """The checkpoint to continue from, before anything slow: every checksum checked (each rank the files it
@@ -197,8 +216,8 @@ class Recipe:
         train = self.data.train
         rows = f"{len(train)} packed rows ({train.efficiency:.1%} tokens, not padding)" if train.packed else ""
         self.console.print(
-            f"data: {len(train.ids)} train / {len(self.eval_samples)} eval samples{' in ' + rows if rows else ''}; "
-            f"{self.max_steps} steps of {self.global_batch} {'rows' if train.packed else 'samples'} "
+            f"data: {len(train.ids)} train / {len(self.eval_samples)} eval {self.unit}{' in ' + rows if rows else ''}; "
+            f"{self.max_steps} steps of {self.global_batch} {'rows' if train.packed else self.unit} "
             f"({cfg.micro_batch_size} x {cfg.grad_accum} accum x {info.world} ranks)"
         )
         for note in self._notes:
@@ -230,9 +249,12 @@ class Recipe:
             skip_nonfinite=cfg.skip_nonfinite,
             where=lambda: [w for chunk in picked for w in self.data.train.where(chunk)],
             stop_signal=stop_signal,
+            objective=self.objective,
         )
         p.step += 1
         p.losses.append(result.loss)
+        for name, value in result.stats.items():
+            p.stats.setdefault(name, []).append(value)
         p.tokens_seen += result.tokens
         p.skipped_steps += result.skipped
         if result.skipped:
@@ -247,11 +269,13 @@ class Recipe:
         log_now = step % self.cfg.log_every == 0 or step == self.max_steps or step == self.start_step + 1
         tps = self._window_tokens / max(time.perf_counter() - self._window_start, 1e-9)
         learned = learned_lambdas(self.model) if log_now and self.run.hsa.enabled else None
-        shown = {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "lambdas": learned}
+        stats = {name: result.stats[name] for name in self.objective.shown}
+        shown = {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "lambdas": learned, "stats": stats}
         self.console.step(step, shown, log_now)
         if log_now:
             logged = {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "grad_norm": result.grad_norm}
             logged["tokens_seen"] = self.progress.tokens_seen
+            logged.update(result.stats)
             logged.update({f"lambda/{name}": value for name, value in (learned or {}).items()})
             self.tracker.log({f"train/{k}": v for k, v in logged.items()}, step)
             self.restart_throughput_window()
@@ -295,10 +319,19 @@ class Recipe:
         set_results = {name: self.evaluate_samples(samples, generate) for name, samples in self.extra_evals.items()}
         for name, res in [("eval", result), *set_results.items()]:
             if res is not None:
-                self.console.print(eval_line(name + label, res))
-                self.tracker.log(eval_log("eval/" if name == "eval" else f"eval/{name}/", res), self.step)
+                line, logged = self.eval_report(name + label, "eval/" if name == "eval" else f"eval/{name}/", res)
+                self.console.print(line)
+                self.tracker.log(logged, self.step)
         self.restart_throughput_window()
         return result, set_results
+
+    def eval_report(self, name: str, prefix: str, result: dict) -> tuple[str, dict[str, float]]:
+        """An evaluation's console line, and its scalars for the tracker under `prefix`."""
+        return eval_line(name, result), eval_log(prefix, result)
+
+    def eval_summary(self, result: dict | None) -> dict:
+        """The held-out split's metrics under their metrics.json names."""
+        return eval_summary(result)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -356,7 +389,8 @@ class Recipe:
             "world_size": info.world,
             "distributed": info.mode,
             "resumed_from": self.resumed_from,
-            "samples_train": len(self.data.train.ids),
+            "stage": run.stage.name,
+            "samples_train": len(self.data.train.ids),  # pairs under stage=dpo
             "samples_eval": len(self.eval_samples),
             "skipped_records": skipped_records,
             "data": self.data.metrics(),
@@ -367,7 +401,8 @@ class Recipe:
             "tokens_per_s": p.tokens_seen / max(p.train_time, 1e-9) if p.train_time else None,
             **(loss_summary(p.losses, self.cfg.log_every) if p.losses else {}),
             "train_losses": p.losses,
-            **eval_summary(eval_result),
+            **({"train_stats": p.stats} if p.stats else {}),  # the objective's statistics per step (stage=dpo)
+            **self.eval_summary(eval_result),
             "eval_sets": set_results,
             "rollout": rollouts,
             "train_time_s": p.train_time,

@@ -41,3 +41,27 @@ def eval_log(prefix: str, result: dict) -> dict[str, float]:
         if result[key] is not None:
             logged[f"{prefix}{key}"] = result[key]
     return logged
+
+
+def preference_eval_summary(result: dict | None) -> dict:
+    """A preference run's held-out metrics (preference.summarize_preference) under their metrics.json names:
+    eval_loss, eval_pairs, eval_rewards.{chosen,rejected,accuracy,margin}, eval_logps.{chosen,rejected}."""
+    return {f"eval_{key}": (result.get(key) if result else None) for key in ("loss", "pairs", "rewards", "logps")}
+
+
+def preference_eval_line(name: str, result: dict) -> str:
+    rewards, logps = result["rewards"], result["logps"]
+    if not result["pairs"]:
+        return f"{name}: no pairs"
+    return (
+        f"{name}: loss {result['loss']:.4f} over {result['pairs']} pairs | accuracy {rewards['accuracy']:.3f}, "
+        f"margin {rewards['margin']:.4f} | rewards chosen {rewards['chosen']:.4f}, rejected {rewards['rejected']:.4f}"
+        f" | logps chosen {logps['chosen']:.2f}, rejected {logps['rejected']:.2f}"
+    )
+
+
+def preference_eval_log(prefix: str, result: dict) -> dict[str, float]:
+    logged = {f"{prefix}loss": result["loss"]}
+    for group in ("rewards", "logps"):
+        logged.update({f"{prefix}{group}/{k}": v for k, v in result[group].items() if v is not None})
+    return logged

@@ -52,6 +52,7 @@ class TokenLoss:
 
     unit = "label tokens"
     stat_names: tuple[str, ...] = ()
+    shown: tuple[str, ...] = ()  # the statistics the console's step line shows
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return label_count(batch)
@@ -94,7 +95,7 @@ def accumulate_gradients(
 
 @dataclass
 class StepResult:
-    loss: float  # mean over the global batch's label tokens
+    loss: float  # mean over the objective's units of the global batch (label tokens, or pairs)
     grad_norm: float
     lr: float  # the lr this step used
     tokens: int  # non-padding input tokens of the global batch
@@ -165,6 +166,7 @@ class Progress:
     tokens_seen: int = 0
     skipped_steps: int = 0
     train_time: float = 0.0  # seconds spent in steps (for tokens/s over a resumed run too)
+    stats: dict[str, list[float]] = field(default_factory=dict)  # the objective's statistics, step by step
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -173,3 +175,4 @@ class Progress:
         self.step, self.losses = int(state["step"]), [float(x) for x in state["losses"]]
         self.tokens_seen, self.skipped_steps = int(state["tokens_seen"]), int(state["skipped_steps"])
         self.train_time = float(state.get("train_time", 0.0))
+        self.stats = {name: [float(x) for x in values] for name, values in state.get("stats", {}).items()}
