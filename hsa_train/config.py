@@ -59,6 +59,7 @@ class StageConfig:
     beta: Optional[float] = None
     label_smoothing: Optional[float] = None
     loss: Optional[str] = None
+    precompute_reference: Optional[bool] = None
 
     @property
     def preference(self) -> bool:
@@ -66,7 +67,7 @@ class StageConfig:
 
 
 # The keys only stage=dpo sets.
-DPO_KEYS = ("beta", "label_smoothing", "loss")
+DPO_KEYS = ("beta", "label_smoothing", "loss", "precompute_reference")
 
 
 @dataclass

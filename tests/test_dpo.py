@@ -178,6 +178,26 @@ def test_dpo_resumes_exactly_with_the_reference_at_the_start(tmp_path, small):
     assert resumed["eval_rewards"] == pytest.approx(whole["eval_rewards"], abs=1e-9)
 
 
+def test_a_precomputed_reference_trains_as_the_live_one_and_is_cached_by_the_starting_model(tmp_path, small):
+    args = [*TINY, f"data.datasets={entry(small)}", "data.eval_ratio=0.25", "train.micro_batch_size=2"]
+    args += ["train.max_steps=4", "hsa.learnable=true"]
+    live = dpo(tmp_path / "live", *args)
+    first = dpo(tmp_path / "first", *args, "stage.precompute_reference=true")
+    again = dpo(tmp_path / "again", *args, "stage.precompute_reference=true")
+    other = dpo(tmp_path / "other", *args, "stage.precompute_reference=true", "hsa.lambdas.PROCESS_NOISE=0.3")
+    assert live["reference"] == {"kind": "frozen_copy"}
+    assert [r["reference"] for r in (first, again, other)] == [
+        {"kind": "precomputed", "from_cache": False},
+        {"kind": "precomputed", "from_cache": True},
+        {"kind": "precomputed", "from_cache": False},  # other λ: another starting model, other log-probs
+    ]
+    for run in (first, again):  # the same numbers as a reference run beside the policy (batched differently)
+        assert run["train_losses"] == pytest.approx(live["train_losses"], abs=1e-5)
+        assert run["eval_loss"] == pytest.approx(live["eval_loss"], abs=1e-5)
+        assert run["eval_rewards"] == pytest.approx(live["eval_rewards"], abs=1e-5)
+    assert other["train_stats"]["logps/chosen"][0] != pytest.approx(live["train_stats"]["logps/chosen"][0], abs=1e-3)
+
+
 # -- many processes: DDP and FSDP2 give the one-process step and evaluation ---------------------------------------
 DIST = [*TINY, "data.eval_ratio=0.25", "train.eval_batch_size=2", "train.max_steps=4", "hsa.learnable=true"]
 
@@ -216,4 +236,14 @@ def test_dpo_under_fsdp_matches_one_process(tmp_path, small, single):
         "train.distributed=fsdp", nproc=2,
     )  # fmt: skip
     assert run["distributed"] == "fsdp"
+    assert_same_run(run, single)
+
+
+def test_a_reference_precomputed_over_two_ranks_matches_one_process(tmp_path, small, single):
+    """Each rank computes every other pair's reference log-probs, then they share them."""
+    run = dpo(
+        tmp_path / "fsdp", *DIST, f"data.datasets={entry(small)}", "train.micro_batch_size=2",
+        "train.distributed=fsdp", "stage.precompute_reference=true", "data.cache=false", nproc=2,
+    )  # fmt: skip
+    assert run["reference"] == {"kind": "precomputed", "from_cache": False}
     assert_same_run(run, single)

@@ -124,25 +124,33 @@ def eval_batches(samples: list[Sample], batch_size: int, collator: SemanticColla
         yield batch
 
 
-def pair_eval_batches(pairs, batch_size: int, collator: SemanticCollator, rank: int = 0, world: int = 1):
+def pair_eval_batches(
+    pairs, batch_size: int, collator: SemanticCollator, rank: int = 0, world: int = 1, reference=None
+):
     """Every eval pair exactly once across ranks, `batch_size` pairs a batch (their chosen sides, then their
     rejected ones), and the same number of batches on every rank, as `eval_batches`: a rank with fewer pairs runs
-    filler batches of one row, which hold no pair."""
+    filler batches of one row, which hold no pair. `reference`: the pairs' precomputed reference log-probs."""
     mine = pairs[rank::world]
+    mine_ref = reference[rank::world] if reference is not None else None
     n_batches = math.ceil(math.ceil(len(pairs) / world) / batch_size)
     for start in range(0, n_batches * batch_size, batch_size):
         chunk = mine[start : start + batch_size]
         if not chunk:
             yield filler_batch(collator)
             continue
-        yield pair_batch(collator, chunk)
+        yield pair_batch(collator, chunk, mine_ref[start : start + batch_size] if mine_ref is not None else None)
 
 
-def pair_batch(collator: SemanticCollator, pairs: Sequence[tuple[Sample, Sample]]) -> dict[str, torch.Tensor]:
+def pair_batch(
+    collator: SemanticCollator, pairs: Sequence[tuple[Sample, Sample]], reference: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
     """A batch of preference pairs: the chosen sides, then the rejected ones (pair k at rows k and n + k), and
-    `pairs` = n (a collator may add a filler row after them)."""
+    `pairs` = n (a collator may add a filler row after them). `reference` (n, 2): the pairs' precomputed reference
+    log-probs (training.reference), then in `reference_logps`, ordered as the rows."""
     batch = collator([chosen.features for chosen, _ in pairs] + [rejected.features for _, rejected in pairs])
     batch["pairs"] = torch.tensor(len(pairs))
+    if reference is not None:
+        batch["reference_logps"] = torch.from_numpy(np.concatenate([reference[:, 0], reference[:, 1]]))
     return batch
 
 

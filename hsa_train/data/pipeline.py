@@ -103,6 +103,7 @@ class TrainRows:
         if capacity is not None and isinstance(pool, PairPool):
             raise ValueError("data.packing does not apply to preference pairs; set data.packing=false")
         self.pool, self.ids, self.collator = pool, ids, collator
+        self.reference: np.ndarray | None = None  # pairs: each pool pair's precomputed reference log-probs
         self.packed = capacity is not None
         self.capacity = capacity
         lengths = pool.lengths[ids]
@@ -127,7 +128,9 @@ class TrainRows:
         if self.packed:
             return self._packer([[self.pool[i].features for i in self.samples(r)] for r in rows])
         if isinstance(self.pool, PairPool):  # the chosen sides, then the rejected ones: pair k at k and n + k
-            return pair_batch(self.collator, [self.pool[int(self.ids[r])] for r in rows])
+            ids = self.ids[np.asarray(rows, dtype=np.int64)]
+            reference = self.reference[ids] if self.reference is not None else None
+            return pair_batch(self.collator, [self.pool[int(i)] for i in ids], reference)
         return self.collator([self.pool[int(self.ids[r])].features for r in rows])
 
     def where(self, rows: Sequence[int]) -> list[str]:
@@ -154,6 +157,7 @@ class RunData:
     reports: dict[str, Reports]  # by dataset name (train and eval)
     fingerprint: dict
     notes: list[str] = field(default_factory=list)  # where each dataset came from (cache or built)
+    cache_root: Path | None = None  # the data cache (data.cache), which keeps precomputed reference log-probs too
 
     @property
     def uses_tools(self) -> bool:
@@ -244,4 +248,5 @@ def load_run_data(
         eval_sets[name] = group(Pool(prepared[pos : pos + len(specs)]))
         pos += len(specs)
     digests = [p.digest for p in prepared[:n_train]]
-    return RunData(train, eval_view, eval_sets, reports, train.fingerprint(digests), list(notes.values()))
+    fingerprint = train.fingerprint(digests)
+    return RunData(train, eval_view, eval_sets, reports, fingerprint, list(notes.values()), root)

@@ -6,13 +6,16 @@ margins, log-probs).
 The reference is the run's starting point. Under LoRA it is the model itself with its adapters off (and its
 learnable λ at their start), so there is no second copy in memory; under full fine-tuning it is a frozen copy
 taken before the first step, in eval mode, sharded like the policy under FSDP (and not wrapped under DDP: it
-has no gradients to reduce)."""
+has no gradients to reduce). With stage.precompute_reference its log-probs of every pair are computed once from
+the starting model, before the first step, and cached with the data (training/reference.py): no reference in
+memory, and no reference forward per step."""
 
 from __future__ import annotations
 
 import copy
 
 from hsa_train.data.dataset import pair_eval_batches
+from hsa_train.data.pipeline import View
 from hsa_train.training import distributed as D
 from hsa_train.training.preference import (
     PreferenceLoss,
@@ -22,6 +25,7 @@ from hsa_train.training.preference import (
     summarize_preference,
 )
 from hsa_train.training.recipe import Recipe
+from hsa_train.training.reference import reference_table, weights_digest
 from hsa_train.training.report import preference_eval_line, preference_eval_log, preference_eval_summary
 from hsa_train.training.step import make_forward
 
@@ -30,7 +34,10 @@ class PreferenceRecipe(Recipe):
     pairs = True
 
     def _before_wrap(self, model) -> None:
-        self.reference_model = None
+        self.reference_model, self.eval_reference = None, {}
+        if self.run.stage.precompute_reference:
+            self._precompute_reference(model)
+            return
         if self.lora:
             return
         reference = copy.deepcopy(model).requires_grad_(False).eval()
@@ -39,8 +46,41 @@ class PreferenceRecipe(Recipe):
             reference = D.wrap(reference, self.info, self.device, mixed_bf16=mixed)
         self.reference_model = reference
 
+    def _precompute_reference(self, model) -> None:
+        """Every pair's reference log-probs under the starting model, before the first step: the training pool's
+        (the held-out split's among them), then each eval set's (training.reference; cached with the data)."""
+        training = model.training
+        model.eval()
+        forward = make_forward(model, self.device, self.autocast_dtype, self.run.hsa.enabled)
+        model_key = f"{weights_digest(model)}|{self.autocast_dtype}"
+        cached = []
+
+        def table(pairs):
+            values, hit = reference_table(
+                forward, pairs, model_key, self.cfg.eval_batch_size, self.collator, self.info, self.device,
+                self.data.cache_root,
+            )  # fmt: skip
+            cached.append(hit)
+            return values
+
+        train = self.data.train
+        train.reference = table(train.pool)
+        held = self.eval_samples
+        if isinstance(held, View) and held.pool is train.pool:  # the split held out of the training pool
+            self.eval_reference["eval"] = train.reference[held.ids]
+        elif len(held):
+            self.eval_reference["eval"] = table(held)
+        for name, pairs in self.extra_evals.items():
+            self.eval_reference[name] = table(pairs)
+        model.train(training)
+        self.reference_cached = all(cached)
+        where = "from the cache" if all(cached) else "computed" + (", cached" if self.data.cache_root else "")
+        self._notes.append(f"reference: log-probs of the starting model for {len(train.pool)} pairs ({where})")
+
     def _objective(self) -> PreferenceLoss:
         st, use_hsa = self.run.stage, self.run.hsa.enabled
+        if st.precompute_reference:  # every batch brings its reference log-probs
+            return PreferenceLoss(None, st.beta, st.label_smoothing, st.loss)
         if self.reference_model is None:  # LoRA: the policy's own module (unwrapped: no DDP hooks) without adapters
             forward = make_forward(D.unwrap(self.model), self.device, self.autocast_dtype, use_hsa)
             reference = adapters_off(self.model, forward)
@@ -48,13 +88,14 @@ class PreferenceRecipe(Recipe):
             reference = frozen_copy(make_forward(self.reference_model, self.device, self.autocast_dtype, use_hsa))
         return PreferenceLoss(reference, st.beta, st.label_smoothing, st.loss)
 
-    def evaluate_samples(self, samples, generate: bool = False) -> dict | None:
+    def evaluate_samples(self, samples, generate: bool = False, name: str = "eval") -> dict | None:
         """The objective over held-out pairs, split over the ranks with the same number of forwards on each and
         summed over all of them (eval.generate is refused for stage=dpo at validation)."""
         if not samples:
             return None
         self.model.eval()
-        batches = pair_eval_batches(samples, self.cfg.eval_batch_size, self.collator, self.info.rank, self.info.world)
+        info, reference = self.info, self.eval_reference.get(name)
+        batches = pair_eval_batches(samples, self.cfg.eval_batch_size, self.collator, info.rank, info.world, reference)
         sums = preference_eval_sums(self.objective, self.forward, batches)
         totals = D.all_reduce_sum(sums, self.device, self.info)
         self.model.train()
@@ -65,3 +106,10 @@ class PreferenceRecipe(Recipe):
 
     def eval_summary(self, result: dict | None) -> dict:
         return preference_eval_summary(result)
+
+    def stage_metrics(self) -> dict:
+        """metrics.json `reference`: which reference the run compared against (and, precomputed, whether its
+        log-probs came from the cache)."""
+        if self.run.stage.precompute_reference:
+            return {"reference": {"kind": "precomputed", "from_cache": self.reference_cached}}
+        return {"reference": {"kind": "frozen_copy" if self.reference_model is not None else "adapters_off"}}

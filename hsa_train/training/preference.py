@@ -64,7 +64,8 @@ class PreferenceLoss:
     the accuracy (chosen reward above rejected), the margin and each side's summed log-prob, as TRL names them.
 
     `reference(batch)`: the reference model's summed log-probs per row, computed without gradient (the frozen
-    starting point: `adapters_off` for LoRA runs, `frozen_copy` for full fine-tuning)."""
+    starting point: `adapters_off` for LoRA runs, `frozen_copy` for full fine-tuning); None when every batch
+    brings them (`reference_logps`, precomputed: training.reference)."""
 
     unit = "preference pairs"
     stat_names = (
@@ -87,10 +88,13 @@ class PreferenceLoss:
     def __call__(self, forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n = self.count(batch)
         logps, tokens = sequence_logps(forward(batch), batch["labels"])
-        with torch.no_grad():
-            ref = self.reference(batch).to(logps.device, torch.float32)
+        ref = batch.get("reference_logps")  # precomputed (training.reference), or run now
+        if ref is None and self.reference is not None:
+            with torch.no_grad():
+                ref = self.reference(batch)
         if n == 0:  # a filler batch (a rank with fewer eval pairs): both forwards ran, so ranks step together
             return logps.sum() * 0.0, [torch.zeros(()) for _ in self.stat_names]
+        ref = ref.to(logps.device, torch.float32)
         if self.loss == "ipo":  # IPO compares log-probs averaged over each side's tokens
             per, ref_per = logps / tokens.clamp(min=1), ref / tokens.clamp(min=1)
         else:

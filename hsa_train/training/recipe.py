@@ -285,10 +285,11 @@ class Recipe:
         self._window_tokens, self._window_start = 0, time.perf_counter()
 
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def evaluate_samples(self, samples: list, generate: bool = False) -> dict | None:
+    def evaluate_samples(self, samples: list, generate: bool = False, name: str = "eval") -> dict | None:
         """Loss per type and final-answer metrics over `samples`, split over the ranks with the same number of
         forwards on each, summed over all of them: the same numbers as one process. `generate`: the answer
-        metrics by real decoding (eval.generate) instead of teacher forcing."""
+        metrics by real decoding (eval.generate) instead of teacher forcing. `name`: the held-out split (eval) or
+        the data.eval_sets entry the samples are."""
         if not samples:
             return None
         self.model.eval()
@@ -316,7 +317,9 @@ class Recipe:
         logged at the current step. The final evaluation decodes for real under eval.generate."""
         generate = final and self.run.eval.generate
         result = self.evaluate_samples(self.eval_samples, generate)
-        set_results = {name: self.evaluate_samples(samples, generate) for name, samples in self.extra_evals.items()}
+        set_results = {
+            name: self.evaluate_samples(samples, generate, name) for name, samples in self.extra_evals.items()
+        }
         for name, res in [("eval", result), *set_results.items()]:
             if res is not None:
                 line, logged = self.eval_report(name + label, "eval/" if name == "eval" else f"eval/{name}/", res)
@@ -332,6 +335,10 @@ class Recipe:
     def eval_summary(self, result: dict | None) -> dict:
         """The held-out split's metrics under their metrics.json names."""
         return eval_summary(result)
+
+    def stage_metrics(self) -> dict:
+        """What only this stage reports in metrics.json."""
+        return {}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -412,6 +419,7 @@ class Recipe:
             "hsa": dict(run.hsa.lambdas) if run.hsa.enabled else None,
             "hsa_learned": learned_lambdas(self.model) if run.hsa.enabled else None,
             "run_dir": str(self.run_dir),
+            **self.stage_metrics(),
             **exported,
         }
         if info.is_main:
