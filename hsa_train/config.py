@@ -298,10 +298,11 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
     everything = run.dataset_plan.everything
     if run.stage.preference:
         talks = [spec.name for spec in everything if not spec.ranking]
+        files = " (data.train_files=[] leaves out the files listed there)" if d.train_files else ""
         _check(
             not talks,
             f"data: {', '.join(talks)} holds conversations, and stage=dpo trains on preference pairs: mark a pairs "
-            "dataset ranking: true (in its entry or dataset_info.json), or leave it out of the run's data",
+            f"dataset ranking: true (in its entry or dataset_info.json), or leave it out of the run's data{files}",
         )
         _check(not d.packing, "data.packing=true does not apply to stage=dpo (pairs are never packed): set it false")
         _check(

@@ -2,10 +2,13 @@
 
     python -m hsa_train.rollout outputs/<run>/model env=minigrid_memory env.size=15 episodes=50
     python -m hsa_train.rollout expert env=minigrid_memory episodes=400 out=data/agent_demo   # expert trajectories
+    python -m hsa_train.rollout outputs/<run>/model episodes=200 samples=4 temperature=1.0 pairs=true
+                                                # the agent's own successes against its own failures, for stage=dpo
 
 Writes `<out>/episodes.jsonl` (one record per episode in the messages format, each message with its type, the
 outcome under `episode`: loadable as training data as it is) and `<out>/summary.json` (success rate with its 95%
-interval, return, steps and tokens per episode). Keys: conf/rollout.yaml; environments: conf/env/.
+interval, return, steps and tokens per episode); with `pairs=true` also `<out>/pairs.jsonl` (rollout.preference_pairs:
+episodes of one seed with different outcomes as preference pairs). Keys: conf/rollout.yaml; environments: conf/env/.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from hsa_train.agent.decoding import DecodeOptions
 from hsa_train.agent.folder import load_trained
-from hsa_train.agent.rollout import env_maker, run_episodes, summarize, summary_line
+from hsa_train.agent.rollout import env_maker, preference_pairs, run_episodes, summarize, summary_line
 from hsa_train.agent.session import Agent
 from hsa_train.types import one_line
 
@@ -36,6 +39,8 @@ def compose(overrides: list[str]) -> Any:
         (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: give >= 1"),
         (cfg.max_turns is None or cfg.max_turns >= 1, f"max_turns={cfg.max_turns}: give >= 1 or null"),
         (0 <= cfg.expert_noise < 1, f"expert_noise={cfg.expert_noise}: give a share in [0, 1)"),
+        (isinstance(cfg.samples, int) and cfg.samples >= 1, f"samples={cfg.samples}: give an integer >= 1"),
+        (not cfg.pairs or cfg.samples >= 2, "pairs=true pairs episodes of one seed: set samples >= 2"),
     ]
     for ok, problem in checks:
         if not ok:
@@ -54,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         make_env = env_maker(cfg.env)
         options = DecodeOptions(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
         agent = None
+        if cfg.pairs and cfg.samples > 1:  # samples that cannot differ give no pair: say so before any episode
+            varied = cfg.expert_noise > 0 if source == "expert" else cfg.temperature > 0
+            if not varied:
+                fix = "expert_noise > 0" if source == "expert" else "temperature > 0 (greedy decoding repeats itself)"
+                raise ValueError(f"pairs=true: the samples of a seed would all be the same episode; set {fix}")
         if source != "expert":
             agent = Agent(load_trained(source, cfg.device, cfg.dtype, cfg.backend, merge=True))
         name = make_env().name
@@ -65,8 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hsa_train.rollout: error: {one_line(exc)}", file=sys.stderr)
         return 2
     summary = {"env": name, "model": source, **summarize(episodes), "seeds": [cfg.seed, cfg.seed + cfg.episodes - 1]}
+    if cfg.pairs:
+        pairs = preference_pairs(episodes)
+        (out / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        summary["pairs"] = len(pairs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{name}: {summary_line(summary)} -> {out}")
+    pairs_note = f"; {summary['pairs']} preference pairs" if cfg.pairs else ""
+    print(f"{name}: {summary_line(summary)}{pairs_note} -> {out}")
     return 0
 
 
@@ -76,10 +91,10 @@ def _run(cfg: Any, make_env, agent, options: DecodeOptions, out: Path):
 
     seeds = list(range(cfg.seed, cfg.seed + cfg.episodes))
     with Progress(transient=True, disable=not cfg.progress) as progress:
-        task = progress.add_task("episodes", total=len(seeds))
+        task = progress.add_task("episodes", total=len(seeds) * cfg.samples)
         episodes = run_episodes(
             make_env, seeds, agent, cfg.batch_size, options, cfg.max_turns, cfg.typing,
-            on_episode=lambda _: progress.advance(task), expert_noise=cfg.expert_noise,
+            on_episode=lambda _: progress.advance(task), expert_noise=cfg.expert_noise, samples=cfg.samples,
         )  # fmt: skip
     with (out / "episodes.jsonl").open("w", encoding="utf-8") as f:
         for episode in episodes:

@@ -125,6 +125,76 @@ def test_the_bundled_expert_episodes_are_what_the_documented_command_writes():
     assert [e.record() for e in again] == bundled[:10]
 
 
+def test_episodes_of_one_seed_with_different_outcomes_become_preference_pairs(tmp_path):
+    """A noisy expert sampled 4 times per seed: where a seed both won and lost, its first win against its first
+    loss, parted at their first differing action; the pairs load as a ranking dataset."""
+    from hsa_train.agent.rollout import preference_pairs
+    from hsa_train.data.spec import resolve_datasets
+
+    seeds = list(range(12))
+    episodes = run_episodes(lambda: MemoryText(7), seeds, expert_noise=0.4, samples=4)
+    assert [(e.seed, e.sample) for e in episodes] == [(s, k) for s in seeds for k in range(4)]
+    # the first sample of a seed is the episode one sample per seed gives (the same noise draws)
+    single = run_episodes(lambda: MemoryText(7), seeds, expert_noise=0.4)
+    assert [e.messages for e in episodes[::4]] == [e.messages for e in single]
+    pairs = preference_pairs(episodes)
+    mixed = [s for s in seeds if len({e.success for e in episodes if e.seed == s}) == 2]
+    assert len(pairs) == len(mixed) > 0
+    for pair in pairs:
+        group = [e for e in episodes if e.seed == pair["episode"]["seed"]]
+        won = next(e for e in group if e.success)
+        lost = next(e for e in group if not e.success)
+        assert (pair["episode"]["chosen"]["sample"], pair["episode"]["rejected"]["sample"]) == (won.sample, lost.sample)
+        k = len(pair["messages"])
+        assert won.kept_messages() == pair["messages"] + pair["chosen"]
+        assert lost.kept_messages() == pair["messages"] + pair["rejected"]
+        assert pair["chosen"][0]["role"] == pair["rejected"][0]["role"] == "assistant"
+        assert pair["chosen"][0] != pair["rejected"][0]  # they part at an action
+        assert won.kept_messages()[:k] == lost.kept_messages()[:k]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (spec,) = resolve_datasets([{"path": str(path), "ranking": True}], None, SemanticTypes(), "data.datasets")
+    records = list(iter_records(spec, SemanticTypes(), ignore_keys=("id", "episode")))
+    assert len(records) == len(pairs) and all(r.is_pair for r in records)
+    assert [r.prompt_len for r in records] == [len(p["messages"]) for p in pairs]
+    with pytest.raises(ValueError, match="samples=0"):
+        run_episodes(lambda: MemoryText(7), seeds, samples=0)
+
+
+def test_the_rollout_cli_writes_pairs_that_stage_dpo_trains_on(tmp_path, capsys):
+    from conftest import assert_ran, run_cli
+
+    from hsa_train.rollout import main
+
+    out = tmp_path / "noisy"
+    args = ["expert", "episodes=8", "samples=4", "expert_noise=0.4", "pairs=true", f"out={out}", "env.size=7"]
+    done = subprocess.run(
+        [sys.executable, "-m", "hsa_train.rollout", *args], capture_output=True, text=True, env=cli_env(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes"] == 32 and summary["pairs"] == len((out / "pairs.jsonl").read_text().splitlines()) > 0
+    assert f"; {summary['pairs']} preference pairs -> " in done.stdout
+    run = tmp_path / "dpo"
+    proc = run_cli(
+        "stage=dpo", f"data.datasets=[{{path:{out / 'pairs.jsonl'},ranking:true}}]", "data.ignore_keys=[episode]",
+        "data.train_files=[]", "data.eval_ratio=0", "train.max_steps=2", "train.micro_batch_size=2",
+        "logging.progress=none",
+        "model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=2",
+        f"hydra.run.dir={run}", cwd=tmp_path,
+    )  # fmt: skip
+    assert_ran(proc)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["samples_train"] == summary["pairs"] and len(metrics["train_stats"]["rewards/accuracy"]) == 2
+    for bad, says in [
+        (["samples=1"], "pairs=true pairs episodes of one seed: set samples >= 2"),
+        (["samples=2", "expert_noise=0"], "set expert_noise > 0"),
+    ]:
+        assert main(["expert", f"out={tmp_path / 'bad'}", "pairs=true", *bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+
+
 def test_wilson_interval_matches_the_textbook_values():
     low, high = wilson_interval(8, 10)  # Newcombe (1998), table I: 0.4902 - 0.9433
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
@@ -149,6 +219,23 @@ def test_model_episodes_are_batched_sessions_and_do_not_depend_on_the_batch(tmp_
         assert roles[:2] == ["system", "user"] and roles.count("assistant") == 4
         assert episode.messages[0]["semantic_type"] == "GLOBAL_CONDITION"  # the saved rules typed it
         assert all(m["semantic_type"] == "PROCESS_NOISE" for m in episode.messages if m["content"].startswith("Obs:"))
+
+
+def test_a_model_samples_a_seed_several_ways_reproducibly(tmp_path):
+    from test_agent import write_folder
+
+    from hsa_train.agent.decoding import DecodeOptions
+
+    agent = Agent(load_trained(write_folder(tmp_path / "model")))
+    options = DecodeOptions(max_new_tokens=4, temperature=1.0, seed=3)
+    runs = [
+        run_episodes(lambda: MemoryText(7), [5, 6], agent, batch_size=b, options=options, max_turns=3, samples=3)
+        for b in (1, 4)
+    ]
+    assert [e.record() for e in runs[0]] == [e.record() for e in runs[1]]  # whatever shares the batch
+    replies = [[m["content"] for m in e.messages if m["role"] == "assistant"] for e in runs[0]]
+    assert len({tuple(r) for r in replies[:3]}) > 1  # the samples of seed 5 act differently
+    assert [e.record()["episode"]["sample"] for e in runs[0]] == [0, 1, 2, 0, 1, 2]
 
 
 def test_the_rollout_cli(tmp_path, capsys):

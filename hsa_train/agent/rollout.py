@@ -32,14 +32,23 @@ class Episode:
     cuts: int = 0  # times the session was cut to fit the model's limit
     masked: int = 0  # noise turns the observation window (data.noise_window) left out of the session
     invalid_actions: int = 0
+    sample: int | None = None  # which of a seed's episodes (run_episodes' samples > 1), else None
 
     def record(self) -> dict[str, Any]:
         """The episode as training data: messages (role, content, semantic_type) and its outcome."""
+        return {"messages": self.kept_messages(), "episode": self.outcome()}
+
+    def kept_messages(self) -> list[dict[str, Any]]:
         keep = ("role", "content", "semantic_type", "tool_calls")
+        return [{k: m[k] for k in keep if k in m} for m in self.messages]
+
+    def outcome(self) -> dict[str, Any]:
         outcome = {k: v for k, v in asdict(self).items() if k != "messages"}
         if not self.masked:  # only a model with an observation window masks: records of others stay as they were
             del outcome["masked"]
-        return {"messages": [{k: m[k] for k in keep if k in m} for m in self.messages], "episode": outcome}
+        if self.sample is None:  # one episode per seed: records stay as they were
+            del outcome["sample"]
+        return outcome
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -87,6 +96,34 @@ def env_maker(env_cfg: Any, check: bool = True) -> Callable[[], TextEnv]:
     return make
 
 
+def preference_pairs(episodes: Sequence[Episode]) -> list[dict[str, Any]]:
+    """Episodes of one seed with different outcomes as preference pairs, in the pair format stage=dpo trains on:
+    per seed, its first successful episode (in sample order) against its first failed one. The prompt is what
+    both saw before they parted (the environment is seeded: the same actions give the same observations), each
+    side the rest of its episode from its first differing action on: an agent trained on its own successes
+    against its own failures. `episode` keeps the seed and both outcomes."""
+    by_seed: dict[int, list[Episode]] = {}
+    for episode in episodes:
+        by_seed.setdefault(episode.seed, []).append(episode)
+    pairs = []
+    for seed, group in by_seed.items():
+        won = next((e for e in group if e.success), None)
+        lost = next((e for e in group if not e.success), None)
+        if won is None or lost is None:
+            continue
+        a, b = won.kept_messages(), lost.kept_messages()
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        while k > 0 and not all(k < len(side) and side[k]["role"] == "assistant" for side in (a, b)):
+            k -= 1  # both sides start at an action
+        if k == 0:
+            continue
+        outcome = {"seed": seed, "chosen": won.outcome(), "rejected": lost.outcome()}
+        pairs.append({"messages": a[:k], "chosen": a[k:], "rejected": b[k:], "episode": outcome})
+    return pairs
+
+
 def summary_line(summary: dict[str, Any]) -> str:
     """A summary on one line: success with its interval, return, steps and tokens per episode."""
     low, high = summary["success_ci95"]
@@ -116,22 +153,28 @@ def run_episodes(
     typing: str | None = None,
     on_episode: Callable[[Episode], None] | None = None,
     expert_noise: float = 0.0,
+    samples: int = 1,
 ) -> list[Episode]:
-    """One episode per seed (in seed order in the result), `batch_size` at a time, acted by `agent` (batched
-    sessions) or, with no agent, by each environment's expert; `expert_noise` of the expert's steps take a random
-    one of the environment's `actions` instead (seeded by episode and step), so that its episodes also show how
-    to recover from a wrong step, which an agent trained on them will take."""
+    """`samples` episodes per seed (in seed order, then sample order, in the result), `batch_size` at a time,
+    acted by `agent` (batched sessions) or, with no agent, by each environment's expert; `expert_noise` of the
+    expert's steps take a random one of the environment's `actions` instead (seeded by episode, sample and step),
+    so that its episodes also show how to recover from a wrong step, which an agent trained on them will take.
+    The samples of a seed differ by their sampling (an agent's temperature, the expert's noise): the same seed
+    with different outcomes (preference_pairs)."""
     if not 0.0 <= expert_noise < 1.0:
         raise ValueError(f"expert_noise={expert_noise}: give a share in [0, 1)")
+    if samples < 1:
+        raise ValueError(f"samples={samples}: give an integer >= 1")
     options = options or DecodeOptions(max_new_tokens=16, temperature=0.0)
     slots = [_Slot(make_env()) for _ in range(max(1, min(batch_size, len(seeds))))]
-    todo = list(seeds)[::-1]
-    done: dict[int, Episode] = {}
+    jobs = [(seed, k if samples > 1 else None) for seed in seeds for k in range(samples)]
+    todo = jobs[::-1]
+    done: dict[tuple[int, int | None], Episode] = {}
     try:
         while todo or any(s.episode for s in slots):
             for slot in slots:
                 if slot.episode is None and todo:
-                    _start(slot, todo.pop(), agent, typing)
+                    _start(slot, *todo.pop(), agent, typing)
             active = [s for s in slots if s.episode is not None]
             if agent is not None:
                 per_turn = [_turn_options(options, s.episode) for s in active]
@@ -145,35 +188,38 @@ def run_episodes(
             for slot, action in zip(active, actions):
                 if _act(slot, action, agent, max_turns):
                     finished = slot.episode
-                    done[finished.seed] = finished
+                    done[finished.seed, finished.sample] = finished
                     slot.episode = slot.session = None
                     if on_episode is not None:
                         on_episode(finished)
     finally:
         for slot in slots:
             slot.env.close()
-    return [done[seed] for seed in seeds]
+    return [done[job] for job in jobs]
 
 
 def _expert(slot: _Slot, noise: float) -> str:
     if noise:
-        draw = random.Random(slot.episode.seed * 10_007 + slot.episode.steps)
+        episode = slot.episode
+        draw = random.Random(episode.seed * 10_007 + episode.steps + (episode.sample or 0) * 1_000_033)
         if draw.random() < noise:
             return draw.choice(list(slot.env.actions))
     return slot.env.expert_action()
 
 
 def _turn_options(options: DecodeOptions, episode: Episode) -> DecodeOptions:
-    """Sampling seeded by the episode and the turn: an episode acts the same whichever others share its batch."""
+    """Sampling seeded by the episode (its seed and sample) and the turn: an episode acts the same whichever others
+    share its batch."""
     if options.greedy:
         return options
     base = options.seed or 0
-    return replace(options, seed=(base * 1_000_003 + episode.seed * 10_007 + episode.steps) % 2**63)
+    turn = base * 1_000_003 + episode.seed * 10_007 + episode.steps + (episode.sample or 0) * 1_000_033
+    return replace(options, seed=turn % 2**63)
 
 
-def _start(slot: _Slot, seed: int, agent: Agent | None, typing: str | None) -> None:
+def _start(slot: _Slot, seed: int, sample: int | None, agent: Agent | None, typing: str | None) -> None:
     messages = slot.env.reset(seed)
-    slot.episode = Episode(env=slot.env.name, seed=seed)
+    slot.episode = Episode(env=slot.env.name, seed=seed, sample=sample)
     if agent is not None:
         slot.session = agent.session(messages, typing=typing)
         slot.episode.messages = list(slot.session.messages)  # the whole episode, whatever cuts the session makes
