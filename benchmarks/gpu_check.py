@@ -31,6 +31,11 @@ each worker's full output goes to `--out`/gpu_check_logs/. `--strict` exits 1 wh
   and a second call), dynamo graphs compiled by each.
 - P5: FSDP2 (`fully_shard` per decoder layer, then the root; bf16 params / fp32 reduce on CUDA) on one rank (NCCL on
   CUDA, gloo on CPU): 2 steps with learnable λ; finite losses, finite non-zero λ gradients.
+- P6: QLoRA as a run builds it (model.quantization=4bit: `loading.load_pretrained` with NF4, double quantisation
+  and bf16 compute, then `lora.trainable_parts`): the tiny Qwen2 saved and loaded 4-bit onto the device, HSA with
+  learnable λ on `backend=auto`, LoRA on every linear layer; 3 steps under bf16 autocast on CUDA, an evaluation
+  forward, then a 4th step (training after an evaluation). Finite losses, finite non-zero λ and adapter
+  gradients, λ kept in fp32, the 4-bit layers counted, the kernels that ran, peak memory on CUDA.
 
 How the kernel inputs are seen: before transformers or hsa_train is imported, each worker replaces
 `torch.nn.attention.flex_attention.flex_attention` and `torch.nn.functional.scaled_dot_product_attention` with thin
@@ -66,7 +71,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PHASES = ("P0", "P1", "P2", "P3", "P4", "P5")
+PHASES = ("P0", "P1", "P2", "P3", "P4", "P5", "P6")
 TITLES = {
     "P0": "versions and device",
     "P1": "tiny Qwen2 training (auto backend, bf16 autocast)",
@@ -74,11 +79,28 @@ TITLES = {
     "P3": "attention benchmark",
     "P4": "generation (dynamic / static cache)",
     "P5": "FSDP2, one rank",
+    "P6": "QLoRA: a 4-bit base under LoRA with learnable λ",
 }
 # (timeout, seconds kept back for it while earlier phases run) per phase, by device; the whole run fits --budget
 TIMEOUTS = {
-    "cuda": {"P0": (45, 10), "P1": (150, 45), "P2": (90, 25), "P3": (180, 60), "P4": (120, 30), "P5": (75, 25)},
-    "cpu": {"P0": (60, 15), "P1": (180, 30), "P2": (180, 30), "P3": (240, 40), "P4": (180, 30), "P5": (120, 30)},
+    "cuda": {
+        "P0": (45, 10),
+        "P1": (150, 45),
+        "P2": (90, 25),
+        "P3": (180, 60),
+        "P4": (120, 30),
+        "P5": (75, 25),
+        "P6": (75, 25),
+    },
+    "cpu": {
+        "P0": (60, 15),
+        "P1": (180, 30),
+        "P2": (180, 30),
+        "P3": (240, 40),
+        "P4": (180, 30),
+        "P5": (120, 30),
+        "P6": (120, 30),
+    },
 }
 BUDGET = {"cuda": 470, "cpu": 900}
 LAMBDAS = {"GLOBAL_CONDITION": 0.0, "KEY_EVENT": 0.01, "PROCESS_NOISE": 0.1}
@@ -1140,7 +1162,82 @@ def phase_p5(ph: Phase, device, quick: bool) -> None:
         dist.destroy_process_group()
 
 
-PHASE_FUNCTIONS = {"P0": phase_p0, "P1": phase_p1, "P2": phase_p2, "P3": phase_p3, "P4": phase_p4, "P5": phase_p5}
+def phase_p6(ph: Phase, device, quick: bool) -> None:
+    import tempfile
+    from types import SimpleNamespace
+
+    import bitsandbytes as bnb
+    import torch
+
+    from hsa_train.model import enable_hsa
+    from hsa_train.model.loading import load_pretrained
+    from hsa_train.model.lora import trainable_parts
+
+    cuda = device.type == "cuda"
+    config = qwen2_config(device)
+    L = 256 if cuda else 64
+    with tempfile.TemporaryDirectory() as folder:
+        stock_model(config, torch.device("cpu")).save_pretrained(folder)
+        model = load_pretrained(folder, torch.float32, quantization="4bit", device=device)
+    enable_hsa(model, LAMBDAS, "auto", learnable=True)
+    lora = SimpleNamespace(enabled=True, r=8, alpha=16, dropout=0.0, target_modules="all-linear")
+    model, _ = trainable_parts(model, SimpleNamespace(quantization="4bit", freeze_vision=None, lora=lora), True)
+    quantized = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    raw = next(p for n, p in model.named_parameters() if n.endswith("hsa.raw"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ph.data["setup"] = {"bitsandbytes": bnb.__version__, "quantization": "nf4, double quant, bf16 compute",
+                        "linear_4bit": quantized, "lambda_dtype": str(raw.dtype).replace("torch.", ""),
+                        "trained_params": sum(p.numel() for p in trained), "batch": f"2 x {L}",
+                        "autocast": "bf16" if cuda else "none (fp32)"}  # fmt: skip
+    batch = make_batch(config, device, 2, L, pad=L // 8, seed=6)
+    opt = torch.optim.AdamW(trained, lr=1e-3)
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    steps = []
+
+    def train_step():
+        model.train()
+        take_kernels()
+        with ctx():
+            loss = model(**batch).loss
+        loss.backward()
+        grads = lambda_grad(model)
+        adapter = [float(p.grad.norm()) if p.grad is not None else None for p in trained if p is not raw]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append({"loss": float(loss), "lambda_grad": grads, "adapter_grad_norm_max": max(a or 0 for a in adapter),
+                      "adapters_without_grad": sum(a is None for a in adapter), "kernels": take_kernels()})  # fmt: skip
+        ph.data["steps"] = steps
+        ph.save()
+
+    for _ in range(3):
+        train_step()
+    model.eval()
+    with torch.no_grad(), ctx():
+        eval_loss = float(model(**batch).loss)
+    ph.data["eval_loss"] = eval_loss
+    train_step()  # training after an evaluation
+    if cuda:
+        ph.data["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    losses = [s["loss"] for s in steps] + [eval_loss]
+    grads = [s["lambda_grad"] for s in steps]
+    kernels = [k for s in steps for k in s["kernels"]]
+    ph.data["kernel_ran"] = sorted({k["kernel"] for k in kernels})
+    ph.check("losses finite", all(map(finite, losses)), losses)
+    ok = all(g is not None and all(map(finite, g)) and any(x != 0 for x in g) for g in grads)
+    ph.check("λ gradients finite and non-zero", ok, grads)
+    ph.check("every adapter has a gradient", all(s["adapters_without_grad"] == 0 for s in steps), steps[-1])
+    ph.check("λ kept in fp32", raw.dtype == torch.float32, str(raw.dtype))
+    ph.check("every decoder linear layer is 4-bit", quantized == 7 * config.num_hidden_layers, quantized)
+    ph.data["summary"] = (f"{quantized} 4-bit layers; losses {', '.join(f'{x:.3f}' for x in losses[:-1])}; "
+                          f"eval {eval_loss:.3f}; {'/'.join(ph.data['kernel_ran'])}"
+                          + (f"; peak {ph.data['peak_memory_mib']} MiB" if cuda else ""))  # fmt: skip
+
+
+PHASE_FUNCTIONS = {
+    "P0": phase_p0, "P1": phase_p1, "P2": phase_p2, "P3": phase_p3, "P4": phase_p4, "P5": phase_p5, "P6": phase_p6,
+}  # fmt: skip
 
 
 def worker(args) -> int:

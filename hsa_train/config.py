@@ -7,6 +7,7 @@ line that names the key and says what to do.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import typing
@@ -31,6 +32,7 @@ from hsa_train.types import (
     PRECISIONS,
     PREFERENCE_LOSSES,
     PROGRESS,
+    QUANTIZATION,
     STAGES,
     TRAIN_ON,
     SemanticTypes,
@@ -89,6 +91,7 @@ class ModelConfig:
     arch: Optional[dict[str, Any]] = MISSING
     freeze_vision: Optional[bool] = MISSING
     image_processor: dict[str, Any] = MISSING
+    quantization: Optional[str] = MISSING
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -406,6 +409,24 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(
         not run.export.merge or m.lora.enabled, "export.merge=true merges a LoRA adapter: set model.lora.enabled=true"
     )
+    if m.quantization is not None:
+        _choice("model.quantization", m.quantization, QUANTIZATION)
+        q = f"model.quantization={m.quantization}"
+        _check(m.lora.enabled, f"{q} trains LoRA adapters over a frozen quantized base: set model.lora.enabled=true")
+        _check(
+            importlib.util.find_spec("bitsandbytes") is not None,
+            f"{q} needs bitsandbytes: pip install 'hsa_train[qlora]'",
+        )
+        _check(
+            run.train.distributed != "fsdp",
+            f"{q} does not shard with train.distributed=fsdp (FSDP2 over bitsandbytes' packed weights is not "
+            "supported here): use ddp, or a full-precision base",
+        )
+        _check(
+            not run.export.merge,
+            f"export.merge=true would merge the adapter into the quantized base ({q}): export the adapter "
+            "(export.merge=false), and merge it into the full-precision base",
+        )
 
     _check_stage(run)
     try:

@@ -23,6 +23,7 @@ BACKENDS = ("eager", "sdpa", "flex", "auto")  # hsa.backend
 HEAD_SCALINGS = ("none", "alibi")  # hsa.head_scaling
 LEARNABLE = (False, True, "per_head")  # hsa.learnable
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
+QUANTIZATION = ("4bit", "8bit")  # model.quantization (or null)
 PRECISIONS = ("auto", "bf16", "fp32")  # train.precision
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")  # train.distributed
 STAGES = ("sft", "dpo")  # stage.name: conf/stage/*.yaml

@@ -64,7 +64,7 @@ def test_gpu_check_runs_every_phase_on_cpu(tmp_path):
     run_script("gpu_check.py", "--device", "cpu", "--quick", "--strict", "--out", str(out), tmp_path=tmp_path)
     report = json.loads((out / "gpu_check.json").read_text())
     phases = report["phases"]
-    assert list(phases) == ["P0", "P1", "P2", "P3", "P4", "P5"]
+    assert list(phases) == ["P0", "P1", "P2", "P3", "P4", "P5", "P6"]
     for name, phase in phases.items():  # every phase runs on CPU (flex backward variants are skipped inside P3)
         assert phase["status"] == "ok", (name, phase["error"], [c for c in phase["checks"] if c["ok"] is False])
         assert phase["seconds"] > 0 and phase["data"]["summary"]
@@ -75,6 +75,8 @@ def test_gpu_check_runs_every_phase_on_cpu(tmp_path):
     assert set(p3) == {"256", "512"} and all(r["variants"]["sdpa causal"]["total_ms_median"] > 0 for r in p3.values())
     assert "skipped" in p3["256"]["variants"]["HSA flex, learnable λ"]
     assert phases["P5"]["data"]["setup"]["process_group"] == "gloo"
+    p6 = phases["P6"]["data"]["setup"]
+    assert p6["linear_4bit"] == 14 and p6["lambda_dtype"] == "float32"
     table = (out / "gpu_check.md").read_text()
     assert all(f"| {name} |" in table for name in phases)
 

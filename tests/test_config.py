@@ -174,3 +174,25 @@ def test_bad_stage_settings_fail_with_one_line(overrides, fragment):
         validate(composed(*overrides))
     message = str(info.value)
     assert fragment in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.quantization=2bit"], "model.quantization='2bit' is not allowed; use one of: 4bit, 8bit"),
+        (["model.quantization=4bit"], "model.quantization=4bit trains LoRA adapters over a frozen quantized base"),
+        (
+            ["model.quantization=4bit", "model.lora.enabled=true", "model.name_or_path=x", "train.distributed=fsdp"],
+            "model.quantization=4bit does not shard with train.distributed=fsdp",
+        ),
+        (
+            ["model.quantization=8bit", "model.lora.enabled=true", "model.name_or_path=x", "export.merge=true"],
+            "export.merge=true would merge the adapter into the quantized base",
+        ),
+    ],
+)
+def test_bad_quantization_settings_fail_with_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(composed(*overrides))
+    message = str(info.value)
+    assert fragment in message and "\n" not in message

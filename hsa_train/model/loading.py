@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoTokenizer,
+    BitsAndBytesConfig,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import (
@@ -229,13 +230,18 @@ def build_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     config=None,
+    quantization: str | None = None,
+    device: torch.device | None = None,
 ):
     """From a checkpoint when `name_or_path` is set, else a fresh model of `arch` (a transformers config: `type`
     names the architecture, the rest are its config fields), sized to the tokenizer's vocabulary (built with its
-    added tokens: `load_processing`). `config`: the checkpoint's, when `check_model_source` has read it."""
+    added tokens: `load_processing`). `config`: the checkpoint's, when `check_model_source` has read it.
+    `quantization` (4bit | 8bit): the checkpoint's linear layers quantized as they load, onto `device`."""
     torch_dtype = TORCH_DTYPES[dtype]
     if name_or_path:
-        return load_pretrained(name_or_path, torch_dtype, trust_remote_code, config)
+        return load_pretrained(name_or_path, torch_dtype, trust_remote_code, config, quantization, device)
+    if quantization:
+        raise ValueError(f"model.quantization={quantization} quantizes a pretrained base: set model.name_or_path")
     if not arch or "type" not in arch:
         raise ValueError("model.arch.type is required when model.name_or_path is null (e.g. qwen2)")
     fields = {k: plain(v) for k, v in arch.items() if k != "type"}
@@ -261,13 +267,39 @@ def build_model(
     return _auto_class(config).from_config(config, dtype=torch_dtype)
 
 
-def load_pretrained(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, config=None):
+def quantization_config(kind: str) -> BitsAndBytesConfig:
+    """QLoRA's base: 4bit is NF4 with double quantisation (the quantisation constants quantized too) computing in
+    bf16; 8bit is LLM.int8(). Output heads stay unquantized (transformers skips them)."""
+    if kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"model.quantization={kind!r} is not allowed; use 4bit, 8bit or null")
+
+
+def load_pretrained(
+    path: str,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    config=None,
+    quantization: str | None = None,
+    device: torch.device | None = None,
+):
     """A saved model, through the Auto class its config calls for (causal LM, or image-text-to-text); `config`
-    when it was read already."""
+    when it was read already. Quantized (bitsandbytes), the weights are placed on `device` as they load."""
     if config is None:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     auto = _auto_class(config)
-    return auto.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+    extra: dict[str, Any] = {}
+    if quantization:
+        where = device or torch.device("cpu")
+        extra = {"quantization_config": quantization_config(quantization), "device_map": {"": where}}
+    return auto.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
 
 
 def enable_activation_checkpointing(model) -> None:

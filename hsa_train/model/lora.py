@@ -47,13 +47,33 @@ def apply_lora(model: nn.Module, settings: Any, train_lambdas: bool, skip: nn.Mo
 
 
 def trainable_parts(model: nn.Module, model_cfg: Any, train_lambdas: bool) -> tuple[nn.Module, list[str]]:
-    """What trains, as `model_cfg` asks: a vision tower frozen (`freeze_vision`; null = frozen with LoRA), then
-    LoRA adapters (none inside a frozen tower). Returns the model (peft-wrapped with LoRA) and notes for the log."""
+    """What trains, as `model_cfg` asks: a vision tower frozen (`freeze_vision`; null = frozen with LoRA), a
+    quantized base prepared (`quantization`), then LoRA adapters (none inside a frozen tower). Returns the model
+    (peft-wrapped with LoRA) and notes for the log."""
     lora = model_cfg.lora.enabled
     frozen = model_cfg.freeze_vision if model_cfg.freeze_vision is not None else lora
     notes = []
     if frozen and freeze_vision(model):
         notes.append("note: the vision tower is frozen (model.freeze_vision); the language model trains")
+    if model_cfg.quantization:  # QLoRA: the quantized base frozen, the rest (norms, head, HSA's λ) in fp32
+        prepare_quantized(model)
+        notes.append(f"note: the base is quantized ({model_cfg.quantization}, bitsandbytes); LoRA adapters train")
     if lora:
         model = apply_lora(model, model_cfg.lora, train_lambdas, skip=vision_tower(model) if frozen else None)
     return model, notes
+
+
+def prepare_quantized(model: nn.Module) -> None:
+    """peft's k-bit preparation: every parameter frozen, those not quantized cast to fp32 (layer norms, the output
+    head, HSA's λ: a bf16 λ would round away small slopes and their updates). Activation checkpointing stays
+    train.gradient_checkpointing's (non-reentrant: no input gradients needed)."""
+    from peft import prepare_model_for_kbit_training
+
+    with quiet_peft():
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        # bitsandbytes (0.50) repacks a 4-bit layer's weights for AVX512-BF16 CPU inference at its first forward
+        # in eval mode without gradients, and never back: training forwards after it (past an evaluation, or a
+        # DPO reference) then fail. A run trains and evaluates in turn, so the repacking stays off.
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False

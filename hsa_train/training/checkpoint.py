@@ -254,6 +254,21 @@ def _state_options(frozen_base: bool):
     return StateDictOptions(ignore_frozen_params=frozen_base, strict=not frozen_base)
 
 
+def _states(model: nn.Module, optimizer: torch.optim.Optimizer, frozen_base: bool) -> dict[str, Any]:
+    """{"model", "optim"}: what a checkpoint holds. With a frozen base (LoRA) the model part is the trained
+    parameters themselves (DCP then loads into them in place), taken by name rather than through the model's
+    state dict: a bitsandbytes int8 base adds state-dict entries (its scales) that are no attributes, which DCP's
+    state-dict helpers cannot follow."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict
+
+    options = _state_options(frozen_base)
+    if not frozen_base:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        return {"model": model_sd, "optim": optim_sd}
+    trained = {name: p.detach() for name, p in D.unwrap(model).named_parameters() if p.requires_grad}
+    return {"model": trained, "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
 # -- save / load ------------------------------------------------------------------------------------------------
 def save(
     root: Path,
@@ -268,7 +283,6 @@ def save(
     """Writes checkpoint `step` atomically on every rank; rank 0 prunes to the newest `keep_last` (None keeps all).
     `trainer_state` must be plain data (JSON)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -278,9 +292,8 @@ def save(
             shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
         tmp.mkdir()
     D.barrier(info)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(frozen_base))
     with _single_process_is_intended():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"), no_dist=info.world == 1)
+        dcp.save(_states(model, optimizer, frozen_base), checkpoint_id=str(tmp / "state"), no_dist=info.world == 1)
     torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
     if info.is_main:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
@@ -322,7 +335,7 @@ def load(
     caller has already checked every checksum (`verify`, `newest_intact`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, set_state_dict
 
     why = problem(folder, contents=False) if verified else verify(folder, info)
     if why is not None:
@@ -339,8 +352,7 @@ def load(
     except (ValueError, pickle.UnpicklingError, RuntimeError, OSError) as exc:
         raise ValueError(f"checkpoint {folder} cannot be read ({one_line(exc, limit=200)})") from None
     options = _state_options(frozen_base)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = _states(model, optimizer, frozen_base)
     try:  # read it once ourselves: a refused global ends here with one line, not inside DCP's error handling
         with open(folder / "state" / ".metadata", "rb") as f:
             _MetadataUnpickler(f).load()
@@ -355,6 +367,10 @@ def load(
         raise ValueError(
             f"checkpoint {folder}: the model / optimizer state cannot be loaded ({one_line(exc, 'last', 300)})"
         ) from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    if frozen_base:  # the trained parameters were loaded in place
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optim"], options=options)
+    else:
+        model_sd, optim_sd = state["model"], state["optim"]
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     set_rng_state(rng)
     return saved

@@ -17,8 +17,14 @@ from hsa_train.model.settings import HSASettings
 from hsa_train.training import distributed as D
 
 
-def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def _full_state_dict(model: nn.Module, trained_only: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict, gathered to CPU; `trained_only`: only the parameters that train (a LoRA run's adapters
+    and λ), by name: the frozen base is not gathered, and a bitsandbytes int8 base adds state-dict entries that
+    DCP's state-dict helpers cannot follow (checkpoint._states)."""
+    if not trained_only:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731  (FSDP2: a collective)
+    return {name: full(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def export_model(
@@ -38,7 +44,7 @@ def export_model(
     inner = D.unwrap(model)  # DDP's module; a peft model under LoRA
     if plain is not None:
         base_model(inner).config.hsa = plain.changed({t: 0.0 for t in plain.types}, learnable=False).to_dict()
-    state = _full_state_dict(inner)  # collective under FSDP
+    state = _full_state_dict(inner, trained_only=lora)  # collective under FSDP
     written: dict[str, str] = {}
     if info.is_main and not lora:
         save_pretrained(inner, processing, out_dir, state)

@@ -123,8 +123,9 @@ class Recipe:
         run, hsa_cfg, cfg = self.run, self.run.hsa, self.cfg
         m = run.model
         model = build_model(
-            m.name_or_path, m.arch, self.processing.tokenizer, m.dtype, m.trust_remote_code, self.model_config
-        )
+            m.name_or_path, m.arch, self.processing.tokenizer, m.dtype, m.trust_remote_code, self.model_config,
+            quantization=m.quantization, device=self.device,
+        )  # fmt: skip
         if hsa_cfg.enabled:
             enable_hsa(model, settings=self.hsa)
         self.lora = run.model.lora.enabled
@@ -132,7 +133,8 @@ class Recipe:
         self._notes += notes
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        model.to(self.device)
+        if not m.quantization:  # quantized weights loaded onto the device, and HSA's λ and the adapters joined
+            model.to(self.device)  # them there (moving bitsandbytes' int8 weights again drops their scales)
         self._before_wrap(model)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
