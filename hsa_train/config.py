@@ -111,6 +111,7 @@ class DataConfig:
     noise_window: Optional[int] = MISSING
     packing: bool = MISSING
     train_on: str = MISSING
+    train_reasoning: bool = MISSING
     pad_to_multiple_of: Optional[int] = MISSING
     ignore_keys: list[str] = MISSING
     cache: bool = MISSING

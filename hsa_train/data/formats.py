@@ -29,6 +29,7 @@ from hsa_train.data.parts import (
     MEDIA_PHRASE,
     FormatContext,
     Message,
+    assistant_parts,
     attach_images,
     content_of,
     explicit_type,
@@ -37,6 +38,7 @@ from hsa_train.data.parts import (
     parse_tools,
     tool_calls_of,
     unused_keys,
+    with_reasoning,
 )
 from hsa_train.data.spec import DatasetSpec
 from hsa_train.types import SemanticTypes
@@ -51,7 +53,7 @@ __all__ = [
     "make_converter",
 ]
 
-_MESSAGE_KEYS = ("semantic_type", "tool_calls", "loss_weight")
+_MESSAGE_KEYS = ("semantic_type", "tool_calls", "loss_weight", "reasoning_content")
 Converter = Callable[[Any], tuple[list[Message], list[dict[str, Any]] | None]]
 
 
@@ -127,18 +129,38 @@ def _turn(k: int, msg: Any, ctx: FormatContext) -> Message:
     raw = msg.get(content_key)
     calls = None
     images: list[Any] = []
+    reasoning, part_calls = None, []
+    if role == "assistant":  # reasoning and tool-call parts (LLaMA-Factory v1), or OpenAI's reasoning_content
+        raw, reasoning, part_calls = assistant_parts(k, raw, ctx)
+        said = msg.get("reasoning_content")
+        if said not in EMPTY:
+            if reasoning is not None or not isinstance(said, str):
+                raise ValueError(f"malformed reasoning: message {k} needs one reasoning, as text (parts or key)")
+            reasoning = (said, None)
+    elif msg.get("reasoning_content") not in EMPTY:
+        raise ValueError(f"malformed reasoning: message {k} ({role}) has reasoning_content; only assistants reason")
     if role == "function":
         role, text, spans = "assistant", "", None
         calls = _function_turn(k, raw, ctx)
     else:
-        if raw is None and role == "assistant" and msg.get("tool_calls"):
-            raw = ""  # OpenAI: content null beside tool_calls
+        if raw in (None, []) and role == "assistant" and (msg.get("tool_calls") or part_calls or reasoning):
+            raw = ""  # OpenAI: content null beside tool_calls; v1: a turn of reasoning and a call
         text, spans, images = content_of(k, raw, ctx)
     stype = explicit_type(msg.get("semantic_type"), ctx.types, f"message {k}")
     if msg.get("tool_calls") not in EMPTY:
         if role != "assistant" or calls:
             raise ValueError(f"malformed tool call: message {k} ({role}) has tool_calls; only assistant messages call")
         calls = tool_calls_of(k, msg["tool_calls"], ctx)
+    if part_calls:
+        if calls:
+            raise ValueError(f"malformed tool call: message {k} has tool_call parts and tool_calls; give one")
+        calls = [
+            _function_turn(k, value, ctx)[0] if isinstance(value, str) else tool_calls_of(k, value, ctx)[0]
+            for value in part_calls
+        ]
+    reasoning_span = None
+    if reasoning is not None:
+        text, spans, reasoning_span = with_reasoning(text, spans, reasoning)
     _loss_weight(k, role, msg.get("loss_weight"))
     unused_keys(msg, (role_key, content_key, *_MESSAGE_KEYS), ctx.ignore, f"message {k}")
     out: Message = {"role": role, "content": text, "semantic_type": stype}
@@ -146,6 +168,8 @@ def _turn(k: int, msg: Any, ctx: FormatContext) -> Message:
         out["spans"] = spans
     if calls:
         out["tool_calls"] = calls
+    if reasoning_span is not None:
+        out["reasoning"] = reasoning_span  # where the content's reasoning block lies (data.train_reasoning)
     if images:
         out["images"] = images
     return out

@@ -36,7 +36,6 @@ UNUSED_HINTS = {
     "function_call": "old-style function_call is not read; give tool_calls",
     "tool_call_id": "tool call ids are not rendered",
     "name": "message names are not rendered",
-    "reasoning_content": "reasoning is not rendered separately; put it in the content",
     "chosen": _PREFERENCE,
     "rejected": _PREFERENCE,
 }
@@ -50,6 +49,9 @@ MEDIA_PHRASE = {
 _PART_KEYS = frozenset({"type", "text", "value", "semantic_type"})
 _IMAGE_KEYS = ("image", "image_url", "path", "url")  # where an image part holds its picture
 EMPTY = (None, "", [], {})
+# How a reasoning part is rendered: a block before the message's text, as Qwen3's and DeepSeek-R1's templates write
+# it (Qwen3's template reads such a block from the content into its own reasoning field).
+REASONING_OPEN, REASONING_CLOSE = "<think>\n", "\n</think>\n\n"
 
 
 def ignore_set(ignore_keys: Iterable[str]) -> frozenset[str]:
@@ -165,6 +167,51 @@ def parse_tools(obj: Mapping[str, Any], ctx: FormatContext) -> list[dict[str, An
             f"malformed tools: column {col!r} must be a list of objects (function descriptions), got {got}"
         )
     return raw or None
+
+
+def assistant_parts(k: int, raw: Any, ctx: FormatContext) -> tuple[Any, tuple[str, str | None] | None, list[Any]]:
+    """An assistant message's content parts of type `reasoning` and `tool_call` taken out (LLaMA-Factory v1's
+    layout): (the other parts, the reasoning text joined with its semantic_type (None: the message's) or None,
+    the tool calls' values). A string content has none."""
+    if not isinstance(raw, list):
+        return raw, None, []
+    rest, thoughts, calls, types = [], [], [], set()
+    for p, part in enumerate(raw):
+        ptype = part.get("type") if isinstance(part, dict) else None
+        if ptype not in ("reasoning", "tool_call"):
+            rest.append(part)
+            continue
+        where = f"message {k} part {p}"
+        keys = [key for key in ("text", "value") if part.get(key) is not None]
+        if len(keys) != 1:
+            raise ValueError(f"part without text: {where} ({ptype}) needs exactly one of 'text' or 'value'")
+        value = part[keys[0]]
+        unused_keys(part, _PART_KEYS, ctx.ignore, where)
+        if ptype == "tool_call":
+            calls.append(value)
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"part without text: {where} (reasoning) has a {type(value).__name__}, expected text")
+        thoughts.append(value)
+        types.add(explicit_type(part.get("semantic_type"), ctx.types, where))
+    if len(types) > 1:
+        raise ValueError(f"reasoning types: message {k}'s reasoning parts have different semantic_types; give one")
+    reasoning = ("".join(thoughts), types.pop()) if thoughts else None
+    return rest, reasoning, calls
+
+
+def with_reasoning(
+    text: str, spans: list[tuple[int, int, str]] | None, reasoning: tuple[str, str | None]
+) -> tuple[str, list[tuple[int, int, str]] | None, tuple[int, int]]:
+    """The content with its reasoning block in front (REASONING_OPEN / CLOSE), the text's spans moved after it and
+    the block typed when the reasoning has its own type; and the block's character range in the content."""
+    thought, stype = reasoning
+    block = f"{REASONING_OPEN}{thought.strip(chr(10))}{REASONING_CLOSE}"
+    n = len(block)
+    moved = [(a + n, b + n, t) for a, b, t in spans or []]
+    if stype is not None:
+        moved.insert(0, (0, n, stype))
+    return block + text.lstrip("\n"), moved or None, (0, n)
 
 
 def content_of(k: int, raw: Any, ctx: FormatContext) -> tuple[str, list[tuple[int, int, str]] | None, list[Any]]:

@@ -333,6 +333,7 @@ class Preparation:
             "tokenizer": cache.tokenizer_digest(st.tokenizer),
             "types": [st.types.names, st.types.default],
             "train_on": st.train_on,
+            **({} if st.train_reasoning else {"train_reasoning": False}),  # keys of before stay as they were
             "pre": [
                 pre.cutoff_len,
                 pre.overlong,

@@ -59,10 +59,12 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         train_on: str = "assistant",
         max_length: int | None = None,
         media: Any = None,
+        train_reasoning: bool = True,
     ):
         """`media`: the media hook of a vision-language model's tokenizer (`data.vision.ImageMedia`, given by
         `VisionSemanticTokenizer`); None for a text model. Whether a tokenizer reads images is `media is not
-        None`, nothing else."""
+        None`, nothing else. `train_reasoning`: whether an assistant message's reasoning block (a message's
+        `reasoning`: its character range in the content, parts.with_reasoning) trains, or is context only."""
         check_choice("train_on", train_on, TRAIN_ON)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
@@ -74,6 +76,7 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         self.tokenizer = tokenizer
         self.types = SemanticTypes.from_names(types, default_type)
         self.train_on = train_on
+        self.train_reasoning = bool(train_reasoning)
         self.max_length = max_length  # None: no limit here (truncation to data.cutoff_len happens before)
         self.media = media
         self._marks_start: bool | None = None
@@ -225,7 +228,8 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
             raise ValueError("empty conversation: there are no messages to encode")
         inp = self.prepare(messages, tools)
         own, spans = self._message_types(messages, inp)
-        seg = self._segments(inp, {k for k, s in enumerate(spans) if s})
+        thinking = {} if self.train_reasoning else self._reasoning_ranges(messages, inp)
+        seg = self._segments(inp, {k for k, s in enumerate(spans) if s} | set(thinking))
         atoms = media(seg.text) if media is not None else []
         pieces = self.tokenize(seg, atoms)
         atom_starts = {a for a, _, _ in atoms}
@@ -252,16 +256,19 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
         # A token takes the entry of the last mark at or before its first character: mark k covers the tokens from
         # the first one starting at or after it to the next mark's.
         piece_starts = [piece.start for piece in pieces]
-        bounds = []
-        for pos in positions:
-            k = bisect_right(piece_starts, pos) - 1
-            bounds.append(first_token[k] + pieces[k].tokens_before(pos) if k >= 0 else 0)
+        bounds = [self._token_at(pieces, piece_starts, first_token, pos) for pos in positions]
         bounds.append(len(input_ids))
         counts = np.diff(bounds)
         if bounds[0] != 0 or (counts < 0).any():
             raise AssertionError("SemanticTokenizer: type marks out of order")
         semantic_ids = np.repeat(mark_types, counts).tolist()
         message_index = np.repeat(mark_messages, counts).tolist()
+        for k, (a, b) in thinking.items():  # a reasoning block is context: the tokens starting inside it
+            begin, end, shift = seg.content[k]
+            x, y = max(begin, begin + a - shift), min(end, begin + b - shift)
+            first, last = (self._token_at(pieces, piece_starts, first_token, pos) for pos in (x, y))
+            labels[first:last] = [IGNORE_INDEX] * (last - first)
+        any_trained = any(label != IGNORE_INDEX for label in labels)
 
         if not (len(input_ids) == len(semantic_ids) == len(labels) == len(message_index)):
             raise AssertionError("SemanticTokenizer: input_ids, semantic_ids and labels differ in length")
@@ -287,6 +294,22 @@ class SemanticTokenizer(TemplateRendering, GenerationPrompts):
             "semantic_ids": semantic_ids,
         }
         return Encoding(features, self._answer_span(seg, pieces, first_token), message_index)
+
+    @staticmethod
+    def _reasoning_ranges(messages: Sequence[Mapping[str, Any]], inp: TemplateInput) -> dict[int, tuple[int, int]]:
+        """Per rendered message: its reasoning block's character range in its content (record messages' own)."""
+        ranges = {}
+        for k, source in enumerate(inp.source):
+            span = messages[source].get("reasoning") if source >= 0 else None
+            if span is not None and span[1] > span[0]:
+                ranges[k] = (int(span[0]), int(span[1]))
+        return ranges
+
+    @staticmethod
+    def _token_at(pieces: list[Piece], piece_starts: list[int], first_token: list[int], pos: int) -> int:
+        """The index of the first token starting at or after character `pos` (a token belongs where it starts)."""
+        k = bisect_right(piece_starts, pos) - 1
+        return first_token[k] + pieces[k].tokens_before(pos) if k >= 0 else 0
 
     def _message_types(
         self, messages: Sequence[Mapping[str, Any]], inp: TemplateInput

@@ -271,9 +271,10 @@ class VisionSemanticTokenizer(SemanticTokenizer):
         train_on: str = "assistant",
         max_length: int | None = None,
         image_token: str = "<|image_pad|>",
+        train_reasoning: bool = True,
     ):
         media = ImageMedia(tokenizer, image_processor, image_token)
-        super().__init__(tokenizer, types, default_type, train_on, max_length, media=media)
+        super().__init__(tokenizer, types, default_type, train_on, max_length, media, train_reasoning)
 
     @property
     def images(self) -> ImageProcessing:
@@ -302,11 +303,15 @@ class VisionSemanticTokenizer(SemanticTokenizer):
         return {k: features[k] for k in ("pixel_values", "image_grid_thw") if k in features}
 
 
-def semantic_tokenizer(processing: Processing, types: SemanticTypes, train_on: str = "assistant") -> SemanticTokenizer:
+def semantic_tokenizer(
+    processing: Processing, types: SemanticTypes, train_on: str = "assistant", train_reasoning: bool = True
+) -> SemanticTokenizer:
     """The SemanticTokenizer over a model's processing (`model.loading.load_processing`): a vision-language
     model's (one with an image processor) reads images."""
     if processing.image_processor is None:
-        return SemanticTokenizer(processing.tokenizer, types.names, types.default, train_on)
+        return SemanticTokenizer(
+            processing.tokenizer, types.names, types.default, train_on, train_reasoning=train_reasoning
+        )
     return VisionSemanticTokenizer(
         processing.tokenizer,
         processing.image_processor,
@@ -314,6 +319,7 @@ def semantic_tokenizer(processing: Processing, types: SemanticTypes, train_on: s
         types.default,
         train_on,
         image_token=processing.image_token,
+        train_reasoning=train_reasoning,
     )
 
 

@@ -90,7 +90,7 @@ class Recipe:
     def _setup_data(self) -> None:
         run, data = self.run, self.run.data
         self.processing = load_processing(run.model, self.model_config)  # before the model: it is sized from it
-        st = semantic_tokenizer(self.processing, self.hsa.semantic_types, data.train_on)
+        st = semantic_tokenizer(self.processing, self.hsa.semantic_types, data.train_on, data.train_reasoning)
         # flex compiles one kernel per shape: bucketed lengths bound how many a run builds (flex.py)
         bucket = run.hsa.enabled and runs_flex(run.hsa.backend, self.device)
         in_step = self.info.world > 1  # ranks run every sub-model (a vision tower) together: filler_sample
