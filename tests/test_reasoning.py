@@ -186,3 +186,46 @@ def test_the_reasoning_file_trains_through_dataset_info(tmp_path):
     trained = {k: c["trained_tokens_per_sample"]["mean"] for k, c in counts.items()}
     assert trained[False] < trained[True] / 2  # most of the file's assistant text is reasoning
     assert all(len(m["train_losses"]) == 2 for m in runs.values())
+
+
+# A template with its own reasoning field, as Qwen3's: `reasoning_content`, or a <think> block read from the content
+# (Qwen3's also drops the reasoning of turns before the last user message, which is not prefix-stable: left out).
+REASONING_FIELD_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}"
+    "{%- set ns = namespace(thought='') %}"
+    "{%- if message.reasoning_content is defined and message.reasoning_content %}"
+    "{%- set ns.thought = message.reasoning_content %}"
+    "{%- elif '</think>' in content %}"
+    "{%- set ns.thought = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if ns.thought %}{{- '<think>\\n' + ns.thought.strip('\\n') + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_the_block_is_what_a_template_with_a_reasoning_field_renders_from_it(qwen_split_bpe, tmp_path):
+    """The reference: the template given each turn's reasoning in its own field (reasoning_content), through
+    transformers; ours renders the same text, token for token, trained as generated."""
+    row = reasoning_conversation()
+    [record], _ = load({"path": str(write_jsonl(tmp_path / "one.jsonl", [row]))})
+    tok = qwen_split_bpe
+    tok.chat_template = REASONING_FIELD_TEMPLATE
+    fielded = []
+    for msg in row["messages"]:
+        parts = msg["content"]
+        entry = {"role": msg["role"], "content": "".join(p["value"] for p in parts if p["type"] == "text")}
+        thought = "".join(p["value"] for p in parts if p["type"] == "reasoning")
+        if thought:
+            entry["reasoning_content"] = thought
+        fielded.append(entry)
+    reference = tok.apply_chat_template(fielded, tokenize=False)
+    features = SemanticTokenizer(tok).encode(record.messages)
+    assert decode(tok, features["input_ids"]) == reference
+    assert features["input_ids"] == tok(reference, add_special_tokens=False)["input_ids"]
