@@ -21,7 +21,7 @@ from rich.text import Text
 
 from hsa_train.config import ConfigError, validate
 from hsa_train.data.collator import SemanticCollator
-from hsa_train.data.pipeline import RunData, load_run_data
+from hsa_train.data.pipeline import PairPool, RunData, load_run_data
 from hsa_train.data.typing import TypingReport
 from hsa_train.data.vision import semantic_tokenizer
 from hsa_train.model.loading import load_processing
@@ -95,8 +95,9 @@ def figures_table(data: RunData) -> Table:
     table = Table(title="training data", title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("samples (train / eval)", f"{len(train.ids):,} / {len(data.eval):,}")
-    table.add_row("tokens (train)", f"{train.tokens:,}")
+    pairs = isinstance(train.pool, PairPool)
+    table.add_row(f"{'pairs' if pairs else 'samples'} (train / eval)", f"{len(train.ids):,} / {len(data.eval):,}")
+    table.add_row("tokens (train)" + (", the longer side of each pair" if pairs else ""), f"{train.tokens:,}")
     if len(lengths):
         p = np.percentile(lengths, [0, 50, 95, 100]).astype(int)
         table.add_row("length min / median / p95 / max", " / ".join(f"{x:,}" for x in p))
@@ -118,6 +119,12 @@ def rules_table(data: RunData) -> Table:
     for type_name, rule, count, share in TypingReport.merged(rep.typing for rep in data.reports.values()).rows():
         table.add_row(type_name, rule, f"{count:,}", f"{share:.1%}")
     return table
+
+
+def sides(items):
+    """Samples one at a time: a preference pair (stage=dpo) as its chosen side, then its rejected one."""
+    for item in items:
+        yield from item if isinstance(item, tuple) else (item,)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         run = validate(cfg)
         types = SemanticTypes.from_names(run.hsa.types, run.hsa.default_type)
         st = semantic_tokenizer(load_processing(run.model), types, run.data.train_on, run.data.train_reasoning)
-        data = load_run_data(run.data, st, SemanticCollator.from_tokenizer(st), run.seed, plan=run.dataset_plan)
+        collator = SemanticCollator.from_tokenizer(st)
+        data = load_run_data(run.data, st, collator, run.seed, plan=run.dataset_plan, pairs=run.stage.preference)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"hsa_train.inspect: error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -158,14 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     console.print(legend)
     if not st.renders_tools and data.uses_tools:
         console.print(f"note: {st.tools_note}", style="dim")
-    pool = data.eval if args.eval else [data.train.pool[int(i)] for i in data.train.ids[: args.samples]]
+    first = data.eval if args.eval else [data.train.pool[int(i)] for i in data.train.ids[: args.samples]]
+    pool = list(sides(first))
     for k in range(min(args.samples, len(pool))):
         sample = pool[k]
         trained = int((sample.features["labels"] != IGNORE_INDEX).sum())
         console.rule(f"sample {k}: {sample.where}, {len(sample)} tokens, {trained} trained")
         console.print(sample_text(sample, st.tokenizer, styles, args.max_tokens))
     console.rule()
-    shown = data.eval if args.eval else (data.train.pool[int(i)] for i in data.train.ids)  # one at a time
+    shown = sides(data.eval if args.eval else (data.train.pool[int(i)] for i in data.train.ids))  # one at a time
     console.print(token_table(shown, names, styles, "eval samples" if args.eval else "training samples"))
     console.print(figures_table(data))
     console.print(rules_table(data))

@@ -74,6 +74,17 @@ def test_inspect_shows_types_trained_tokens_and_figures(tmp_path, capsys):
     assert svg.read_text().startswith("<svg")
 
 
+def test_inspect_shows_preference_pairs_side_by_side(tmp_path, capsys):
+    code = inspect_main(
+        ["--samples", "2", "--max-tokens", "10", "stage=dpo", "data=dpo_demo", f"data.cache_dir={tmp_path / 'c'}"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sample 0: " in out and "preferences.jsonl:1," in out.split("sample 1: ")[1]  # pair 1's two sides
+    cells = re.sub(r"[│\s]+", " ", out)
+    assert "pairs (train / eval) 540 / 60" in cells
+
+
 def test_inspect_reports_config_errors_in_one_line(capsys):
     assert inspect_main(["data.overlong=cut"]) == 2
     err = capsys.readouterr().err

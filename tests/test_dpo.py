@@ -81,9 +81,13 @@ def test_dpo_trains_on_llamafactory_pairs_through_dataset_info(tmp_path, peer_da
 def test_dpo_on_the_demo_preferences_beats_chance_on_held_out_pairs(tmp_path):
     """The bundled demo's pairs (conf/data/dpo_demo.yaml), 60 of them held out: from the reference's 0 (every
     reward 0), held-out accuracy rises above one half and the loss below log 2."""
-    metrics = dpo(tmp_path / "run", "train.max_steps=40", "train.micro_batch_size=8")
+    from hsa_train.sweep import metric_value
+
+    small_model = ["model.arch.hidden_size=64", "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2"]
+    metrics = dpo(tmp_path / "run", *small_model, "train.max_steps=40", "train.micro_batch_size=8")
     assert metrics["eval_pairs"] == 60 and metrics["samples_train"] == 540
     assert metrics["eval_rewards"]["accuracy"] > 0.55, metrics["eval_rewards"]
+    assert metric_value(metrics, "eval_rewards.accuracy") == metrics["eval_rewards"]["accuracy"]  # a sweep objective
     assert metrics["eval_loss"] < LN2 - 0.05
     assert metrics["train_losses"][0] == pytest.approx(LN2, abs=1e-6)
 
@@ -138,6 +142,7 @@ def test_lora_dpo_metrics_match_a_recomputation_from_the_exported_adapter_and_th
         "train.max_steps=4",
         "train.micro_batch_size=3",
         "train.eval_batch_size=4",  # 6 pairs: a full batch, then one of two
+        "train.eval_every=2",  # training goes on after an evaluation (adapters back on, λ where they were)
     )
     assert metrics["train_losses"][0] == pytest.approx(LN2, abs=1e-6)
     policy = load_exported(tmp_path / "run" / "adapter").eval()
@@ -179,8 +184,9 @@ def test_dpo_resumes_exactly_with_the_reference_at_the_start(tmp_path, small):
 
 
 def test_a_precomputed_reference_trains_as_the_live_one_and_is_cached_by_the_starting_model(tmp_path, small):
+    more = pairs_subset(tmp_path / "more.jsonl", 200, 5)
     args = [*TINY, f"data.datasets={entry(small)}", "data.eval_ratio=0.25", "train.micro_batch_size=2"]
-    args += ["train.max_steps=4", "hsa.learnable=true"]
+    args += ["train.max_steps=4", "hsa.learnable=true", f"+data.eval_sets.more={entry(more)}"]
     live = dpo(tmp_path / "live", *args)
     first = dpo(tmp_path / "first", *args, "stage.precompute_reference=true")
     again = dpo(tmp_path / "again", *args, "stage.precompute_reference=true")
@@ -195,6 +201,8 @@ def test_a_precomputed_reference_trains_as_the_live_one_and_is_cached_by_the_sta
         assert run["train_losses"] == pytest.approx(live["train_losses"], abs=1e-5)
         assert run["eval_loss"] == pytest.approx(live["eval_loss"], abs=1e-5)
         assert run["eval_rewards"] == pytest.approx(live["eval_rewards"], abs=1e-5)
+        assert run["eval_sets"]["more"]["pairs"] == 5  # an eval set's pairs have their own table
+        assert run["eval_sets"]["more"]["rewards"] == pytest.approx(live["eval_sets"]["more"]["rewards"], abs=1e-5)
     assert other["train_stats"]["logps/chosen"][0] != pytest.approx(live["train_stats"]["logps/chosen"][0], abs=1e-3)
 
 

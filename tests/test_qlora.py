@@ -139,9 +139,9 @@ def test_qlora_dpo_compares_against_the_quantized_base_with_adapters_off(base):
 def test_qlora_checkpoints_resume_exactly(base, bits):
     """Checkpoints hold the trained parameters by name (an int8 base's state dict has entries DCP cannot map)."""
     args = [f"model.quantization={bits}", f"data.train_files=[{base / 'data.jsonl'}]", "data.eval_ratio=0"]
-    args += ["train.max_steps=4"]
-    whole = cli(base, f"whole{bits}", *args, "train.save_every=2", "train.keep_last=null")
-    mid = base / f"whole{bits}" / "checkpoints" / "step_0000002"
+    args += ["train.max_steps=3"]
+    whole = cli(base, f"whole{bits}", *args, "train.save_every=1", "train.keep_last=null")
+    mid = base / f"whole{bits}" / "checkpoints" / "step_0000001"
     resumed = cli(base, f"resumed{bits}", *args, f"train.resume={mid}")
     assert resumed["resumed_from"] == str(mid) and resumed["train_losses"] == whole["train_losses"]
     assert resumed["hsa_learned"] == whole["hsa_learned"]
