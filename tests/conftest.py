@@ -16,6 +16,15 @@ from hsa_train.model.loading import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_DATA = ROOT.parent / "shared" / "peer-data" / "llamafactory"
+# A pretrained base for LoRA runs, saved locally by the tests that need one (save_pretrained: no hub).
+BASE_ARCH = {
+    "type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 # Runs started by the tests (in process or as subprocesses) keep their tokenized data here, not in ~/.cache.
 os.environ["HSA_TRAIN_CACHE"] = tempfile.mkdtemp(prefix="hsa_train_test_cache_")
 

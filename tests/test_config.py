@@ -167,18 +167,6 @@ def test_the_stage_group_composes_sft_by_default_and_dpo_on_request():
             ["stage=dpo", "data=dpo_demo", f"data.eval_files=[{bundled_path('demo/trajectories.jsonl')}]"],
             "data: trajectories holds conversations",
         ),
-    ],
-)
-def test_bad_stage_settings_fail_with_one_line(overrides, fragment):
-    with pytest.raises(ConfigError) as info:
-        validate(composed(*overrides))
-    message = str(info.value)
-    assert fragment in message and "\n" not in message
-
-
-@pytest.mark.parametrize(
-    "overrides, fragment",
-    [
         (["model.quantization=2bit"], "model.quantization='2bit' is not allowed; use one of: 4bit, 8bit"),
         (["model.quantization=4bit"], "model.quantization=4bit trains LoRA adapters over a frozen quantized base"),
         (
@@ -191,7 +179,7 @@ def test_bad_stage_settings_fail_with_one_line(overrides, fragment):
         ),
     ],
 )
-def test_bad_quantization_settings_fail_with_one_line(overrides, fragment):
+def test_bad_stage_and_quantization_settings_fail_with_one_line(overrides, fragment):
     with pytest.raises(ConfigError) as info:
         validate(composed(*overrides))
     message = str(info.value)

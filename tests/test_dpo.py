@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ran, run_cli, run_torchrun
+from conftest import BASE_ARCH, assert_ran, run_cli, run_torchrun
 
 from hsa_train.config import bundled_path
 from hsa_train.model.loading import build_model, load_tokenizer
@@ -93,14 +93,7 @@ def test_dpo_on_the_demo_preferences_beats_chance_on_held_out_pairs(tmp_path):
 
 
 # -- LoRA: the reference is the base with its adapters off; the logged metrics recomputed from the exports --------
-ARCH = {
-    "type": "qwen2",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+ARCH = BASE_ARCH
 
 
 def side_logp(model, features) -> float:
@@ -229,21 +222,13 @@ def assert_same_run(run: dict, ref: dict) -> None:
     assert run["hsa_learned"] == pytest.approx(ref["hsa_learned"], abs=1e-6)
 
 
-def test_dpo_under_ddp_matches_one_process(tmp_path, small, single):
-    run = dpo(
-        tmp_path / "ddp", *DIST, f"data.datasets={entry(small)}", "train.micro_batch_size=1", "train.grad_accum=2",
-        nproc=2,
-    )  # fmt: skip
-    assert run["distributed"] == "ddp"
-    assert_same_run(run, single)
-
-
-def test_dpo_under_fsdp_matches_one_process(tmp_path, small, single):
-    run = dpo(
-        tmp_path / "fsdp", *DIST, f"data.datasets={entry(small)}", "train.micro_batch_size=2",
-        "train.distributed=fsdp", nproc=2,
-    )  # fmt: skip
-    assert run["distributed"] == "fsdp"
+@pytest.mark.parametrize(
+    "mode, split",
+    [("ddp", ["train.micro_batch_size=1", "train.grad_accum=2"]), ("fsdp", ["train.micro_batch_size=2"])],
+)
+def test_dpo_under_two_ranks_matches_one_process(tmp_path, small, single, mode, split):
+    run = dpo(tmp_path / mode, *DIST, f"data.datasets={entry(small)}", *split, f"train.distributed={mode}", nproc=2)
+    assert run["distributed"] == mode
     assert_same_run(run, single)
 
 

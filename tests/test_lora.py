@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ran, demo_subset, run_cli, run_torchrun
+from conftest import BASE_ARCH, assert_ran, demo_subset, run_cli, run_torchrun
 
 from hsa_train.data import SemanticCollator, SemanticTokenizer
 from hsa_train.model.export import load_exported
 from hsa_train.model.loading import build_model, load_tokenizer
 
-ARCH = {
-    "type": "qwen2",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+ARCH = BASE_ARCH
 
 
 @pytest.fixture(scope="module")
