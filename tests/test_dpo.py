@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE_ARCH, assert_ran, run_cli, run_torchrun
+from conftest import BASE_ARCH, assert_ran, run_cli, run_in_process, run_torchrun
 
 from hsa_train.config import bundled_path
 from hsa_train.model.loading import build_model, load_tokenizer
@@ -30,9 +30,13 @@ def entry(path: Path) -> str:
     return f"[{{path:{path},ranking:true}}]"
 
 
-def dpo(run_dir: Path, *args: str, nproc: int = 1, timeout: int = 600) -> dict:
-    base = ["stage=dpo", "data=dpo_demo", "logging.progress=none", f"hydra.run.dir={run_dir}", *args]
+def dpo(run_dir: Path, *args: str, nproc: int = 1, cli: bool = False, timeout: int = 600) -> dict:
+    """A stage=dpo run: in this process, or from the command line (`cli`), or under torchrun (`nproc` > 1)."""
+    base = ["stage=dpo", "data=dpo_demo", "logging.progress=none", *args]
+    if nproc == 1 and not cli:
+        return run_in_process(run_dir, *base)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    base.append(f"hydra.run.dir={run_dir}")
     if nproc == 1:
         proc = run_cli(*base, cwd=run_dir.parent, timeout=timeout)
     else:
@@ -58,6 +62,7 @@ def test_dpo_trains_on_llamafactory_pairs_through_dataset_info(tmp_path, peer_da
         "train.max_steps=3",
         "train.micro_batch_size=2",
         "train.eval_batch_size=4",
+        cli=True,  # as a user runs it
     )
     counts = metrics["data"]["datasets"]["dpo_en_demo"]
     assert metrics["stage"] == "dpo" and counts["records"] + counts["truncation"]["dropped"] == 300

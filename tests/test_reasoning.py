@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PEER_DATA, assert_ran, run_cli
+from conftest import PEER_DATA, assert_ran, run_cli, run_in_process
 from test_tokenizer import decode, render, trained_runs, with_template
 
 from hsa_train.data import SemanticTokenizer
@@ -169,18 +169,15 @@ def test_the_reasoning_file_trains_through_dataset_info(tmp_path):
         }
     }  # fmt: skip
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
-    runs = {}
-    for train in (True, False):
-        run = tmp_path / f"run_{train}"
-        proc = run_cli(
-            f"data.dataset_info={tmp_path / 'dataset_info.json'}", "data.datasets=[reason_tool_use]",
-            "data.train_files=[]", "data.cutoff_len=8192", f"data.train_reasoning={str(train).lower()}",
-            "data.eval_ratio=0.1", "train.max_steps=1", "train.micro_batch_size=2", "logging.progress=none",
-            "model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=2",
-            f"hydra.run.dir={run}", cwd=tmp_path,
-        )  # fmt: skip
-        assert_ran(proc)
-        runs[train] = json.loads((run / "metrics.json").read_text())
+    args = [
+        f"data.dataset_info={tmp_path / 'dataset_info.json'}", "data.datasets=[reason_tool_use]",
+        "data.train_files=[]", "data.cutoff_len=8192", "data.eval_ratio=0.1", "train.max_steps=1",
+        "train.micro_batch_size=2", "logging.progress=none", "model.arch.hidden_size=32",
+        "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=2",
+    ]  # fmt: skip
+    assert_ran(run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))  # as a user runs it
+    runs = {True: json.loads((tmp_path / "run" / "metrics.json").read_text())}
+    runs[False] = run_in_process(tmp_path / "context", *args, "data.train_reasoning=false")
     counts = {k: m["data"]["datasets"]["reason_tool_use"] for k, m in runs.items()}
     assert counts[True]["records"] == counts[False]["records"] == 50
     trained = {k: c["trained_tokens_per_sample"]["mean"] for k, c in counts.items()}

@@ -162,7 +162,7 @@ def test_episodes_of_one_seed_with_different_outcomes_become_preference_pairs(tm
 
 
 def test_the_rollout_cli_writes_pairs_that_stage_dpo_trains_on(tmp_path, capsys):
-    from conftest import assert_ran, run_cli
+    from conftest import run_in_process
 
     from hsa_train.rollout import main
 
@@ -175,16 +175,12 @@ def test_the_rollout_cli_writes_pairs_that_stage_dpo_trains_on(tmp_path, capsys)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 32 and summary["pairs"] == len((out / "pairs.jsonl").read_text().splitlines()) > 0
     assert f"; {summary['pairs']} preference pairs -> " in done.stdout
-    run = tmp_path / "dpo"
-    proc = run_cli(
-        "stage=dpo", f"data.datasets=[{{path:{out / 'pairs.jsonl'},ranking:true}}]", "data.ignore_keys=[episode]",
-        "data.train_files=[]", "data.eval_ratio=0", "train.max_steps=2", "train.micro_batch_size=2",
-        "logging.progress=none",
-        "model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=2",
-        f"hydra.run.dir={run}", cwd=tmp_path,
+    metrics = run_in_process(
+        tmp_path / "dpo", "stage=dpo", f"data.datasets=[{{path:{out / 'pairs.jsonl'},ranking:true}}]",
+        "data.ignore_keys=[episode]", "data.train_files=[]", "data.eval_ratio=0", "train.max_steps=2",
+        "train.micro_batch_size=2", "logging.progress=none", "model.arch.hidden_size=32",
+        "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=2",
     )  # fmt: skip
-    assert_ran(proc)
-    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["samples_train"] == summary["pairs"] and len(metrics["train_stats"]["rewards/accuracy"]) == 2
     for bad, says in [
         (["samples=1"], "pairs=true pairs episodes of one seed: set samples >= 2"),
