@@ -50,7 +50,7 @@ def test_wheel_ships_configs_data_and_tokenizer(tmp_path):
 
 # Packages that change their internals between minor releases, which HSA reaches into (attention and mask
 # registries, FSDP2, flex, peft's wrappers, datasets' Arrow): each needs an upper bound that CI has passed on.
-FAST_MOVING = ("torch", "transformers", "peft", "datasets", "fastapi", "uvicorn", "openai", "minigrid")
+FAST_MOVING = ("torch", "transformers", "peft", "datasets", "fastapi", "uvicorn", "openai", "minigrid", "bitsandbytes")
 
 
 def _requirements():
