@@ -342,6 +342,14 @@ def preference_pair(rng: random.Random, record: dict) -> dict:
     return {"messages": prompt, "chosen": answer, "rejected": {**answer, "content": rejected}, "kind": kind}
 
 
+def labelled_sample(rng: random.Random, pair: dict) -> dict:
+    """A preference pair as one labelled sample for KTO (`label` true: the chosen answer; false: the rejected one),
+    half of each, unpaired: the other answer is not kept."""
+    desirable = rng.random() < 0.5
+    answer = pair["chosen"] if desirable else pair["rejected"]
+    return {"messages": [*pair["messages"], answer], "label": desirable, "kind": pair["kind"]}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -408,8 +416,10 @@ def main() -> None:
     pair_rng = random.Random(args.seed + 1)  # its own stream: the trajectories stay as they were
     pairs = [preference_pair(pair_rng, record) for record in records[: args.pairs]]
     write_jsonl(args.out / "preferences.jsonl", pairs)
+    label_rng = random.Random(args.seed + 2)
+    write_jsonl(args.out / "labelled.jsonl", [labelled_sample(label_rng, pair) for pair in pairs])
     train_tokenizer(records, args.tokenizer_out, args.vocab_size)
-    print(f"wrote {len(records)} trajectories and {len(pairs)} preference pairs to {args.out}")
+    print(f"wrote {len(records)} trajectories, {len(pairs)} preference pairs, as many labelled samples: {args.out}")
     print(f"wrote a {args.vocab_size}-token tokenizer to {args.tokenizer_out}")
 
 

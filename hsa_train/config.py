@@ -55,21 +55,32 @@ OmegaConf.register_new_resolver("bundled", bundled_path, replace=True)
 
 @dataclass
 class StageConfig:
-    """What the run optimises; the DPO keys are null under sft (conf/stage/sft.yaml sets none of them)."""
+    """What the run optimises; a stage's keys are null under the others (conf/stage/sft.yaml sets none)."""
 
     name: str = MISSING
     beta: Optional[float] = None
     label_smoothing: Optional[float] = None
     loss: Optional[str] = None
+    desirable_weight: Optional[float] = None
+    undesirable_weight: Optional[float] = None
     precompute_reference: Optional[bool] = None
 
     @property
     def preference(self) -> bool:
-        return self.name == "dpo"
+        """Trained against a reference model, on twos of samples (pairs, or labelled samples and their KL ones)."""
+        return self.name in ("dpo", "kto")
+
+    @property
+    def labelled(self) -> bool:
+        return self.name == "kto"
 
 
-# The keys only stage=dpo sets.
-DPO_KEYS = ("beta", "label_smoothing", "loss", "precompute_reference")
+# The keys each stage sets (conf/stage/<name>.yaml); any other stage key stays null.
+STAGE_KEYS = {
+    "sft": (),
+    "dpo": ("beta", "label_smoothing", "loss", "precompute_reference"),
+    "kto": ("beta", "desirable_weight", "undesirable_weight", "precompute_reference"),
+}
 
 
 @dataclass
@@ -299,26 +310,39 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
         saved_rules(run)  # export.typing_dataset names a training dataset
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    everything = run.dataset_plan.everything
-    if run.stage.preference:
-        talks = [spec.name for spec in everything if not spec.ranking]
-        files = " (data.train_files=[] leaves out the files listed there)" if d.train_files else ""
+    everything, stage = run.dataset_plan.everything, run.stage.name
+    files = " (data.train_files=[] leaves out the files listed there)" if d.train_files else ""
+    kinds = {  # what each stage trains on, and how a dataset entry says it holds that
+        "sft": ("conversations", None),
+        "dpo": ("preference pairs", "mark a pairs dataset ranking: true"),
+        "kto": ("labelled samples", "name a dataset's label column in columns.kto_tag"),
+    }
+
+    def kind(spec) -> str:
+        return "dpo" if spec.ranking else "kto" if spec.labelled else "sft"
+
+    wrong = [spec for spec in everything if kind(spec) != stage]
+    if wrong and stage in kinds:
+        names, has = ", ".join(spec.name for spec in wrong), kind(wrong[0])
+        if stage == "sft":
+            marker = {"dpo": "ranking: true", "kto": "columns.kto_tag"}[has]
+            _check(
+                False,
+                f"data: {names} holds {kinds[has][0]} ({marker}), and stage=sft trains conversations: train it "
+                f"with stage={has}, or leave it out of the run's data",
+            )
         _check(
-            not talks,
-            f"data: {', '.join(talks)} holds conversations, and stage=dpo trains on preference pairs: mark a pairs "
-            f"dataset ranking: true (in its entry or dataset_info.json), or leave it out of the run's data{files}",
+            False,
+            f"data: {names} holds {kinds[has][0]}, and stage={stage} trains on {kinds[stage][0]}: "
+            f"{kinds[stage][1]} (in its entry or dataset_info.json), or leave it out of the run's data{files}",
         )
-        _check(not d.packing, "data.packing=true does not apply to stage=dpo (pairs are never packed): set it false")
+    if run.stage.preference:
+        _check(
+            not d.packing, f"data.packing=true does not apply to stage={stage} (twos are never packed): set it false"
+        )
         _check(
             d.noise_window is None,
-            "data.noise_window does not apply to stage=dpo (both sides keep the whole prompt): set it to null",
-        )
-    else:
-        pairs = [spec.name for spec in everything if spec.ranking]
-        _check(
-            not pairs,
-            f"data: {', '.join(pairs)} holds preference pairs (ranking: true), and stage=sft trains "
-            "conversations: train it with stage=dpo, or leave it out of the run's data",
+            f"data.noise_window does not apply to stage={stage} (both sides keep the whole prompt): set it to null",
         )
     _choice("data.on_error", d.on_error, ON_ERROR)
     _choice("data.train_on", d.train_on, TRAIN_ON)
@@ -333,16 +357,25 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
 
 
 def _check_stage(run: RunConfig) -> None:
-    """stage=sft sets no DPO key; stage=dpo's values are in range."""
+    """A stage sets its own keys (STAGE_KEYS) and no other stage's; their values are in range."""
     st = run.stage
     _choice("stage.name", st.name, STAGES)
+    mine = STAGE_KEYS[st.name]
+    given = [key for keys in STAGE_KEYS.values() for key in keys if key not in mine and getattr(st, key) is not None]
+    if given:
+        owners = [name for name, keys in STAGE_KEYS.items() if given[0] in keys]
+        _check(False, f"stage.{given[0]} applies to stage={' or '.join(owners)}; this run is stage={st.name}")
+    missing = [key for key in mine if getattr(st, key) is None]
+    _check(not missing, f"stage.{missing[0] if missing else ''} has no value: stage={st.name} needs it "
+           f"(conf/stage/{st.name}.yaml)")  # fmt: skip
     if not st.preference:
-        given = [key for key in DPO_KEYS if getattr(st, key) is not None]
-        _check(not given, f"stage.{given[0] if given else ''} applies to stage=dpo; this run is stage={st.name}")
         return
-    missing = [key for key in DPO_KEYS if getattr(st, key) is None]
-    _check(not missing, f"stage.{missing[0] if missing else ''} has no value: stage=dpo needs it (conf/stage/dpo.yaml)")
     _check(st.beta > 0 and math.isfinite(st.beta), f"stage.beta={st.beta} must be a positive number")
+    if st.labelled:
+        for key in ("desirable_weight", "undesirable_weight"):
+            value = getattr(st, key)
+            _check(value > 0 and math.isfinite(value), f"stage.{key}={value} must be a positive number")
+        return
     _choice("stage.loss", st.loss, PREFERENCE_LOSSES)
     _check(0.0 <= st.label_smoothing < 0.5, f"stage.label_smoothing={st.label_smoothing} must be in [0, 0.5)")
     _check(
@@ -485,7 +518,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_rollout(run)
     _check(
         not (run.stage.preference and run.eval.generate),
-        "eval.generate decodes conversations' final answers; stage=dpo evaluates pairs: set eval.generate=false",
+        f"eval.generate decodes conversations' final answers; stage={run.stage.name} evaluates "
+        f"{'labelled samples' if run.stage.labelled else 'pairs'}: set eval.generate=false",
     )
     _choice("objective.direction", run.objective.direction, DIRECTIONS)
     _check(bool(run.objective.metric), "objective.metric is empty; name a metrics.json key, e.g. eval_loss")

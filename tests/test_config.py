@@ -149,7 +149,7 @@ def test_the_stage_group_composes_sft_by_default_and_dpo_on_request():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["+stage.beta=0.5"], "stage.beta applies to stage=dpo; this run is stage=sft"),  # hydra needs the +
+        (["+stage.beta=0.5"], "stage.beta applies to stage=dpo or kto; this run is stage=sft"),  # hydra needs the +
         (["stage.name=ppo"], "stage.name='ppo' is not allowed; use one of: sft, dpo"),
         (["stage=dpo"], "data: trajectories holds conversations, and stage=dpo trains on preference pairs"),
         (["stage=dpo", "data=dpo_demo", "stage.beta=0"], "stage.beta=0.0 must be a positive number"),

@@ -190,7 +190,8 @@ def test_ignore_keys_declares_metadata_and_none_values_carry_nothing(tmp_path):
 
 def test_bundled_data_has_no_unused_keys():
     pairs = ROOT / "data" / "demo" / "preferences.jsonl"  # preference pairs: read as conf/data/dpo_demo.yaml does
-    files = [f for f in sorted((ROOT / "data").glob("*/*.jsonl")) if f != pairs]
+    labelled = ROOT / "data" / "demo" / "labelled.jsonl"  # labelled samples: as conf/data/kto_demo.yaml reads them
+    files = [f for f in sorted((ROOT / "data").glob("*/*.jsonl")) if f not in (pairs, labelled)]
     assert len(files) >= 5
     records, report = load_records(files, TYPES, ignore_keys=("id", "episode"))  # conf/data/agent_demo.yaml's
     assert not report.skipped and len(records) == report.kept
@@ -198,3 +199,8 @@ def test_bundled_data_has_no_unused_keys():
     [spec] = resolve_datasets([{"path": str(pairs), "ranking": True}], None, TYPES)
     kept = list(iter_records(spec, TYPES, "raise", pair_report, ignore_keys=("id", "kind")))
     assert len(kept) == pair_report.kept == 600 and all(r.is_pair for r in kept)
+    label_report = LoadReport()
+    [spec] = resolve_datasets([{"path": str(labelled), "columns": {"kto_tag": "label"}}], None, TYPES)
+    kept = list(iter_records(spec, TYPES, "raise", label_report, ignore_keys=("id", "kind")))
+    assert len(kept) == label_report.kept == 600 and all(r.is_labelled for r in kept)
+    assert {r.desirable for r in kept} == {True, False}

@@ -188,7 +188,6 @@ def test_resolve_errors_name_the_entry(entries, problem):
 
 INFO_ERRORS = [
     ("glaive_tolcall_en_demo", "data.datasets[0] (glaive_tolcall_en_demo): no entry 'glaive_tolcall_en_demo' in "),
-    ("kto_en_demo", "columns kto_tag: KTO data (unpaired, labelled) is not supported; give preference pairs"),
     ("starcoder_python", "dataset_info key 'folder' is not supported (supported: file_name, hf_hub_url"),
 ]
 

@@ -146,11 +146,31 @@ def pair_batch(
 ) -> dict[str, torch.Tensor]:
     """A batch of preference pairs: the chosen sides, then the rejected ones (pair k at rows k and n + k), and
     `pairs` = n (a collator may add a filler row after them). `reference` (n, 2): the pairs' precomputed reference
-    log-probs (training.reference), then in `reference_logps`, ordered as the rows."""
+    log-probs (training.reference), then in `reference_logps`, ordered as the rows. Labelled samples (KTO: the
+    pool's twos are a sample and its KL sample) give `labelled_batch`'s layout instead."""
+    if pairs and pairs[0][0].desirable is not None:
+        return labelled_batch(collator, pairs, reference)
     batch = collator([chosen.features for chosen, _ in pairs] + [rejected.features for _, rejected in pairs])
     batch["pairs"] = torch.tensor(len(pairs))
     if reference is not None:
         batch["reference_logps"] = torch.from_numpy(np.concatenate([reference[:, 0], reference[:, 1]]))
+    return batch
+
+
+def labelled_batch(
+    collator: SemanticCollator, twos: Sequence[tuple[Sample, Sample]], reference: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """A batch of labelled samples (KTO): their rows, their labels in `desirable` (n,), `pairs` = n, and in `kl` the
+    batch of their KL samples, collated apart (a step runs it without gradient, before its losses: kto.KTOLoss).
+    `reference` (n, 2): each sample's and its KL sample's precomputed reference log-probs, then in each batch's
+    `reference_logps`."""
+    batch = collator([sample.features for sample, _ in twos])
+    batch["kl"] = collator([kl.features for _, kl in twos])
+    batch["pairs"] = torch.tensor(len(twos))
+    batch["desirable"] = torch.tensor([bool(sample.desirable) for sample, _ in twos])
+    if reference is not None:
+        batch["reference_logps"] = torch.from_numpy(np.ascontiguousarray(reference[:, 0]))
+        batch["kl"]["reference_logps"] = torch.from_numpy(np.ascontiguousarray(reference[:, 1]))
     return batch
 
 

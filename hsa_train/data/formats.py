@@ -46,6 +46,7 @@ from hsa_train.types import SemanticTypes
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "FormatContext",
+    "Labelled",
     "Pair",
     "convert_alpaca",
     "convert_conversation",
@@ -60,6 +61,8 @@ Converter = Callable[[Any], tuple[list[Message], list[dict[str, Any]] | None]]
 def make_converter(spec: DatasetSpec, types: SemanticTypes, ignore_keys: Iterable[str] = ("id",)) -> Converter:
     """The format function of `spec`, bound to its columns, tags and the run's types: record -> (messages, tools)."""
     ctx = FormatContext(spec.format, dict(spec.columns), dict(spec.tags), types, ignore_set(ignore_keys))
+    if spec.labelled:
+        return partial(convert_labelled, ctx=ctx)
     return partial(convert_pair if spec.ranking else FORMAT_FUNCTIONS[spec.format], ctx=ctx)
 
 
@@ -334,6 +337,32 @@ def convert_pair(obj: Any, ctx: FormatContext) -> Pair:
 def _with_messages(ctx: FormatContext, side: str) -> FormatContext:
     """The context that reads one side's column as the whole conversation (and does not refuse the other side's)."""
     return replace(ctx, columns={**ctx.columns, "messages": ctx.columns[side]})
+
+
+class Labelled(NamedTuple):
+    """A labelled sample (KTO): a conversation whose last message, an assistant's, is the completion; `desirable`
+    is the record's label."""
+
+    messages: list[Message]
+    tools: list[dict[str, Any]] | None
+    desirable: bool
+
+
+def convert_labelled(obj: Any, ctx: FormatContext) -> Labelled:
+    """A record of the format's own columns plus its label (the `kto_tag` column: true or false, as in
+    LLaMA-Factory's kto_en_demo). The completion the label judges is the last message, which must be the
+    assistant's; everything before it is the prompt."""
+    col = ctx.columns["kto_tag"]
+    obj = _object(obj, repr(col))
+    if col not in obj:
+        raise ValueError(f"missing column: no label {col!r} (columns.kto_tag; keys: {sorted(obj)[:6]})")
+    label = obj[col]
+    if not isinstance(label, bool):
+        raise ValueError(f"malformed label: {col!r} is {label!r}; give true (desirable) or false (undesirable)")
+    messages, tools = FORMAT_FUNCTIONS[ctx.format](obj, ctx)
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise ValueError("nothing to label: a labelled record ends with the assistant's completion after a prompt")
+    return Labelled(messages, tools, label)
 
 
 FORMAT_FUNCTIONS: dict[str, Callable[..., tuple[list[Message], list[dict[str, Any]] | None]]] = {

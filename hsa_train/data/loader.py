@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hsa_train.data.formats import Pair, ignore_set, make_converter
+from hsa_train.data.formats import Labelled, Pair, ignore_set, make_converter
 from hsa_train.data.sources import DataError, check_file, iter_source, looks_local
 from hsa_train.data.spec import ROLES, DatasetSpec
 from hsa_train.data.typing import TypeRules
@@ -35,7 +35,10 @@ class Record:
     tool_calls; see formats.py), where it came from, and its tool definitions (JSON-schema dicts) or None.
 
     A preference pair (`ranking: true`) is two conversations that share their first `prompt_len` messages:
-    `messages` ends with the chosen continuation, `rejected` with the rejected one. Both are typed alike."""
+    `messages` ends with the chosen continuation, `rejected` with the rejected one. Both are typed alike.
+
+    A labelled sample (KTO, `kto_tag`) has `desirable` set: its last message is the completion the label judges,
+    the `prompt_len` messages before it are the prompt."""
 
     messages: list[dict[str, Any]]
     source: str
@@ -43,10 +46,15 @@ class Record:
     tools: list[dict[str, Any]] | None = None
     rejected: list[dict[str, Any]] | None = None
     prompt_len: int = 0
+    desirable: bool | None = None
 
     @property
     def is_pair(self) -> bool:
         return self.rejected is not None
+
+    @property
+    def is_labelled(self) -> bool:
+        return self.desirable is not None
 
     @property
     def where(self) -> str:
@@ -129,6 +137,10 @@ def _records(
                 resolve_images(messages, source)
                 resolve_images(other, source)
                 record = Record(rules.apply(messages), source, line, tools, rules.apply(other), len(prompt))
+            elif isinstance(converted, Labelled):
+                messages, tools, desirable = converted
+                resolve_images(messages, source)
+                record = Record(rules.apply(messages), source, line, tools, None, len(messages) - 1, desirable)
             else:
                 messages, tools = converted
                 resolve_images(messages, source)

@@ -14,7 +14,7 @@ import hashlib
 import multiprocessing
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -164,8 +164,9 @@ class RecordEncoder:
         self.st, self.pre, self.reports = st, pre, reports
         self.max_chars = _max_chars(st, pre.cutoff_len) if pre.overlong != "truncate" else None
 
-    def __call__(self, record: Record) -> Sample | tuple[Sample, Sample] | None:
-        """A conversation's sample; a preference pair's two (chosen, rejected); None when dropped."""
+    def __call__(self, record: Record, partner: Record | None = None) -> Sample | tuple[Sample, Sample] | None:
+        """A conversation's sample; a preference pair's two (chosen, rejected); a labelled sample's two (itself, its
+        KL sample: its prompt with `partner`'s completion); None when dropped."""
         pre, st, report = self.pre, self.st, self.reports.truncation
         if self.max_chars is not None:  # refused (or dropped) before a huge text reaches the tokenizer
             sides = (record.messages, record.rejected) if record.is_pair else (record.messages,)
@@ -180,7 +181,9 @@ class RecordEncoder:
                     "tokens can hold; set data.overlong=truncate or drop, or raise data.cutoff_len)"
                 )
         if record.is_pair:
-            return self._pair(record)
+            return self._pair(record, record.rejected)
+        if record.is_labelled:
+            return self._labelled(record, partner)
         messages = record.messages
         if pre.noise_window is not None:
             kept, masked = window_noise(messages, pre.noise_window, st.types.names, pre.keep_types, st.types.default)
@@ -212,21 +215,44 @@ class RecordEncoder:
             self.reports.tool_records += 1
         return self._sample(messages, encoding, record.where)
 
-    def _sample(self, messages: list[dict[str, Any]], encoding: Any, where: str) -> Sample:
+    def _sample(self, messages: list[dict[str, Any]], encoding: Any, where: str, count: bool = True) -> Sample:
+        """`count`: add it to the typing and trained-token reports (not a KL sample, which is no data of its own)."""
         feats = encoding.features
-        self.reports.typing.add(messages, encoding.message_index, feats["semantic_ids"], self.st.types.names)
         arrays = {name: np.asarray(feats[name], dtype=np.int32) for name in ("input_ids", "labels", "semantic_ids")}
-        self.reports.trained.add(int((arrays["labels"] != IGNORE_INDEX).sum()))
+        if count:
+            self.reports.typing.add(messages, encoding.message_index, feats["semantic_ids"], self.st.types.names)
+            self.reports.trained.add(int((arrays["labels"] != IGNORE_INDEX).sum()))
         for name in ("pixel_values", "image_grid_thw"):
             if name in feats:
                 arrays[name] = feats[name]
         return Sample(arrays, encoding.answer, where)
 
-    def _pair(self, record: Record) -> tuple[Sample, Sample] | None:
-        """Both sides of a pair (pairs.encode_pair): the same prompt turns, only the continuations trained."""
+    def _labelled(self, record: Record, partner: Record | None) -> tuple[Sample, Sample] | None:
+        """A labelled sample and its KL sample (KTO's baseline: this prompt, then the next record's completion, a
+        mismatched answer whose log-prob ratio estimates the policy's drift from the reference). Both are encoded
+        as the two sides of a pair, so they keep the same prompt turns; only the completions carry labels. The KL
+        sample is no data of its own: it is not counted in the typing or trained-token reports."""
+        if partner is None:
+            raise ValueError("a labelled sample needs the next record's completion for its KL sample; none was given")
+        kl = [dict(m) for m in record.messages[: record.prompt_len]] + partner.messages[partner.prompt_len :]
+        try:
+            two = self._pair(record, kl, count_other=False)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (with its KL sample: its prompt and the completion of {partner.where})") from None
+        if two is None:
+            return None
+        sample, kl_sample = two
+        sample.desirable = record.desirable
+        return sample, kl_sample
+
+    def _pair(
+        self, record: Record, other: list[dict[str, Any]], count_other: bool = True
+    ) -> tuple[Sample, Sample] | None:
+        """A record's conversation and `other` (a pair's rejected side, or a KL sample), encoded as the two sides of
+        a pair (pairs.encode_pair): the same prompt turns, only the continuations trained."""
         pre, st, report = self.pre, self.st, self.reports.truncation
         if pre.noise_window is not None:
-            raise ValueError("data.noise_window does not apply to preference pairs; set it to null")
+            raise ValueError("data.noise_window does not apply to preference pairs or labelled samples; set it to null")
         fit_args = {
             "types_order": st.types.names,
             "keep_types": pre.keep_types,
@@ -237,7 +263,7 @@ class RecordEncoder:
             encodings, info, prompt = encode_pair(
                 st.encode_detailed,
                 record.messages,
-                record.rejected,
+                other,
                 record.prompt_len,
                 record.tools,
                 pre.cutoff_len,
@@ -251,11 +277,11 @@ class RecordEncoder:
             report.add(info)
         if encodings is None:
             return None
-        if record.tools or any(m.get("tool_calls") for m in (*record.messages, *record.rejected)):
+        if record.tools or any(m.get("tool_calls") for m in (*record.messages, *other)):
             self.reports.tool_records += 1
         chosen, rejected = (
-            self._sample([side[i] for i in prompt] + side[record.prompt_len :], encoding, record.where)
-            for side, encoding in zip((record.messages, record.rejected), encodings)
+            self._sample([side[i] for i in prompt] + side[record.prompt_len :], encoding, record.where, count)
+            for side, encoding, count in zip((record.messages, other), encodings, (True, count_other))
         )
         return chosen, rejected
 
@@ -275,12 +301,13 @@ def _encode_shard(
     loader_report = reports.load if shard == 0 else LoadReport()
     writer = Writer(path)
     failed, index, kept = None, 0, 0
+    records = iter_records(spec, st.types, pre.on_error, loader_report, pre.ignore_keys)
     try:
-        for index, record in enumerate(iter_records(spec, st.types, pre.on_error, loader_report, pre.ignore_keys)):
+        for index, (record, partner) in enumerate(with_partners(records, spec.labelled)):
             if index % n_shards != shard:
                 continue
             try:
-                sample = encode(record)
+                sample = encode(record, partner)
             except ValueError as exc:
                 err = DataError(record.source, record.line, str(exc))
                 if pre.on_error == "raise":
@@ -300,6 +327,27 @@ def _encode_shard(
         if images is not None:
             reports.images = {path: list(stamp) for path, stamp in images.files.items()}
     return reports, failed, writer.digest()
+
+
+def with_partners(records: Iterator[Record], labelled: bool) -> Iterator[tuple[Record, Record | None]]:
+    """(record, partner): a labelled record's partner is the next valid record (the last one's is the first), whose
+    completion goes after this record's prompt in its KL sample, as TRL and LLaMA-Factory mismatch them within
+    a dataset. Other records have none. A labelled dataset of one record has no mismatch to make: an error."""
+    if not labelled:
+        yield from ((record, None) for record in records)
+        return
+    first = previous = None
+    for record in records:
+        if previous is None:
+            first = record
+        else:
+            yield previous, record
+        previous = record
+    if previous is not None:
+        if previous is first:
+            raise DataError(previous.source, previous.line, "a labelled dataset (KTO) needs two records or more: "
+                            "a sample's KL baseline takes another record's completion")  # fmt: skip
+        yield previous, first
 
 
 @dataclass
@@ -417,7 +465,7 @@ def content_digest(samples: EncodedSet) -> str:
     in its own order, interleave."""
     digest = hashlib.sha256()
     for sample in samples:
-        update_digest(digest, sample.features)
+        update_digest(digest, sample.features, sample.desirable)
     return digest.hexdigest()
 
 

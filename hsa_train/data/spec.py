@@ -108,6 +108,12 @@ class DatasetSpec:
         if not self.name:
             self.name = default_name(self.path)
 
+    @property
+    def labelled(self) -> bool:
+        """Labelled samples for KTO (LLaMA-Factory's `kto_tag` column): a conversation whose last assistant message
+        is desirable (true) or not (false)."""
+        return bool(self.columns.get("kto_tag"))
+
 
 def default_name(path: str) -> str:
     """A short name for reports: a local file's or folder's stem, else the hub id."""
@@ -145,10 +151,11 @@ def _names(kind: str, value: Any, known: Sequence[str]) -> dict[str, str | None]
 def _columns(value: Any, fmt: str, ranking: bool = False) -> dict[str, str | None]:
     """The format's columns (defaults filled in); with `ranking`, also `chosen` and `rejected`: a continuation each
     (a message or a list of them; alpaca: a response text). `messages: null` (LLaMA-Factory v1's
-    chosen_messages / rejected_messages) makes each side a whole conversation, the prompt their common start."""
+    chosen_messages / rejected_messages) makes each side a whole conversation, the prompt their common start.
+    `kto_tag` names the label column of KTO's labelled samples (read only when given)."""
     value = _names("columns", value or {}, COLUMN_KEYS)
-    if value.get("kto_tag"):
-        raise ValueError("columns kto_tag: KTO data (unpaired, labelled) is not supported; give preference pairs")
+    if value.get("kto_tag") and ranking:
+        raise ValueError("columns.kto_tag with ranking: true: a dataset is preference pairs or labelled samples (KTO)")
     preference = [k for k in ("chosen", "rejected") if value.get(k)]
     if preference and not ranking:
         raise ValueError(f"columns {', '.join(preference)}: preference pairs need ranking: true in the entry")
@@ -157,10 +164,12 @@ def _columns(value: Any, fmt: str, ranking: bool = False) -> dict[str, str | Non
         defaults.update({"chosen": "chosen", "rejected": "rejected"})
         if fmt == "alpaca":
             defaults["response"] = None  # the two responses are chosen and rejected
-    wrong = [k for k in value if k not in defaults and k != "kto_tag"]
+    if value.get("kto_tag"):
+        defaults["kto_tag"] = None  # labelled samples (stage=kto): the column holding each record's true / false
+    wrong = [k for k in value if k not in defaults]
     if wrong:
         raise ValueError(f"columns {', '.join(wrong)} do not apply to format {fmt!r} (it reads: {', '.join(defaults)})")
-    out = {**defaults, **{k: v for k, v in value.items() if k != "kto_tag"}}
+    out = {**defaults, **value}
     if ranking and fmt == "alpaca" and out.get("response"):
         raise ValueError("columns.response: a ranking alpaca dataset reads its two responses from chosen / rejected")
     return out

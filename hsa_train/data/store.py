@@ -26,6 +26,7 @@ SCHEMA = pa.schema(
         ("answer_end", pa.int32()),
         ("where", pa.string()),  # file:line of the record
         ("index", pa.int64()),  # the record's place in its dataset (shards are put back in this order)
+        ("desirable", pa.int8()),  # a labelled sample's label (KTO): 1 desirable, 0 undesirable, -1 none
     ]
 )
 BATCH_ROWS = 512
@@ -39,14 +40,16 @@ class Sample:
     features: dict[str, np.ndarray]
     answer: tuple[int, int] | None  # token span of the final answer (for exact-match evaluation)
     where: str
+    desirable: bool | None = None  # a labelled sample's label (KTO); None for everything else
 
     def __len__(self) -> int:
         return len(self.features["input_ids"])
 
 
-def update_digest(digest: Any, features: Mapping[str, Any]) -> None:
+def update_digest(digest: Any, features: Mapping[str, Any], desirable: bool | None = None) -> None:
     """Adds one sample to a SHA-256 of a dataset's content (what resuming compares): its token ids, labels and
-    types, then its image grids and pixels when it has images (text samples digest as they always did)."""
+    types, then its image grids and pixels when it has images, then a labelled sample's label (other samples
+    digest as they always did)."""
     for name in TOKEN_COLUMNS:
         digest.update(np.ascontiguousarray(features[name], dtype=np.int32).tobytes())
         digest.update(b"|")
@@ -56,6 +59,8 @@ def update_digest(digest: Any, features: Mapping[str, Any]) -> None:
         digest.update(b"|")
         digest.update(np.ascontiguousarray(features["pixel_values"], dtype=np.float32).tobytes())
         digest.update(b"|")
+    if desirable is not None:
+        digest.update(b"desirable|" if desirable else b"undesirable|")
 
 
 class Writer:
@@ -78,8 +83,9 @@ class Writer:
         tokens = [np.asarray(f[name], dtype=np.int32) for name in TOKEN_COLUMNS]
         grid = np.asarray(f.get("image_grid_thw", ()), dtype=np.int32).reshape(-1)
         pixels = np.asarray(f.get("pixel_values", ()), dtype=np.float32).reshape(-1)
-        self._rows.append((*tokens, grid, pixels, start, end, sample.where, index))
-        update_digest(self._digest, f)
+        label = -1 if sample.desirable is None else int(sample.desirable)
+        self._rows.append((*tokens, grid, pixels, start, end, sample.where, index, label))
+        update_digest(self._digest, f, sample.desirable)
         if len(self._rows) >= BATCH_ROWS:
             self._flush()
 
@@ -129,6 +135,7 @@ class EncodedSet(Sequence[Sample]):
         )
         self._where = table.column("where")
         self.index = table.column("index").to_numpy()
+        self._desirable = table.column("desirable").to_numpy()
         self.order = order
         lengths = np.concatenate([np.diff(off) for _, off in self._tokens["input_ids"]]) if sizes else np.zeros(0)
         self.lengths = (lengths if order is None else lengths[order]).astype(np.int64)
@@ -161,7 +168,9 @@ class EncodedSet(Sequence[Sample]):
             features["image_grid_thw"] = grid
             features["pixel_values"] = values[offsets[j] : offsets[j + 1]].reshape(patches, -1).copy()
         start, end = (int(x) for x in self._answer[row])
-        return Sample(features, None if start < 0 else (start, end), self._where[row].as_py())
+        label = int(self._desirable[row])
+        answer = None if start < 0 else (start, end)
+        return Sample(features, answer, self._where[row].as_py(), None if label < 0 else bool(label))
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):

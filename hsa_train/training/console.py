@@ -72,7 +72,7 @@ class Console:
             f"{metrics['tokens_per_s']:,.0f} tok/s | elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}"
         )
         for name, value in (metrics.get("stats") or {}).items():  # the objective's (DPO: accuracy, margin)
-            line += f" | {name.split('/')[-1]} {value:.4g}"
+            line += f" | {name.split('/')[-1]} {'-' if value is None else format(value, '.4g')}"
         if metrics.get("lambdas"):  # learnable λ as they stand
             line += " | λ " + " ".join(f"{name} {value:.4g}" for name, value in metrics["lambdas"].items())
         if self.mode == "plain":

@@ -1,7 +1,7 @@
-"""stage=dpo: direct preference optimisation, as a recipe over the SFT recipe's parts (data, model, distributed,
-checkpoints, export). What differs is small and lives here: the data are pairs, a step's objective is
-preference.PreferenceLoss against a reference model, and evaluation scores held-out pairs (loss, accuracy,
-margins, log-probs).
+"""stage=dpo and stage=kto: preference optimisation, as a recipe over the SFT recipe's parts (data, model,
+distributed, checkpoints, export). What differs is small and lives here: the data are twos of samples (a pair's
+chosen and rejected sides; a labelled sample and its KL sample), a step's objective is preference.PreferenceLoss
+(DPO) or kto.KTOLoss against a reference model, and evaluation scores the held-out twos with that objective.
 
 The reference is the run's starting point. Under LoRA it is the model itself with its adapters off (and its
 learnable λ at their start), so there is no second copy in memory; under full fine-tuning it is a frozen copy
@@ -17,13 +17,8 @@ import copy
 from hsa_train.data.dataset import pair_eval_batches
 from hsa_train.data.pipeline import View
 from hsa_train.training import distributed as D
-from hsa_train.training.preference import (
-    PreferenceLoss,
-    adapters_off,
-    frozen_copy,
-    preference_eval_sums,
-    summarize_preference,
-)
+from hsa_train.training.kto import KTOLoss
+from hsa_train.training.preference import PreferenceLoss, adapters_off, frozen_copy
 from hsa_train.training.recipe import Recipe
 from hsa_train.training.reference import reference_table, weights_digest
 from hsa_train.training.report import preference_eval_line, preference_eval_log, preference_eval_summary
@@ -32,6 +27,10 @@ from hsa_train.training.step import make_forward
 
 class PreferenceRecipe(Recipe):
     pairs = True
+
+    @property
+    def unit(self) -> str:
+        return "labelled samples" if self.run.stage.labelled else "pairs"
 
     def _before_wrap(self, model) -> None:
         self.reference_model, self.eval_reference = None, {}
@@ -75,37 +74,41 @@ class PreferenceRecipe(Recipe):
         model.train(training)
         self.reference_cached = all(cached)
         where = "from the cache" if all(cached) else "computed" + (", cached" if self.data.cache_root else "")
-        self._notes.append(f"reference: log-probs of the starting model for {len(train.pool)} pairs ({where})")
+        self._notes.append(f"reference: log-probs of the starting model for {len(train.pool)} {self.unit} ({where})")
 
-    def _objective(self) -> PreferenceLoss:
+    def _objective(self) -> PreferenceLoss | KTOLoss:
         st, use_hsa = self.run.stage, self.run.hsa.enabled
         if st.precompute_reference:  # every batch brings its reference log-probs
-            return PreferenceLoss(None, st.beta, st.label_smoothing, st.loss)
-        if self.reference_model is None:  # LoRA: the policy's own module (unwrapped: no DDP hooks) without adapters
+            reference = None
+        elif self.reference_model is None:  # LoRA: the policy's own module (unwrapped: no DDP hooks), adapters off
             forward = make_forward(D.unwrap(self.model), self.device, self.autocast_dtype, use_hsa)
             reference = adapters_off(self.model, forward)
         else:
             reference = frozen_copy(make_forward(self.reference_model, self.device, self.autocast_dtype, use_hsa))
+        if st.labelled:
+            return KTOLoss(reference, st.beta, st.desirable_weight, st.undesirable_weight)
         return PreferenceLoss(reference, st.beta, st.label_smoothing, st.loss)
 
     def evaluate_samples(self, samples, generate: bool = False, name: str = "eval") -> dict | None:
-        """The objective over held-out pairs, split over the ranks with the same number of forwards on each and
-        summed over all of them (eval.generate is refused for stage=dpo at validation)."""
+        """The objective over the held-out twos, split over the ranks with the same number of forwards on each and
+        summed over all of them (eval.generate is refused for these stages at validation)."""
         if not samples:
             return None
         self.model.eval()
-        info, reference = self.info, self.eval_reference.get(name)
-        batches = pair_eval_batches(samples, self.cfg.eval_batch_size, self.collator, info.rank, info.world, reference)
-        sums = preference_eval_sums(self.objective, self.forward, batches)
-        totals = D.all_reduce_sum(sums, self.device, self.info)
+        info, reference, size = self.info, self.eval_reference.get(name), self.cfg.eval_batch_size
+
+        def batches():
+            return pair_eval_batches(samples, size, self.collator, info.rank, info.world, reference)
+
+        result = self.objective.evaluate(self.forward, batches, lambda v: D.all_reduce_sum(v, self.device, info))
         self.model.train()
-        return summarize_preference(totals)
+        return result
 
     def eval_report(self, name: str, prefix: str, result: dict) -> tuple[str, dict[str, float]]:
         return preference_eval_line(name, result), preference_eval_log(prefix, result)
 
     def eval_summary(self, result: dict | None) -> dict:
-        return preference_eval_summary(result)
+        return preference_eval_summary(result, self.run.stage.labelled)
 
     def stage_metrics(self) -> dict:
         """metrics.json `reference`: which reference the run compared against (and, precomputed, whether its

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from hsa_train.model.hsa import HSALambdas
 from hsa_train.training.distributed import unwrap
+from hsa_train.training.step import Objective
 from hsa_train.types import IGNORE_INDEX, PREFERENCE_LOSSES, check_choice
 
 
@@ -58,7 +59,7 @@ def preference_loss(
     return PreferenceTerms(losses, chosen_rewards, rejected_rewards)
 
 
-class PreferenceLoss:
+class PreferenceLoss(Objective):
     """DPO as a step objective (step.optimizer_step): a batch holds n chosen sides then their n rejected sides
     (pipeline.PairPool), the unit a step's loss is the mean over is the pair, and it reports the implicit rewards,
     the accuracy (chosen reward above rejected), the margin and each side's summed log-prob, as TRL names them.
@@ -114,6 +115,11 @@ class PreferenceLoss:
             logps[rejected_rows].detach().sum(),
         ]
         return terms.losses.sum(), stats
+
+    def evaluate(self, forward, make_batches, reduce) -> dict:
+        """Held-out pairs (`make_batches()`: this rank's batches), summed over the ranks by `reduce`:
+        summarize_preference's dict."""
+        return summarize_preference(reduce(preference_eval_sums(self, forward, make_batches())))
 
 
 @torch.no_grad()

@@ -45,14 +45,17 @@ def compute_table(
     forward, pairs: Sequence[tuple[Sample, Sample]], batch_size: int, collator: SemanticCollator, info: D.DistInfo
 ) -> np.ndarray:
     """(len(pairs), 2) float32: each pair's chosen and rejected summed log-probs under `forward` (the starting
-    model, not yet wrapped: no collective per forward), rank r computing pairs r, r + world, ..., then shared."""
+    model, not yet wrapped: no collective per forward), rank r computing pairs r, r + world, ..., then shared.
+    For labelled samples (KTO), each sample's and its KL sample's."""
     mine = pairs[info.rank :: info.world]
     out = np.zeros((len(mine), 2), dtype=np.float32)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        batch = pair_batch(collator, chunk)
+        batch, n = pair_batch(collator, chunk), len(chunk)
         logps = sequence_logps(forward(batch), batch["labels"])[0].float().cpu().numpy()
-        n = len(chunk)
+        if "kl" in batch:  # labelled samples (KTO): the samples' rows, then their KL samples' batch
+            kl = sequence_logps(forward(batch["kl"]), batch["kl"]["labels"])[0].float().cpu().numpy()
+            logps = np.concatenate([logps[:n], kl[:n]])
         out[start : start + n, 0], out[start : start + n, 1] = logps[:n], logps[n : 2 * n]
     table = np.zeros((len(pairs), 2), dtype=np.float32)
     for rank, part in enumerate(D.all_gather(out, info)):

@@ -43,25 +43,38 @@ def eval_log(prefix: str, result: dict) -> dict[str, float]:
     return logged
 
 
-def preference_eval_summary(result: dict | None) -> dict:
-    """A preference run's held-out metrics (preference.summarize_preference) under their metrics.json names:
-    eval_loss, eval_pairs, eval_rewards.{chosen,rejected,accuracy,margin}, eval_logps.{chosen,rejected}."""
-    return {f"eval_{key}": (result.get(key) if result else None) for key in ("loss", "pairs", "rewards", "logps")}
+def preference_eval_summary(result: dict | None, labelled: bool = False) -> dict:
+    """A preference run's held-out metrics under their metrics.json names. DPO (preference.summarize_preference):
+    eval_loss, eval_pairs, eval_rewards.{chosen,rejected,accuracy,margin}, eval_logps.{chosen,rejected}; KTO
+    (kto.KTOLoss.evaluate, `labelled`): eval_samples instead of eval_pairs, and eval_kl, eval_count too."""
+    keys = ("loss", "samples", "rewards", "logps", "kl", "count") if labelled else ("loss", "pairs", "rewards", "logps")
+    return {f"eval_{key}": (result.get(key) if result else None) for key in keys}
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def preference_eval_line(name: str, result: dict) -> str:
     rewards, logps = result["rewards"], result["logps"]
-    if not result["pairs"]:
-        return f"{name}: no pairs"
-    return (
-        f"{name}: loss {result['loss']:.4f} over {result['pairs']} pairs | accuracy {rewards['accuracy']:.3f}, "
-        f"margin {rewards['margin']:.4f} | rewards chosen {rewards['chosen']:.4f}, rejected {rewards['rejected']:.4f}"
-        f" | logps chosen {logps['chosen']:.2f}, rejected {logps['rejected']:.2f}"
+    labelled = "samples" in result
+    n = result["samples"] if labelled else result["pairs"]
+    if not n:
+        return f"{name}: no {'samples' if labelled else 'pairs'}"
+    line = f"{name}: loss {result['loss']:.4f} over {n} {'labelled samples' if labelled else 'pairs'}"
+    if labelled:
+        line += f" ({result['count']['chosen']} desirable) | KL baseline {result['kl']:.4f}"
+    return line + (
+        f" | accuracy {rewards['accuracy']:.3f}, margin {_num(rewards['margin'], 4)} | rewards chosen "
+        f"{_num(rewards['chosen'], 4)}, rejected {_num(rewards['rejected'], 4)} | logps chosen "
+        f"{_num(logps['chosen'], 2)}, rejected {_num(logps['rejected'], 2)}"
     )
 
 
 def preference_eval_log(prefix: str, result: dict) -> dict[str, float]:
     logged = {f"{prefix}loss": result["loss"]}
+    if "kl" in result:
+        logged[f"{prefix}kl"] = result["kl"]
     for group in ("rewards", "logps"):
         logged.update({f"{prefix}{group}/{k}": v for k, v in result[group].items() if v is not None})
     return logged

@@ -45,14 +45,36 @@ def make_forward(model, device: torch.device, autocast_dtype: torch.dtype | None
     return forward
 
 
-class TokenLoss:
-    """Supervised fine-tuning: next-token cross-entropy summed over the label tokens. The unit a step's loss is the
-    mean over is the label token; it reports no statistics besides the loss. (preference.PreferenceLoss is the
-    other objective: the unit is the pair.)"""
+class Objective:
+    """What a step minimises: `__call__(forward, batch)` gives a micro-batch's loss summed over its units (`count`)
+    and the sums of its statistics (`stat_names`); the step divides by the units of the whole global batch.
+    TokenLoss here; preference.PreferenceLoss (DPO: pairs) and kto.KTOLoss (labelled samples)."""
 
-    unit = "label tokens"
+    unit = "units"
     stat_names: tuple[str, ...] = ()
     shown: tuple[str, ...] = ()  # the statistics the console's step line shows
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def __call__(self, forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def begin(self, forward, micro_batches: list[dict[str, torch.Tensor]], reduce) -> None:
+        """Before the step's first backward, over all of this rank's micro-batches: where the loss needs a number
+        of the whole global batch (KTO's KL baseline). `reduce(values)` sums floats over the ranks; every rank
+        calls it together. Nothing for the others."""
+
+    def means(self, sums: list[float], n_units: float) -> dict[str, float | None]:
+        """The step's statistics from their sums over the global batch: means over its units."""
+        return {name: value / n_units for name, value in zip(self.stat_names, sums)}
+
+
+class TokenLoss(Objective):
+    """Supervised fine-tuning: next-token cross-entropy summed over the label tokens. The unit a step's loss is the
+    mean over is the label token; it reports no statistics besides the loss."""
+
+    unit = "label tokens"
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return label_count(batch)
@@ -101,7 +123,7 @@ class StepResult:
     tokens: int  # non-padding input tokens of the global batch
     skipped: bool  # non-finite, update skipped (train.skip_nonfinite)
     stop: bool  # some rank was signalled to stop: all of them checkpoint and stop after this step
-    stats: dict[str, float] = field(default_factory=dict)  # the objective's statistics, means over its units
+    stats: dict[str, float | None] = field(default_factory=dict)  # the objective's statistics (Objective.means)
 
 
 def optimizer_step(
@@ -126,9 +148,10 @@ def optimizer_step(
     sync = (lambda last: D.set_gradient_sync(model, info, last)) if info.mode != "none" else None
     units = sum(objective.count(b) for b in micro_batches)
     n_units, stop = D.all_reduce_sum([units, float(stop_signal)], device, info)
+    objective.begin(forward, micro_batches, lambda values: D.all_reduce_sum(values, device, info))
     local_loss, n_tokens, sums = accumulate_gradients(forward, micro_batches, int(n_units), info.world, sync, objective)
     loss, n_tokens, *sums = D.all_reduce_sum([local_loss, n_tokens, *sums], device, info)
-    stats = {name: value / n_units for name, value in zip(objective.stat_names, sums)}
+    stats = objective.means(sums, n_units)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     lr = scheduler.get_last_lr()[0]
@@ -166,7 +189,7 @@ class Progress:
     tokens_seen: int = 0
     skipped_steps: int = 0
     train_time: float = 0.0  # seconds spent in steps (for tokens/s over a resumed run too)
-    stats: dict[str, list[float]] = field(default_factory=dict)  # the objective's statistics, step by step
+    stats: dict[str, list[float | None]] = field(default_factory=dict)  # the objective's statistics, step by step
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -175,4 +198,5 @@ class Progress:
         self.step, self.losses = int(state["step"]), [float(x) for x in state["losses"]]
         self.tokens_seen, self.skipped_steps = int(state["tokens_seen"]), int(state["skipped_steps"])
         self.train_time = float(state.get("train_time", 0.0))
-        self.stats = {name: [float(x) for x in values] for name, values in state.get("stats", {}).items()}
+        stats = state.get("stats", {})  # None: a step without that statistic (KTO: no sample of a class)
+        self.stats = {name: [None if x is None else float(x) for x in values] for name, values in stats.items()}
