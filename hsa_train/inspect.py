@@ -95,9 +95,12 @@ def figures_table(data: RunData) -> Table:
     table = Table(title="training data", title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    pairs = isinstance(train.pool, PairPool)
-    table.add_row(f"{'pairs' if pairs else 'samples'} (train / eval)", f"{len(train.ids):,} / {len(data.eval):,}")
-    table.add_row("tokens (train)" + (", the longer side of each pair" if pairs else ""), f"{train.tokens:,}")
+    twos = isinstance(train.pool, PairPool)
+    labelled = twos and len(train.pool) > 0 and train.pool[0][0].desirable is not None
+    unit = "labelled samples" if labelled else "pairs" if twos else "samples"
+    table.add_row(f"{unit} (train / eval)", f"{len(train.ids):,} / {len(data.eval):,}")
+    longer = ", the longer of each sample and its KL sample" if labelled else ", the longer side of each pair"
+    table.add_row("tokens (train)" + (longer if twos else ""), f"{train.tokens:,}")
     if len(lengths):
         p = np.percentile(lengths, [0, 50, 95, 100]).astype(int)
         table.add_row("length min / median / p95 / max", " / ".join(f"{x:,}" for x in p))
@@ -121,10 +124,18 @@ def rules_table(data: RunData) -> Table:
     return table
 
 
-def sides(items):
-    """Samples one at a time: a preference pair (stage=dpo) as its chosen side, then its rejected one."""
+def sides(items, kl: bool = True):
+    """(sample, what it is) one at a time: a preference pair (stage=dpo) as its chosen side, then its rejected one;
+    a labelled sample (stage=kto) as itself, then (`kl`) its KL sample, which is no data of its own."""
     for item in items:
-        yield from item if isinstance(item, tuple) else (item,)
+        if not isinstance(item, tuple):
+            yield item, ""
+        elif item[0].desirable is None:
+            yield from zip(item, ("chosen", "rejected"))
+        else:
+            yield item[0], "desirable" if item[0].desirable else "undesirable"
+            if kl:
+                yield item[1], "its KL sample: the prompt, then the next record's completion"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     first = data.eval if args.eval else [data.train.pool[int(i)] for i in data.train.ids[: args.samples]]
     pool = list(sides(first))
     for k in range(min(args.samples, len(pool))):
-        sample = pool[k]
+        sample, what = pool[k]
         trained = int((sample.features["labels"] != IGNORE_INDEX).sum())
-        console.rule(f"sample {k}: {sample.where}, {len(sample)} tokens, {trained} trained")
+        console.rule(
+            f"sample {k}: {sample.where}, {len(sample)} tokens, {trained} trained{', ' + what if what else ''}"
+        )
         console.print(sample_text(sample, st.tokenizer, styles, args.max_tokens))
     console.rule()
-    shown = sides(data.eval if args.eval else (data.train.pool[int(i)] for i in data.train.ids))  # one at a time
+    every = data.eval if args.eval else (data.train.pool[int(i)] for i in data.train.ids)
+    shown = (sample for sample, _ in sides(every, kl=False))  # one at a time
     console.print(token_table(shown, names, styles, "eval samples" if args.eval else "training samples"))
     console.print(figures_table(data))
     console.print(rules_table(data))

@@ -83,6 +83,20 @@ def test_inspect_shows_preference_pairs_side_by_side(tmp_path, capsys):
     assert "sample 0: " in out and "preferences.jsonl:1," in out.split("sample 1: ")[1]  # pair 1's two sides
     cells = re.sub(r"[│\s]+", " ", out)
     assert "pairs (train / eval) 540 / 60" in cells
+    assert ", chosen" in out.split("sample 1: ")[0] and ", rejected" in out.split("sample 1: ")[1]
+
+
+def test_inspect_shows_a_labelled_sample_and_its_kl_sample(tmp_path, capsys):
+    code = inspect_main(
+        ["--samples", "2", "--max-tokens", "10", "stage=kto", "data=kto_demo", f"data.cache_dir={tmp_path / 'c'}"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    first, second = out.split("sample 1: ")
+    assert re.search(r"sample 0: .*labelled.jsonl:\d+, \d+ tokens, \d+ trained, (un)?desirable", first)
+    assert "its KL sample" in second.splitlines()[0] + second.splitlines()[1]
+    cells = re.sub(r"[│\s]+", " ", out)
+    assert "labelled samples (train / eval) 540 / 60" in cells
 
 
 def test_inspect_reports_config_errors_in_one_line(capsys):

@@ -96,7 +96,8 @@ def test_help_says_what_the_app_does(tmp_path):
     assert "Hierarchical Semantic Attention" in proc.stdout
     assert (
         "== Config groups" in proc.stdout
-        and "experiment: agent_demo, agent_demo_rft, mqar, mqar_latest, recall, vl_demo" in proc.stdout
+        and "experiment: agent_demo, agent_demo_dpo, agent_demo_rft, mqar, mqar_latest, recall, vl_demo" in proc.stdout
+        and "stage: dpo, kto, sft" in proc.stdout
     )
     assert "python -m hsa_train -m hsa.lambdas.PROCESS_NOISE=0.0,0.05,0.2" in proc.stdout
 

@@ -154,6 +154,19 @@ def test_kto_en_demo_reads_through_dataset_info(tmp_path, tokenizer, peer_data):
         assert labels == [row["label"] for row in raw]
 
 
+def test_an_alpaca_dataset_can_carry_labels(tmp_path, tokenizer):
+    rows = [
+        {"instruction": "Add two and two.", "output": "Four.", "label": True},
+        {"instruction": "Name a colour.", "input": "One word.", "output": "Seven.", "label": False},
+    ]
+    path = write_jsonl(tmp_path / "a.json", rows)
+    entry = {"path": str(path), "format": "alpaca", "columns": {"kto_tag": "label"}}
+    samples = prepared(tmp_path, entry, tokenizer).samples
+    assert [samples[0].desirable, samples[2].desirable] == [True, False]
+    kl = samples[1].features
+    assert tokenizer.decode(kl["input_ids"][kl["labels"] != -100].tolist()) == "Seven.<|im_end|>\n"
+
+
 @pytest.mark.parametrize(
     "rows, match",
     [
@@ -356,13 +369,14 @@ def test_the_kl_baseline_drives_the_loss_once_the_policy_drifts(single):
     assert single["eval_kl"] > 0
 
 
-def test_kto_under_two_ranks_matches_one_process(tmp_path, small, single):
+@pytest.mark.parametrize(
+    "mode, split",
+    [("ddp", ["train.micro_batch_size=1", "train.grad_accum=2"]), ("fsdp", ["train.micro_batch_size=2"])],
+)
+def test_kto_under_two_ranks_matches_one_process(tmp_path, small, single, mode, split):
     """The KL baseline is the whole step's (both ranks, every micro-batch), so the split changes nothing."""
-    run = kto(
-        tmp_path / "ddp", *DIST, f"data.datasets={entry(small)}", "train.micro_batch_size=1", "train.grad_accum=2",
-        "train.distributed=ddp", nproc=2,
-    )  # fmt: skip
-    assert run["world_size"] == 2 and run["distributed"] == "ddp"
+    run = kto(tmp_path / mode, *DIST, f"data.datasets={entry(small)}", *split, f"train.distributed={mode}", nproc=2)
+    assert run["world_size"] == 2 and run["distributed"] == mode
     assert_same_run(run, single)
 
 

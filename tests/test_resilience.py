@@ -89,7 +89,8 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(tmp_path, small_
     run_dir = tmp_path / "run"
     proc = start(run_dir, small_data, "train.save_every=0")  # no periodic checkpoints: the signal's is the only one
     deadline = time.time() + 300
-    while not (run_dir / "hsa_train.log").is_file() or "step" not in (run_dir / "hsa_train.log").read_text():
+    log = run_dir / "hsa_train.log"
+    while not log.is_file() or f"step 1/{STEPS} " not in log.read_text():  # in training (setup's lines say "steps")
         assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)

@@ -102,6 +102,16 @@ def rank_micro_batches(indices: list[int], micro: int, world: int, rank: int) ->
     return chunks[rank::world]
 
 
+def rank_chunks(items, batch_size: int, rank: int, world: int):
+    """(start, chunk): rank r's share of `items` (r, r + world, ...) in chunks of `batch_size`, as many chunks on
+    every rank as the busiest one needs (an empty chunk where this rank has run out: its caller runs a filler
+    batch, since under DDP / FSDP every forward is a collective). `start`: the chunk's place in this rank's share."""
+    mine = items[rank::world]
+    n_batches = math.ceil(math.ceil(len(items) / world) / batch_size)
+    for start in range(0, n_batches * batch_size, batch_size):
+        yield start, mine[start : start + batch_size]
+
+
 def eval_batches(samples: list[Sample], batch_size: int, collator: SemanticCollator, rank: int = 0, world: int = 1):
     """Every eval sample exactly once across ranks (rank r takes samples r, r+world, ...), in batches, and the
     same number of batches on every rank: under DDP / FSDP each forward is a collective, so a rank with fewer
@@ -109,11 +119,7 @@ def eval_batches(samples: list[Sample], batch_size: int, collator: SemanticColla
     also carries `answer_span` (B, 2): the final answer's token span per row, (-1, -1) where there is none."""
     if collator.padding_side != "right":
         raise ValueError("eval_batches needs a right-padding collator (answer spans are positions from the left)")
-    mine = samples[rank::world]
-    busiest = math.ceil(len(samples) / world)  # samples of the rank with the most
-    n_batches = math.ceil(busiest / batch_size)
-    for start in range(0, n_batches * batch_size, batch_size):
-        chunk = mine[start : start + batch_size]
+    for _, chunk in rank_chunks(samples, batch_size, rank, world):
         if not chunk:
             yield filler_batch(collator)
             continue
@@ -130,11 +136,8 @@ def pair_eval_batches(
     """Every eval pair exactly once across ranks, `batch_size` pairs a batch (their chosen sides, then their
     rejected ones), and the same number of batches on every rank, as `eval_batches`: a rank with fewer pairs runs
     filler batches of one row, which hold no pair. `reference`: the pairs' precomputed reference log-probs."""
-    mine = pairs[rank::world]
     mine_ref = reference[rank::world] if reference is not None else None
-    n_batches = math.ceil(math.ceil(len(pairs) / world) / batch_size)
-    for start in range(0, n_batches * batch_size, batch_size):
-        chunk = mine[start : start + batch_size]
+    for start, chunk in rank_chunks(pairs, batch_size, rank, world):
         if not chunk:
             yield filler_batch(collator)
             continue

@@ -40,10 +40,11 @@ from hsa_train.training.step import TOKEN_LOSS, Progress, StepResult, make_forwa
 
 
 class Recipe:
-    """stage=sft: supervised fine-tuning on conversations. training/dpo.py's PreferenceRecipe is stage=dpo over the
-    same parts: it trains on pairs (`pairs`), with its own objective and evaluation, through the hooks below."""
+    """stage=sft: supervised fine-tuning on conversations. training/dpo.py's PreferenceRecipe is stage=dpo and
+    stage=kto over the same parts: it trains on twos of samples (`pairs`), with its own objective and evaluation,
+    through the hooks below."""
 
-    pairs = False  # the training data are preference pairs (pipeline.PairPool)
+    pairs = False  # the training data are twos: preference pairs, or labelled samples and their KL samples
 
     def __init__(self, run: RunConfig, resolved_config: dict, run_dir: Path):
         self.run, self.resolved, self.run_dir = run, resolved_config, run_dir
@@ -399,7 +400,7 @@ class Recipe:
             "distributed": info.mode,
             "resumed_from": self.resumed_from,
             "stage": run.stage.name,
-            "samples_train": len(self.data.train.ids),  # pairs under stage=dpo
+            "samples_train": len(self.data.train.ids),  # pairs under stage=dpo, labelled samples under stage=kto
             "samples_eval": len(self.eval_samples),
             "skipped_records": skipped_records,
             "data": self.data.metrics(),
@@ -410,7 +411,7 @@ class Recipe:
             "tokens_per_s": p.tokens_seen / max(p.train_time, 1e-9) if p.train_time else None,
             **(loss_summary(p.losses, self.cfg.log_every) if p.losses else {}),
             "train_losses": p.losses,
-            **({"train_stats": p.stats} if p.stats else {}),  # the objective's statistics per step (stage=dpo)
+            **({"train_stats": p.stats} if p.stats else {}),  # the objective's statistics per step (dpo, kto)
             **self.eval_summary(eval_result),
             "eval_sets": set_results,
             "rollout": rollouts,
