@@ -135,7 +135,7 @@ def sides(items, kl: bool = True):
         else:
             yield item[0], "desirable" if item[0].desirable else "undesirable"
             if kl:
-                yield item[1], "its KL sample: the prompt, then the next record's completion"
+                yield item[1], "its KL sample: the next record's completion"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(min(args.samples, len(pool))):
         sample, what = pool[k]
         trained = int((sample.features["labels"] != IGNORE_INDEX).sum())
-        console.rule(
-            f"sample {k}: {sample.where}, {len(sample)} tokens, {trained} trained{', ' + what if what else ''}"
-        )
+        what = f" ({what})" if what else ""  # before the place: a narrow terminal cuts the rule's end
+        console.rule(f"sample {k}{what}: {sample.where}, {len(sample)} tokens, {trained} trained")
         console.print(sample_text(sample, st.tokenizer, styles, args.max_tokens))
     console.rule()
     every = data.eval if args.eval else (data.train.pool[int(i)] for i in data.train.ids)

@@ -80,10 +80,10 @@ def test_inspect_shows_preference_pairs_side_by_side(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "sample 0: " in out and "preferences.jsonl:1," in out.split("sample 1: ")[1]  # pair 1's two sides
+    first, second = out.split("sample 1 (rejected): ")
+    assert "sample 0 (chosen): " in first and "preferences.jsonl:1," in second.splitlines()[0]  # pair 1's sides
     cells = re.sub(r"[│\s]+", " ", out)
     assert "pairs (train / eval) 540 / 60" in cells
-    assert ", chosen" in out.split("sample 1: ")[0] and ", rejected" in out.split("sample 1: ")[1]
 
 
 def test_inspect_shows_a_labelled_sample_and_its_kl_sample(tmp_path, capsys):
@@ -92,9 +92,8 @@ def test_inspect_shows_a_labelled_sample_and_its_kl_sample(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    first, second = out.split("sample 1: ")
-    assert re.search(r"sample 0: .*labelled.jsonl:\d+, \d+ tokens, \d+ trained, (un)?desirable", first)
-    assert "its KL sample" in second.splitlines()[0] + second.splitlines()[1]
+    assert re.search(r"sample 0 \((un)?desirable\): ", out)
+    assert "sample 1 (its KL sample: the next record's completion): " in re.sub(r"\s*\n\s*", " ", out)
     cells = re.sub(r"[│\s]+", " ", out)
     assert "labelled samples (train / eval) 540 / 60" in cells
 
