@@ -159,7 +159,7 @@ def test_an_alpaca_dataset_can_carry_labels(tmp_path, tokenizer):
         {"instruction": "Add two and two.", "output": "Four.", "label": True},
         {"instruction": "Name a colour.", "input": "One word.", "output": "Seven.", "label": False},
     ]
-    path = write_jsonl(tmp_path / "a.json", rows)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
     entry = {"path": str(path), "format": "alpaca", "columns": {"kto_tag": "label"}}
     samples = prepared(tmp_path, entry, tokenizer).samples
     assert [samples[0].desirable, samples[2].desirable] == [True, False]
