@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_ran, run_cli, run_in_process, run_torchrun
+from conftest import BASE_ARCH, assert_ran, run_cli, run_in_process, run_torchrun
 from test_config import composed
 from test_preference import row_logp
 
@@ -396,3 +396,25 @@ def test_kto_resumes_exactly(tmp_path, small):
     assert resumed["train_losses"] == whole["train_losses"]
     assert resumed["train_stats"] == whole["train_stats"]
     assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-9)
+
+
+def test_lora_kto_compares_against_the_base_with_its_adapters_off(tmp_path, small):
+    """At the start the adapters add nothing: the policy is its reference, every ratio and the baseline 0, every
+    loss w / 2 (a reference that were anything else would move them); then the adapters move it."""
+    from hsa_train.model.loading import build_model, load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    build_model(None, BASE_ARCH, tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    run = kto(
+        tmp_path / "lora", f"model.name_or_path={tmp_path / 'base'}", f"data.datasets={entry(small)}",
+        "model.lora.enabled=true", "model.lora.dropout=0.0",
+        "data.eval_ratio=0.25", "train.micro_batch_size=2", "train.max_steps=4", "train.lr=1e-2",
+        "stage.desirable_weight=1.5",
+    )  # fmt: skip
+    assert run["reference"] == {"kind": "adapters_off"}
+    chosen, rejected = run["train_stats"]["count/chosen"][0], run["train_stats"]["count/rejected"][0]
+    assert run["train_losses"][0] == pytest.approx((1.5 * chosen + rejected) / 2 / (chosen + rejected), abs=1e-6)
+    assert run["train_stats"]["kl"][0] == 0 and run["train_stats"]["rewards/margin"][0] in (0, None)
+    assert run["eval_rewards"]["chosen"] != 0 and math.isfinite(run["eval_loss"])

@@ -278,7 +278,7 @@ class Recipe:
         if log_now:
             logged = {"loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "grad_norm": result.grad_norm}
             logged["tokens_seen"] = self.progress.tokens_seen
-            logged.update(result.stats)
+            logged.update({k: v for k, v in result.stats.items() if v is not None})  # KTO: a class the step lacked
             logged.update({f"lambda/{name}": value for name, value in (learned or {}).items()})
             self.tracker.log({f"train/{k}": v for k, v in logged.items()}, step)
             self.restart_throughput_window()
