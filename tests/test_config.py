@@ -184,3 +184,12 @@ def test_bad_stage_and_quantization_settings_fail_with_one_line(overrides, fragm
         validate(composed(*overrides))
     message = str(info.value)
     assert fragment in message and "\n" not in message
+
+
+def test_the_agent_dpo_experiment_trains_rollout_pairs_typed_as_the_agent_was():
+    run = validate(composed("experiment=agent_demo_dpo", "model.name_or_path=/m", "data.datasets.0.path=/p.jsonl"))
+    [spec] = run.dataset_plan.train
+    assert run.stage.name == "dpo" and spec.ranking and spec.path == "/p.jsonl" and run.data.eval_ratio == 0.2
+    assert [rule["type"] for rule in spec.semantic_type_rules] == ["GLOBAL_CONDITION", "KEY_EVENT"]
+    assert spec.default_semantic_type == "PROCESS_NOISE"
+    assert run.eval.rollout.episodes == 50 and set(run.eval.rollout.variants) == {"len1x", "len2x", "len4x"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BASE_ARCH, assert_ran, run_cli, run_in_process, run_torchrun
+from conftest import BASE_ARCH, assert_ran, run_in_process, run_torchrun
 from test_config import composed
 from test_preference import row_logp
 
@@ -295,14 +295,13 @@ def test_a_step_of_one_class_reports_the_other_as_absent():
 
 
 # -- runs ------------------------------------------------------------------------------------------------------------
-def kto(run_dir: Path, *args: str, nproc: int = 1, cli: bool = False, timeout: int = 600) -> dict:
+def kto(run_dir: Path, *args: str, nproc: int = 1, timeout: int = 600) -> dict:
+    """A stage=kto run: in this process (the CLI's compose, validate and train), or under torchrun (`nproc` > 1)."""
     base = ["stage=kto", "data=kto_demo", "logging.progress=none", *args]
-    if nproc == 1 and not cli:
+    if nproc == 1:
         return run_in_process(run_dir, *base)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    base.append(f"hydra.run.dir={run_dir}")
-    run = run_cli if nproc == 1 else lambda *a, **k: run_torchrun(*a, nproc=nproc, **k)
-    assert_ran(run(*base, cwd=run_dir.parent, timeout=timeout))
+    assert_ran(run_torchrun(*base, f"hydra.run.dir={run_dir}", cwd=run_dir.parent, nproc=nproc, timeout=timeout))
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -310,7 +309,7 @@ def test_kto_trains_on_kto_en_demo_through_dataset_info(tmp_path, peer_data):
     metrics = kto(
         tmp_path / "run", *TINY, f"data.dataset_info={peer_data / 'dataset_info.json'}", "data.datasets=[kto_en_demo]",
         "data.overlong=drop", "data.cutoff_len=384", "data.eval_ratio=0.1", "train.max_steps=3",
-        "train.micro_batch_size=2", "train.eval_batch_size=4", cli=True,
+        "train.micro_batch_size=2", "train.eval_batch_size=4",
     )  # fmt: skip
     counts = metrics["data"]["datasets"]["kto_en_demo"]
     assert metrics["stage"] == "kto" and counts["records"] + counts["truncation"]["dropped"] == 300
