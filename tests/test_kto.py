@@ -56,7 +56,7 @@ def test_the_loss_rewards_and_gradients_match_trl(beta, wd, wu):
         policy[d], policy[u], kl_policy, reference[d], reference[u], kl_ref, beta, wd, wu
     )
     want.backward()
-    assert float(terms.losses.detach().sum() / 7) == pytest.approx(float(want), rel=1e-6)
+    assert float(terms.losses.detach().sum() / 7) == pytest.approx(float(want.detach()), rel=1e-6)
     torch.testing.assert_close(ours, policy.grad)
     torch.testing.assert_close(terms.rewards[d], chosen_rewards)
     torch.testing.assert_close(terms.rewards[u], rejected_rewards)
@@ -274,7 +274,7 @@ def test_the_kto_step_matches_sample_by_sample_forwards_and_trl(tmp_path, tokeni
     right = sum(float(r) > threshold for r in chosen_rewards) + sum(float(r) < threshold for r in rejected_rewards)
     for value, got_kl, stats, grads in results:
         assert got_kl == pytest.approx(kl, rel=1e-4, abs=1e-7)
-        assert value == pytest.approx(float(want), rel=1e-5)
+        assert value == pytest.approx(float(want.detach()), rel=1e-5)
         assert stats["rewards/chosen"] == pytest.approx(float(chosen_rewards.mean()), rel=1e-4)
         assert stats["rewards/rejected"] == pytest.approx(float(rejected_rewards.mean()), rel=1e-4)
         margin = float(chosen_rewards.mean() - rejected_rewards.mean())
