@@ -312,10 +312,10 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
         raise ConfigError(str(exc)) from None
     everything, stage = run.dataset_plan.everything, run.stage.name
     files = " (data.train_files=[] leaves out the files listed there)" if d.train_files else ""
-    kinds = {  # what each stage trains on, and how a dataset entry says it holds that
-        "sft": ("conversations", None),
-        "dpo": ("preference pairs", "mark a pairs dataset ranking: true"),
-        "kto": ("labelled samples", "name a dataset's label column in columns.kto_tag"),
+    kinds = {  # what each stage trains on, the entry key that says a dataset holds it, and how to set it
+        "sft": ("conversations", None, None),
+        "dpo": ("preference pairs", "ranking: true", "mark a pairs dataset ranking: true"),
+        "kto": ("labelled samples", "columns.kto_tag", "name a dataset's label column in columns.kto_tag"),
     }
 
     def kind(spec) -> str:
@@ -325,16 +325,15 @@ def _check_data(run: RunConfig, types: SemanticTypes) -> None:
     if wrong and stage in kinds:
         names, has = ", ".join(spec.name for spec in wrong), kind(wrong[0])
         if stage == "sft":
-            marker = {"dpo": "ranking: true", "kto": "columns.kto_tag"}[has]
             _check(
                 False,
-                f"data: {names} holds {kinds[has][0]} ({marker}), and stage=sft trains conversations: train it "
+                f"data: {names} holds {kinds[has][0]} ({kinds[has][1]}), and stage=sft trains conversations: train it "
                 f"with stage={has}, or leave it out of the run's data",
             )
         _check(
             False,
             f"data: {names} holds {kinds[has][0]}, and stage={stage} trains on {kinds[stage][0]}: "
-            f"{kinds[stage][1]} (in its entry or dataset_info.json), or leave it out of the run's data{files}",
+            f"{kinds[stage][2]} (in its entry or dataset_info.json), or leave it out of the run's data{files}",
         )
     if run.stage.preference:
         _check(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import BASE_ARCH, assert_ran, run_in_process, run_torchrun
 from test_config import composed
+from test_dpo import assert_same_run
 from test_preference import row_logp
 
 from hsa_train.config import ConfigError, bundled_path, validate
@@ -349,18 +350,6 @@ def single(tmp_path_factory, small) -> dict:
     return kto(
         tmp_path_factory.mktemp("single") / "run", *DIST, f"data.datasets={entry(small)}", "train.micro_batch_size=4"
     )
-
-
-def assert_same_run(run: dict, ref: dict) -> None:
-    assert run["samples_eval"] == ref["samples_eval"] == 5
-    for a, b in zip(run["train_losses"], ref["train_losses"], strict=True):
-        assert a == pytest.approx(b, abs=1e-5)
-    for name, values in ref["train_stats"].items():
-        assert run["train_stats"][name] == pytest.approx(values, abs=1e-4), name
-    assert run["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
-    assert run["eval_kl"] == pytest.approx(ref["eval_kl"], abs=1e-4)
-    assert run["eval_rewards"] == pytest.approx(ref["eval_rewards"], abs=1e-4)
-    assert run["hsa_learned"] == pytest.approx(ref["hsa_learned"], abs=1e-6)
 
 
 def test_the_kl_baseline_drives_the_loss_once_the_policy_drifts(single):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hsa_train.training.preference import sequence_logps
+from hsa_train.training.preference import logps_with_reference, nested, preference_eval_sums
 from hsa_train.training.step import Objective
 
 
@@ -74,16 +74,6 @@ class KTOLoss(Objective):
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch.get("pairs", 0))  # a filler batch holds none
 
-    def _logps(self, forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The policy's and the reference's summed log-probs per row (both forwards run on a filler batch too: under
-        FSDP each is a collective)."""
-        logps = sequence_logps(forward(batch), batch["labels"])[0]
-        ref = batch.get("reference_logps")
-        if ref is None and self.reference is not None:
-            with torch.no_grad():
-                ref = self.reference(batch)
-        return logps, ref
-
     @torch.no_grad()
     def begin(self, forward, micro_batches, reduce) -> None:
         """The step's KL baseline over every micro-batch of every rank (`reduce` sums over ranks)."""
@@ -91,7 +81,7 @@ class KTOLoss(Objective):
         for batch in micro_batches:
             n = self.count(batch)
             kl_batch = batch.get("kl", batch)  # a filler batch: its one row, for the collectives
-            logps, ref = self._logps(forward, kl_batch)
+            logps, _, ref = logps_with_reference(forward, self.reference, kl_batch)
             if n:
                 total += float((logps[:n].float() - ref[:n].to(logps.device, torch.float32)).sum())
                 rows += n
@@ -100,7 +90,7 @@ class KTOLoss(Objective):
 
     def __call__(self, forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n = self.count(batch)
-        logps, ref = self._logps(forward, batch)
+        logps, _, ref = logps_with_reference(forward, self.reference, batch)
         if n == 0:
             return logps.sum() * 0.0, [torch.zeros(()) for _ in self.stat_names]
         logps, ref = logps[:n], ref[:n].to(logps.device, torch.float32)  # rows after n: a collator's filler
@@ -149,18 +139,8 @@ class KTOLoss(Objective):
         with it. `make_batches()` gives this rank's batches afresh (the same ones twice). {"loss", "samples", "kl",
         "rewards": {chosen, rejected, accuracy, margin}, "logps": {chosen, rejected}, "count": {chosen, rejected}}."""
         self.begin(forward, make_batches(), reduce)
-        sums = [0.0] * (2 + len(self.stat_names))
-        for batch in make_batches():
-            loss, stats = self(forward, batch)
-            for k, value in enumerate([loss, self.count(batch), *stats]):
-                sums[k] += float(value)
-        loss, samples, *stats = reduce(sums)
-        out: dict = {"loss": loss / samples if samples else math.nan, "samples": int(samples)}
-        for name, value in self.means(stats, samples).items():
-            if "/" in name:
-                group, key = name.split("/")
-                out.setdefault(group, {})[key] = value
-            else:
-                out[name] = value
+        loss, samples, *stats = reduce(preference_eval_sums(self, forward, make_batches()))
+        out = {"loss": loss / samples if samples else math.nan, "samples": int(samples)}
+        out.update(nested(self.means(stats, samples)))
         out["count"] = {k: int(v) for k, v in out["count"].items()}
         return out

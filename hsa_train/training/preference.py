@@ -26,6 +26,30 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (picked * mask).sum(-1), mask.sum(-1)
 
 
+def logps_with_reference(forward, reference, batch: dict[str, torch.Tensor]):
+    """(policy's summed log-probs per row, their token counts, the reference's): the reference's from the batch
+    when precomputed (`reference_logps`, training.reference), else run now without gradient; None when there is
+    neither. Both forwards run on a filler batch too: under FSDP each is a collective."""
+    logps, tokens = sequence_logps(forward(batch), batch["labels"])
+    ref = batch.get("reference_logps")
+    if ref is None and reference is not None:
+        with torch.no_grad():
+            ref = reference(batch)
+    return logps, tokens, ref
+
+
+def nested(stats: dict) -> dict:
+    """Statistics named `group/key` as {group: {key: value}}; names without a group stay as they are."""
+    out: dict = {}
+    for name, value in stats.items():
+        group, _, key = name.rpartition("/")
+        if group:
+            out.setdefault(group, {})[key] = value
+        else:
+            out[name] = value
+    return out
+
+
 @dataclass
 class PreferenceTerms:
     """Per pair: the loss, and the implicit rewards β·(log π - log π_ref) of each side."""
@@ -88,11 +112,7 @@ class PreferenceLoss(Objective):
 
     def __call__(self, forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n = self.count(batch)
-        logps, tokens = sequence_logps(forward(batch), batch["labels"])
-        ref = batch.get("reference_logps")  # precomputed (training.reference), or run now
-        if ref is None and self.reference is not None:
-            with torch.no_grad():
-                ref = self.reference(batch)
+        logps, tokens, ref = logps_with_reference(forward, self.reference, batch)
         if n == 0:  # a filler batch (a rank with fewer eval pairs): both forwards ran, so ranks step together
             return logps.sum() * 0.0, [torch.zeros(()) for _ in self.stat_names]
         ref = ref.to(logps.device, torch.float32)
@@ -123,9 +143,9 @@ class PreferenceLoss(Objective):
 
 
 @torch.no_grad()
-def preference_eval_sums(objective: PreferenceLoss, forward, batches) -> list[float]:
-    """The summed loss, the number of pairs and the sums of the objective's statistics over `batches` (pair
-    batches, dataset.pair_eval_batches): sums, so ranks can add theirs up."""
+def preference_eval_sums(objective: Objective, forward, batches) -> list[float]:
+    """The summed loss, the number of units (pairs, labelled samples) and the sums of the objective's statistics
+    over `batches` (dataset.pair_eval_batches): sums, so ranks can add theirs up."""
     sums = [0.0] * (2 + len(objective.stat_names))
     for batch in batches:
         loss, stats = objective(forward, batch)
@@ -138,12 +158,8 @@ def summarize_preference(sums: list[float]) -> dict:
     """{"loss", "pairs", "rewards": {chosen, rejected, accuracy, margin}, "logps": {chosen, rejected}}: means over
     the pairs (None without pairs) from `preference_eval_sums`."""
     loss, pairs, *stats = sums
-    means = [value / pairs if pairs else None for value in stats]
-    out: dict = {"loss": loss / pairs if pairs else math.nan, "pairs": int(pairs)}
-    for name, value in zip(PreferenceLoss.stat_names, means):
-        group, key = name.split("/")
-        out.setdefault(group, {})[key] = value
-    return out
+    means = {name: value / pairs if pairs else None for name, value in zip(PreferenceLoss.stat_names, stats)}
+    return {"loss": loss / pairs if pairs else math.nan, "pairs": int(pairs), **nested(means)}
 
 
 def adapters_off(model, forward):

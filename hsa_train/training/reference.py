@@ -53,10 +53,11 @@ def compute_table(
         chunk = mine[start : start + batch_size]
         batch, n = pair_batch(collator, chunk), len(chunk)
         logps = sequence_logps(forward(batch), batch["labels"])[0].float().cpu().numpy()
-        if "kl" in batch:  # labelled samples (KTO): the samples' rows, then their KL samples' batch
-            kl = sequence_logps(forward(batch["kl"]), batch["kl"]["labels"])[0].float().cpu().numpy()
-            logps = np.concatenate([logps[:n], kl[:n]])
-        out[start : start + n, 0], out[start : start + n, 1] = logps[:n], logps[n : 2 * n]
+        if "kl" in batch:  # labelled samples (KTO): the samples' rows; their KL samples are a batch of their own
+            second = sequence_logps(forward(batch["kl"]), batch["kl"]["labels"])[0].float().cpu().numpy()[:n]
+        else:  # pairs: the chosen rows, then the rejected ones
+            second = logps[n : 2 * n]
+        out[start : start + n, 0], out[start : start + n, 1] = logps[:n], second
     table = np.zeros((len(pairs), 2), dtype=np.float32)
     for rank, part in enumerate(D.all_gather(out, info)):
         table[rank :: info.world] = part
